@@ -1,0 +1,260 @@
+"""Every call into lm-eval lives here.
+
+lm-eval's internal API moves between releases (cornerstone pins the 0.4 line), so the rest of the
+package sees only :class:`TaskSpec`, :func:`load_tasks`, :func:`make_lm` and :func:`evaluate`.
+Task definitions, prompts, few-shot handling and metrics stay lm-eval's own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, EvaluationError, TaskError
+
+PREFERRED_METRICS = ("acc_norm", "acc")
+BUNDLED_TASK_GROUP = "cornerstone_bundled"
+
+
+def recipes_dir() -> Path:
+    """The ``recipes/`` folder: packaged inside the wheel, or beside the package in a source checkout."""
+    packaged = Path(__file__).parent / "_recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+
+
+def bundled_tasks_dir() -> Path:
+    return recipes_dir() / "tasks"
+
+
+@dataclass
+class TaskSpec:
+    """One lm-eval task with the fixed document set and metric used for every coalition of a run.
+
+    ``chance`` is the expected metric of uniform guessing: the mean over the chosen documents of
+    1 / (number of choices).
+    """
+
+    name: str
+    task: Any
+    metric: str
+    doc_indices: list[int]
+    total_docs: int
+    chance: float
+    output_type: str
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "metric": self.metric,
+            "num_docs": len(self.doc_indices),
+            "total_docs": self.total_docs,
+            "chance": self.chance,
+            "output_type": self.output_type,
+            "version": (self.task.config.metadata or {}).get("version"),
+        }
+
+
+@dataclass
+class TaskResult:
+    """The metric of one task under one mask, and each document's value of it (document order)."""
+
+    score: float
+    per_doc: list[float] = field(default_factory=list)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval logs and draws tqdm bars on every call; cornerstone shows its own progress instead."""
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval", "datasets", "transformers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def task_manager(include_paths: Sequence[str | Path] = ()) -> Any:
+    """lm-eval's registry with cornerstone's bundled tasks and the user's include paths."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(bundled_tasks_dir())] + [str(Path(p).expanduser()) for p in include_paths]
+    for path in paths[1:]:
+        if not Path(path).is_dir():
+            raise TaskError(f"include path '{path}' is not a folder")
+    with _quiet():
+        return TaskManager(include_path=paths)
+
+
+def _leaf_tasks(task_dict: dict) -> Iterator[tuple[str, Any]]:
+    for key, value in task_dict.items():
+        if isinstance(value, dict):
+            yield from _leaf_tasks(value)
+        else:
+            yield (key if isinstance(key, str) else getattr(key, "group_name", str(key))), value
+
+
+def _choose_metric(name: str, task: Any) -> str:
+    available = set(task.aggregation())
+    for metric in PREFERRED_METRICS:
+        if metric in available:
+            return metric
+    raise TaskError(
+        f"task '{name}' has no acc or acc_norm metric (it has: {', '.join(sorted(available)) or 'none'})",
+        hint="cornerstone scores multiple-choice and loglikelihood tasks by accuracy.",
+    )
+
+
+def _chance(task: Any, docs: Sequence[Any], output_type: str) -> float:
+    if output_type != "multiple_choice" or not docs:
+        return 0.0
+    return sum(1.0 / max(1, len(task.doc_to_choice(doc))) for doc in docs) / len(docs)
+
+
+def load_tasks(
+    names: Sequence[str],
+    *,
+    include_paths: Sequence[str | Path] = (),
+    limit: int | None = None,
+    seed: int | None = None,
+) -> list[TaskSpec]:
+    """Resolve task names (or tags/groups) to :class:`TaskSpec` objects with a fixed document set.
+
+    ``limit`` keeps N documents per task: the first N (lm-eval's ``--limit``) or, with ``seed``, a
+    seeded random N, in document order.
+    """
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit must be a positive number of documents, got {limit}")
+    if not names:
+        raise TaskError("no tasks given")
+    manager = task_manager(include_paths)
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise TaskError(
+                f"unknown task '{name}'" + (f" (did you mean {', '.join(close)}?)" if close else ""),
+            )
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        with _quiet():
+            task_dict = get_task_dict(list(names), manager)
+    except Exception as exc:  # lm-eval raises bare exceptions when a dataset cannot be read
+        raise TaskError(f"cannot load tasks {', '.join(names)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    specs: list[TaskSpec] = []
+    for name, task in _leaf_tasks(task_dict):
+        output_type = task.config.output_type
+        if output_type not in ("multiple_choice", "loglikelihood"):
+            raise TaskError(
+                f"task '{name}' is a {output_type} task",
+                hint="cornerstone scores multiple-choice and loglikelihood tasks.",
+            )
+        docs = list(task.eval_docs)
+        if not docs:
+            raise TaskError(f"task '{name}' has no documents in its evaluation split")
+        indices = list(range(len(docs)))
+        if limit is not None and limit < len(docs):
+            indices = sorted(random.Random(seed).sample(indices, limit)) if seed is not None else indices[:limit]
+        specs.append(
+            TaskSpec(
+                name=name,
+                task=task,
+                metric=_choose_metric(name, task),
+                doc_indices=indices,
+                total_docs=len(docs),
+                chance=_chance(task, [docs[i] for i in indices], output_type),
+                output_type=output_type,
+            )
+        )
+    return specs
+
+
+def list_tasks(include_paths: Sequence[str | Path] = (), bundled_only: bool = True) -> list[str]:
+    """Task names the registry knows; by default only the bundled ones."""
+    manager = task_manager(include_paths)
+    if not bundled_only:
+        return sorted(manager.all_tasks)
+    folder = str(bundled_tasks_dir())
+    return sorted(
+        name
+        for name, entry in manager.task_index.items()
+        if str(entry.get("yaml_path", "") if isinstance(entry, dict) else getattr(entry, "yaml_path", "")).startswith(folder)
+    )
+
+
+def make_lm(model: Any, tokenizer: Any, batch_size: int = 16) -> Any:
+    """lm-eval's ``HFLM`` around an in-memory model, so masks applied to ``model`` reach the evaluation."""
+    from lm_eval.models.huggingface import HFLM
+
+    with _quiet():
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+
+
+def evaluate(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
+    """Run lm-eval's own evaluation loop on the fixed documents of ``tasks``.
+
+    Raises :class:`EvaluationError` when the model's log-likelihoods are NaN or infinite, since a
+    comparison of NaNs would silently count as a wrong answer.
+    """
+    from lm_eval import evaluator
+
+    with _quiet(), _no_tqdm():
+        output = evaluator.evaluate(
+            lm=lm,
+            task_dict={spec.name: spec.task for spec in tasks},
+            samples={spec.name: spec.doc_indices for spec in tasks},
+            log_samples=True,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+        )
+    results: dict[str, TaskResult] = {}
+    for spec in tasks:
+        samples = sorted(output["samples"][spec.name], key=lambda sample: sample["doc_id"])
+        for sample in samples:
+            if _has_nonfinite(sample.get("resps")):
+                raise EvaluationError(
+                    f"task '{spec.name}' doc {sample['doc_id']}: the model returned a non-finite log-likelihood",
+                    hint="Try --dtype float32; a mask that removes too much can also overflow.",
+                )
+        per_doc = [float(sample[spec.metric]) for sample in samples]
+        results[spec.name] = TaskResult(score=float(output["results"][spec.name][f"{spec.metric},none"]), per_doc=per_doc)
+    return results
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return value != value or value in (float("inf"), float("-inf"))
+    if isinstance(value, (list, tuple)):
+        return any(_has_nonfinite(item) for item in value)
+    return False
+
+
+@contextmanager
+def _no_tqdm() -> Iterator[None]:
+    """Silence the per-call tqdm bars of lm-eval's model loop (they would print 60 times per sweep)."""
+    import tqdm
+    import tqdm.auto
+
+    originals = (tqdm.tqdm.__init__,)
+    original_init = tqdm.tqdm.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        original_init(self, *args, **kwargs)
+
+    tqdm.tqdm.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        tqdm.tqdm.__init__ = originals[0]  # type: ignore[method-assign]

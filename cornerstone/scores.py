@@ -1,0 +1,203 @@
+"""Score a model: run an estimator, mark cornerstones, and keep every number in a :class:`ScoreReport`.
+
+:func:`score` is the Python API behind ``cornerstone score``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import harness
+from .errors import ReportError
+from .estimators import Ablation, Progress
+from .loading import DEFAULT_MODEL, LoadedModel, load_model
+from .players import enumerate_players
+from .value import ValueFunction
+
+SCHEMA_VERSION = 1
+
+
+class CornerstoneRule(BaseModel):
+    """When a player counts as a cornerstone.
+
+    Zhang, Dong & Kawaguchi (2024) call a layer a cornerstone when removing it alone drops the model
+    to random guessing. With full-model score ``v(N)``, chance level ``c`` and the score without the
+    player ``v(N \\ {i})``, player i is a cornerstone when
+
+        v(N \\ {i}) - c  <=  margin * (v(N) - c)
+
+    i.e. removing it alone leaves at most ``margin`` of the model's above-chance performance. The
+    default 0.2 tolerates the sampling noise of a few hundred documents while still demanding a fall
+    to near chance. When the full model is not above chance, nothing is a cornerstone.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    margin: float = Field(0.2, ge=0.0, le=1.0)
+
+    def is_cornerstone(self, score_removed: float | None, base: float, chance: float) -> bool:
+        if score_removed is None or base <= chance:
+            return False
+        return score_removed - chance <= self.margin * (base - chance)
+
+
+class PlayerScore(BaseModel):
+    """One player's numbers in a report. ``share`` clips negative importances to zero, as the paper does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer: int
+    kind: Literal["attn", "mlp", "block"]
+    importance: float
+    share: float
+    score_removed: float | None = None
+    per_task_removed: dict[str, float] = {}
+    stderr: float | None = None
+    cornerstone: bool = False
+
+
+class TaskScore(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    metric: str
+    num_docs: int
+    total_docs: int
+    chance: float
+    base_score: float
+
+
+class ScoreReport(BaseModel):
+    """Everything a scoring run measured, with enough metadata to reproduce it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    created: str
+    method: str
+    granularity: Literal["sublayer", "block"]
+    model: dict[str, Any]
+    tasks: list[TaskScore]
+    settings: dict[str, Any]
+    base_score: float
+    chance: float
+    players: dict[str, PlayerScore]
+    cornerstones: list[str]
+    rule: CornerstoneRule
+    evaluations: int
+    timing: dict[str, float]
+    versions: dict[str, str]
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ScoreReport":
+        path = Path(path)
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ReportError(f"report '{path}' does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ReportError(f"report '{path}' is not valid JSON ({exc})") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ReportError(f"report '{path}' is not a cornerstone score report: {where}: {first['msg']}") from None
+
+    def ranking(self) -> list[str]:
+        """Player names from least to most important."""
+        return sorted(self.players, key=lambda name: self.players[name].importance)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("cornerstone", "torch", "transformers", "lm_eval", "accelerate", "safetensors"):
+        try:
+            versions[package] = metadata.version(package.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def score(
+    model: str | LoadedModel = DEFAULT_MODEL,
+    tasks: Sequence[str] = (harness.BUNDLED_TASK_GROUP,),
+    *,
+    estimator: Ablation | None = None,
+    include_paths: Sequence[str | Path] = (),
+    limit: int | None = None,
+    seed: int | None = None,
+    batch_size: int = 16,
+    dtype: str = "float32",
+    device: str | None = None,
+    rule: CornerstoneRule | None = None,
+    progress: Progress | None = None,
+) -> ScoreReport:
+    """Score every player of ``model`` on ``tasks`` and mark its cornerstones.
+
+    ``importance_i`` is the estimator's value for player i (for ablation, ``v(N) - v(N \\ {i})``);
+    ``share_i = max(importance_i, 0) / sum_j max(importance_j, 0)``.
+    """
+    started = time.perf_counter()
+    estimator = estimator or Ablation()
+    rule = rule or CornerstoneRule()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    specs = harness.load_tasks(tasks, include_paths=include_paths, limit=limit, seed=seed)
+    players = enumerate_players(loaded.model, estimator.granularity)
+    value = ValueFunction(loaded, specs, batch_size=batch_size)
+    scoring_started = time.perf_counter()
+    full, estimates = estimator.estimate(value, players, progress)
+    scoring_seconds = time.perf_counter() - scoring_started
+
+    positive_total = sum(max(e.importance, 0.0) for e in estimates.values())
+    player_scores = {
+        p.name: PlayerScore(
+            layer=p.layer,
+            kind=p.kind,
+            importance=estimates[p.name].importance,
+            share=(max(estimates[p.name].importance, 0.0) / positive_total) if positive_total > 0 else 0.0,
+            score_removed=estimates[p.name].score_removed,
+            per_task_removed=estimates[p.name].per_task_removed,
+            stderr=estimates[p.name].stderr,
+            cornerstone=rule.is_cornerstone(estimates[p.name].score_removed, full.score, value.chance),
+        )
+        for p in players
+    }
+    return ScoreReport(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        method=estimator.method,
+        granularity=estimator.granularity,
+        model=loaded.describe(),
+        tasks=[TaskScore(**spec.describe(), base_score=full.per_task[spec.name]) for spec in specs],
+        settings={
+            "tasks": list(tasks),
+            "include_paths": [str(p) for p in include_paths],
+            "limit": limit,
+            "seed": seed,
+            "batch_size": batch_size,
+            "estimator": estimator.model_dump(),
+        },
+        base_score=full.score,
+        chance=value.chance,
+        players=player_scores,
+        cornerstones=[name for name, s in player_scores.items() if s.cornerstone],
+        rule=rule,
+        evaluations=value.evaluations,
+        timing={
+            "load_seconds": loaded.load_seconds,
+            "scoring_seconds": scoring_seconds,
+            "seconds_per_evaluation": value.seconds / max(1, value.evaluations),
+            "total_seconds": time.perf_counter() - started,
+        },
+        versions=package_versions(),
+    )
