@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -25,21 +24,21 @@ _state = {"debug": False}
 class _ErrorMappingGroup(TyperGroup):
     """The CLI edge: every :class:`CornerstoneError` becomes ``error: ...`` plus ``hint: ...`` on stderr."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except CornerstoneError as exc:
             if _state["debug"]:
                 raise
-            click.echo(f"error: {exc.message}", err=True)
+            typer.echo(f"error: {exc.message}", err=True)
             if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
-            raise click.exceptions.Exit(exc.exit_code) from None
+                typer.echo(f"hint: {exc.hint}", err=True)
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
-            click.echo("error: interrupted", err=True)
-            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 app = typer.Typer(

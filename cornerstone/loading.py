@@ -212,6 +212,16 @@ def _dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
     return target, f"gguf-sha256:{sha}", False
 
 
+def _hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a hub load resolved to (the snapshot folder's name), so a report pins the exact weights."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    try:
+        return extract_commit_hash(cached_file(repo_id, "config.json", revision=revision), None)
+    except OSError:
+        return None
+
+
 def resolve(spec: str) -> tuple[str, Path | str]:
     """Classify a model argument: ``("alias"|"gguf"|"folder"|"hub", location)``."""
     if spec in BUNDLED_MODELS:
@@ -270,7 +280,7 @@ def load_model(
             raise ModelNotFoundError(
                 f"cannot load '{spec}' from the hub{' (offline)' if offline else ''}: {str(exc).splitlines()[0]}",
             ) from exc
-        revision_used = getattr(model.config, "_commit_hash", None) or revision
+        revision_used = _hub_commit(spec, revision) or revision
         fingerprint = f"hub:{spec}@{revision_used}"
         extra = {}
     model.to(device)
