@@ -8,6 +8,7 @@ Task definitions, prompts, few-shot handling and metrics stay lm-eval's own.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 import random
@@ -83,17 +84,26 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def task_manager(include_paths: Sequence[str | Path] = ()) -> Any:
-    """lm-eval's registry with cornerstone's bundled tasks and the user's include paths."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
-    from lm_eval.tasks import TaskManager
+def task_manager(include_paths: Sequence[str | Path] = (), *, include_defaults: bool = True) -> Any:
+    """lm-eval's registry with cornerstone's bundled tasks and the user's include paths.
 
-    paths = [str(bundled_tasks_dir())] + [str(Path(p).expanduser()) for p in include_paths]
+    Indexing lm-eval's own ~200 task folders takes seconds, so :func:`load_tasks` first tries a
+    registry of the bundled and user folders alone and builds the full one only when needed.
+    """
+    paths = [str(bundled_tasks_dir())] + [str(Path(p).expanduser().resolve()) for p in include_paths]
     for path in paths[1:]:
         if not Path(path).is_dir():
             raise TaskError(f"include path '{path}' is not a folder")
+    return _cached_manager(tuple(paths), include_defaults)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_manager(paths: tuple[str, ...], include_defaults: bool) -> Any:
+    os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    from lm_eval.tasks import TaskManager
+
     with _quiet():
-        return TaskManager(include_path=paths)
+        return TaskManager(include_path=list(paths), include_defaults=include_defaults)
 
 
 def _leaf_tasks(task_dict: dict) -> Iterator[tuple[str, Any]]:
@@ -137,7 +147,9 @@ def load_tasks(
         raise ConfigError(f"--limit must be a positive number of documents, got {limit}")
     if not names:
         raise TaskError("no tasks given")
-    manager = task_manager(include_paths)
+    manager = task_manager(include_paths, include_defaults=False)
+    if not set(names) <= set(manager.all_tasks):
+        manager = task_manager(include_paths)
     known = set(manager.all_tasks)
     for name in names:
         if name not in known:
@@ -182,7 +194,7 @@ def load_tasks(
 
 def list_tasks(include_paths: Sequence[str | Path] = (), bundled_only: bool = True) -> list[str]:
     """Task names the registry knows; by default only the bundled ones."""
-    manager = task_manager(include_paths)
+    manager = task_manager(include_paths, include_defaults=not bundled_only)
     if not bundled_only:
         return sorted(manager.all_tasks)
     folder = str(bundled_tasks_dir())
