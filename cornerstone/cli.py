@@ -115,7 +115,8 @@ def score(
 
     from . import report as report_module
     from .estimators import Ablation
-    from .loading import load_model
+    from .harness import load_tasks
+    from .loading import load_model, resolve
     from .scores import CornerstoneRule
     from .scores import score as run_score
 
@@ -124,7 +125,10 @@ def score(
     if granularity not in ("sublayer", "block"):
         raise ConfigError(f"unknown granularity '{granularity}'", hint="Use sublayer or block.")
     console = Console(stderr=as_json)
-    with console.status(f"loading {model} ({dtype})"):
+    resolve(model)  # a mistyped model path fails here, before the slower task loading
+    with console.status("loading tasks"):
+        specs = load_tasks(_split(tasks), include_paths=include_path or [], limit=limit, seed=seed)
+    with console.status(f"loading {model} ({dtype}; a GGUF file is dequantised once, then cached)"):
         loaded = load_model(model, dtype=dtype, device=device)
     console.print(f"loaded {model} in {loaded.load_seconds:.1f} s" + (" (cached)" if loaded.from_cache else ""))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
@@ -136,11 +140,8 @@ def score(
 
         result = run_score(
             loaded,
-            _split(tasks),
+            specs,
             estimator=Ablation(granularity=granularity),  # type: ignore[arg-type]
-            include_paths=include_path or [],
-            limit=limit,
-            seed=seed,
             batch_size=batch_size,
             rule=CornerstoneRule(margin=margin),
             progress=progress,

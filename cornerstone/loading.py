@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,11 +164,26 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         raise ConfigError(f"unknown dtype '{dtype}'", hint="Use one of: " + ", ".join(DTYPES)) from None
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws a tqdm bar per load; cornerstone's CLI shows one status line instead."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(location: str, torch_dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k != "use_safetensors"})
+    with _no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     return model, tokenizer
 
 
@@ -182,8 +199,9 @@ def _dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (ValueError, RuntimeError, KeyError, NotImplementedError) as exc:
         raise ModelLoadError(
             f"cannot dequantise '{gguf.name}': {str(exc).splitlines()[0]}",
@@ -197,8 +215,9 @@ def _dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        with _no_progress_bars():
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         (staging / "cornerstone-cache.json").write_text(
             json.dumps({"gguf": str(gguf), "sha256": sha, "created": time.time()}, indent=2)
         )

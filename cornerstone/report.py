@@ -20,7 +20,7 @@ from .scores import ScoreReport
 
 KIND_COLOURS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "block": "#2ca02c"}
 KIND_STYLES = {"attn": "blue", "mlp": "dark_orange", "block": "green"}
-BAR_WIDTH = 30
+BAR_WIDTH = 24
 
 
 def default_report_path(report: ScoreReport, folder: str | Path = "reports") -> Path:
@@ -57,7 +57,7 @@ def plot_sweep(report: ScoreReport, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.28 * len(report.players) + 2), 4.0), dpi=120)
+    figure, axes = plt.subplots(figsize=(min(14.0, max(6.0, 0.2 * len(report.players) + 2)), 4.0), dpi=120)
     kinds = sorted({s.kind for s in report.players.values()}, key=list(KIND_COLOURS).index)
     offsets = {"attn": -0.2, "mlp": 0.2, "block": 0.0}
     for kind in kinds:
@@ -120,17 +120,17 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
 
     players = Table(title="score with the player removed (bar: from 0 to 1)", title_justify="left", show_edge=False)
     for column in ("player", "removed", "importance", "share", ""):
-        players.add_column(column, justify="left" if column in ("player", "") else "right")
+        players.add_column(column, justify="left" if column in ("player", "") else "right", no_wrap=True)
     for name, s in report.players.items():
         style = "bold red" if s.cornerstone else KIND_STYLES[s.kind]
         removed = f"{s.score_removed:.4f}" if s.score_removed is not None else "-"
         importance = f"{s.importance:+.4f}" + (f" ±{s.stderr:.4f}" if s.stderr is not None else "")
         bar_value = s.score_removed if s.score_removed is not None else s.share
-        label = Text(name + ("  ◆ cornerstone" if s.cornerstone else ""), style=style)
+        label = Text(name + (" ◆" if s.cornerstone else ""), style=style)
         players.add_row(label, removed, importance, f"{100 * s.share:.1f}%", _bar(bar_value, style))
 
     if report.cornerstones:
-        verdict = Text("cornerstones: " + ", ".join(report.cornerstones), style="bold red")
+        verdict = Text("◆ cornerstones: " + ", ".join(report.cornerstones), style="bold red")
     else:
         verdict = Text("no cornerstones: no single player's removal takes the model near chance", style="bold")
     rule = Text(

@@ -131,7 +131,7 @@ def package_versions() -> dict[str, str]:
 
 def score(
     model: str | LoadedModel = DEFAULT_MODEL,
-    tasks: Sequence[str] = (harness.BUNDLED_TASK_GROUP,),
+    tasks: Sequence[str] | Sequence[harness.TaskSpec] = (harness.BUNDLED_TASK_GROUP,),
     *,
     estimator: Ablation | None = None,
     include_paths: Sequence[str | Path] = (),
@@ -145,14 +145,19 @@ def score(
 ) -> ScoreReport:
     """Score every player of ``model`` on ``tasks`` and mark its cornerstones.
 
-    ``importance_i`` is the estimator's value for player i (for ablation, ``v(N) - v(N \\ {i})``);
+    ``model`` is a spec for :func:`~cornerstone.loading.load_model` or an already loaded model;
+    ``tasks`` are lm-eval task names (loaded with ``include_paths``/``limit``/``seed``) or specs from
+    :func:`~cornerstone.harness.load_tasks`. ``importance_i`` is the estimator's value for player i (for ablation, ``v(N) - v(N \\ {i})``);
     ``share_i = max(importance_i, 0) / sum_j max(importance_j, 0)``.
     """
     started = time.perf_counter()
     estimator = estimator or Ablation()
     rule = rule or CornerstoneRule()
+    if all(isinstance(task, harness.TaskSpec) for task in tasks):
+        specs = list(tasks)
+    else:
+        specs = harness.load_tasks([str(t) for t in tasks], include_paths=include_paths, limit=limit, seed=seed)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
-    specs = harness.load_tasks(tasks, include_paths=include_paths, limit=limit, seed=seed)
     players = enumerate_players(loaded.model, estimator.granularity)
     value = ValueFunction(loaded, specs, batch_size=batch_size)
     scoring_started = time.perf_counter()
@@ -180,7 +185,7 @@ def score(
         model=loaded.describe(),
         tasks=[TaskScore(**spec.describe(), base_score=full.per_task[spec.name]) for spec in specs],
         settings={
-            "tasks": list(tasks),
+            "tasks": [spec.name for spec in specs],
             "include_paths": [str(p) for p in include_paths],
             "limit": limit,
             "seed": seed,

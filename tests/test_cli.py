@@ -1,0 +1,89 @@
+"""The CLI through typer's runner: JSON output, saved reports, and one-line errors with distinct exit codes."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cornerstone.cli import app
+from cornerstone.errors import ModelNotFoundError, ReportError, TaskError
+
+from .tasks import toy_docs, write_task
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory):
+    return write_task(tmp_path_factory.mktemp("cli-tasks"), "toy_cli", toy_docs(8))
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_llama_dir, toy_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "tiny.json"
+    result = runner.invoke(app, ["score", str(tiny_llama_dir), "--tasks", "toy_cli", "--include-path", str(toy_folder),
+                                 "--limit", "6", "--batch-size", "4", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_score_json_report_keys_players_by_name(scored):
+    out, result = scored
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert list(report["players"]) == [f"L{i}.{k}" for i in range(3) for k in ("attn", "mlp")]
+    assert report["method"] == "ablation" and report["evaluations"] == 7
+    assert report["tasks"][0]["num_docs"] == 6 and report["tasks"][0]["metric"] == "acc_norm"
+    assert isinstance(report["cornerstones"], list)
+    for player in report["players"].values():
+        assert player["importance"] == pytest.approx(report["base_score"] - player["score_removed"])
+    assert report["model"]["fingerprint"].startswith("folder-sha256:")
+    assert {"torch", "transformers", "lm_eval"} <= set(report["versions"])
+    assert json.loads(out.read_text()) == report
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_report_rerenders_a_saved_report(scored, tmp_path):
+    out, _ = scored
+    shown = runner.invoke(app, ["report", str(out), "--plot", str(tmp_path / "again.png")])
+    assert shown.exit_code == 0, shown.output
+    assert "cornerstone report" in shown.stdout and "L2.mlp" in shown.stdout
+    assert (tmp_path / "again.png").exists()
+    as_json = runner.invoke(app, ["report", str(out), "--json"])
+    assert json.loads(as_json.stdout) == json.loads(out.read_text())
+
+
+def test_block_granularity(tiny_llama_dir, toy_folder, tmp_path):
+    result = runner.invoke(app, ["score", str(tiny_llama_dir), "--granularity", "block", "--tasks", "toy_cli",
+                                 "--include-path", str(toy_folder), "--limit", "4", "--out", str(tmp_path / "b.json"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(result.stdout[result.stdout.index("{"):])["players"]) == ["L0", "L1", "L2"]
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["score", "/no/such/model"], ModelNotFoundError.exit_code, "error: path '/no/such/model' does not exist"),
+        (["score", "{model}", "--tasks", "nope_task", "--include-path", "{tasks}"], TaskError.exit_code, "error: unknown task 'nope_task'"),
+        (["score", "{model}", "--method", "magic"], 2, "error: unknown method 'magic'"),
+        (["report", "{tasks}/toy_cli.jsonl"], ReportError.exit_code, "is not valid JSON"),
+    ],
+)
+def test_errors_are_one_line_with_a_hint_and_an_exit_code(args, code, message, tiny_llama_dir, toy_folder):
+    args = [a.format(model=tiny_llama_dir, tasks=toy_folder) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 2 and "hint: " in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_exception():
+    result = runner.invoke(app, ["--debug", "score", "/no/such/model"])
+    assert result.exit_code != 0 and isinstance(result.exception, ModelNotFoundError)
+
+
+def test_models_and_players_listings(tiny_llama_dir):
+    models = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
+    assert {m["alias"] for m in models} == {"smollm2-135m", "gemma3-270m"}
+    players = json.loads(runner.invoke(app, ["players", str(tiny_llama_dir), "--json"]).stdout)
+    assert players[0] == {"name": "L0.attn", "layer": 0, "kind": "attn", "module": "model.layers.0.self_attn"}
