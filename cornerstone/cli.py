@@ -103,6 +103,7 @@ def score(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Requests per forward pass.")] = 16,
     dtype: Annotated[str, typer.Option(help="float32 (reference), bfloat16 (faster on CPUs with AMX) or float16.")] = "float32",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of a hub model.")] = None,
     margin: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Cornerstone rule: removal leaves at most this share of the above-chance score.")
     ] = 0.2,
@@ -129,7 +130,7 @@ def score(
     with console.status("loading tasks"):
         specs = load_tasks(_split(tasks), include_paths=include_path or [], limit=limit, seed=seed)
     with console.status(f"loading {model} ({dtype}; a GGUF file is dequantised once, then cached)"):
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, revision=revision)
     console.print(f"loaded {model} in {loaded.load_seconds:.1f} s" + (" (cached)" if loaded.from_cache else ""))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:

@@ -38,7 +38,7 @@ CAPITALS = {
     "Slovenia": "Ljubljana", "Albania": "Tirana", "Cyprus": "Nicosia", "Malta": "Valletta", "Jamaica": "Kingston",
     "Panama": "Panama City", "Costa Rica": "San Jose", "Guatemala": "Guatemala City", "Honduras": "Tegucigalpa",
     "Nicaragua": "Managua", "El Salvador": "San Salvador", "the Dominican Republic": "Santo Domingo",
-    "Haiti": "Port-au-Prince", "Sudan": "Khartoum", "Libya": "Tripoli", "Zimbabwe": "Harare", "Zambia": "Lusaka",
+    "Haiti": "Port-au-Prince", "Libya": "Tripoli", "Zimbabwe": "Harare", "Zambia": "Lusaka",
     "Uganda": "Kampala", "Rwanda": "Kigali", "Angola": "Luanda", "Mozambique": "Maputo",
     "Madagascar": "Antananarivo", "Namibia": "Windhoek", "Botswana": "Gaborone", "Mali": "Bamako",
     "Cambodia": "Phnom Penh", "Laos": "Vientiane", "Oman": "Muscat", "Kuwait": "Kuwait City",
@@ -57,14 +57,14 @@ CATEGORIES = {
                 "tractor", "helicopter", "van", "taxi", "scooter", "submarine"],
     "colour": ["red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "grey",
                "violet", "turquoise", "beige", "crimson", "magenta"],
-    "musical instrument": ["piano", "guitar", "violin", "drum", "flute", "trumpet", "cello", "harp",
+    "instrument": ["piano", "guitar", "violin", "drum", "flute", "trumpet", "cello", "harp",
                            "saxophone", "clarinet", "trombone", "banjo", "accordion", "harmonica", "tuba"],
-    "part of the body": ["hand", "foot", "arm", "leg", "head", "nose", "ear", "eye", "mouth", "knee",
+    "body part": ["hand", "foot", "arm", "leg", "head", "nose", "ear", "eye", "mouth", "knee",
                          "elbow", "shoulder", "finger", "toe", "neck"],
-    "piece of clothing": ["shirt", "jacket", "coat", "dress", "skirt", "sock", "scarf", "sweater",
-                          "hat", "glove", "trousers", "blouse", "vest", "jeans", "boot"],
+    "clothing": ["shirt", "jacket", "coat", "dress", "skirt", "sock", "scarf", "sweater",
+                          "hat", "glove", "tie", "blouse", "vest", "apron", "boot"],
     "tool": ["hammer", "screwdriver", "wrench", "saw", "drill", "chisel", "pliers", "shovel", "rake",
-             "axe", "file", "trowel", "spanner", "crowbar", "mallet"],
+             "axe", "pickaxe", "trowel", "spanner", "crowbar", "mallet"],
 }
 
 ANTONYMS = [
@@ -99,16 +99,33 @@ def capitals(rng: random.Random) -> list[dict]:
 
 
 def categories(rng: random.Random) -> list[dict]:
+    kinds = list(CATEGORIES)
     items = []
-    for category, members in CATEGORIES.items():
-        others = [word for other, words in CATEGORIES.items() if other != category for word in words]
+    for kind, members in CATEGORIES.items():
         for member in members:
-            distractors = rng.sample(others, CHOICES - 1)
-            label = rng.randrange(CHOICES)
-            choices = distractors[:label] + [member] + distractors[label:]
-            article = "an" if category[0] in "aeiou" else "a"
-            items.append({"question": f"Which of these is {article} {category}?", "choices": choices, "label": label})
+            choices, label = _options(kind, kinds, rng)
+            # colours are adjectives/mass nouns ("red"), everything else takes an article ("a banana")
+            thing = member if kind == "colour" else ("an " if member[0] in "aeiou" else "a ") + member
+            items.append({"question": f"What kind of thing is {thing}?", "choices": choices, "label": label})
     return items
+
+
+# words that are (near-)opposites across pairs ("hard" is the opposite of both "soft" and "easy"):
+# a distractor never comes from the same group as the asked word, so no distractor is also right
+ANTONYM_GROUPS = [
+    {"hard", "soft", "easy", "difficult", "loud", "quiet", "smooth", "rough", "sharp", "blunt"},
+    {"up", "down", "above", "below", "high", "low", "inside", "outside", "deep", "shallow"},
+    {"begin", "end", "first", "last", "early", "late", "before", "after", "arrive", "leave", "always", "never"},
+    {"day", "night", "morning", "evening", "summer", "winter"},
+    {"true", "false", "right", "left", "question", "answer"},
+    {"wet", "dry", "sweet", "sour", "hot", "cold"},
+    {"heavy", "light", "thick", "thin", "wide", "narrow", "big", "small", "long", "short", "full", "empty",
+     "tight", "loose", "maximum", "minimum", "increase", "decrease"},
+    {"alive", "dead", "asleep", "awake", "young", "old"},
+    {"win", "lose", "buy", "sell", "give", "take", "push", "pull", "import", "export", "accept", "refuse"},
+    {"rich", "poor", "cheap", "expensive"},
+    {"happy", "sad", "laugh", "cry", "love", "hate", "friend", "enemy"},
+]
 
 
 def antonyms(rng: random.Random) -> list[dict]:
@@ -116,10 +133,8 @@ def antonyms(rng: random.Random) -> list[dict]:
     items = []
     for first, second in ANTONYMS:
         for word, opposite in ((first, second), (second, first)):
-            pool = sorted(set(words) - {word, opposite})
-            distractors = rng.sample(pool, CHOICES - 1)
-            label = rng.randrange(CHOICES)
-            choices = distractors[:label] + [opposite] + distractors[label:]
+            related = set().union(*(group for group in ANTONYM_GROUPS if word in group), {word, opposite})
+            choices, label = _options(opposite, [w for w in words if w not in related], rng)
             items.append({"question": f"What is the opposite of \"{word}\"?", "choices": choices, "label": label})
     return items
 
@@ -131,7 +146,7 @@ def arithmetic(rng: random.Random) -> list[dict]:
         # distractors are other sums of two digits, so no option is impossible on its face
         pool = [str(n) for n in range(2, 19) if n != answer]
         choices, label = _options(str(answer), pool, rng)
-        items.append({"question": f"What is {a} plus {b}?", "choices": choices, "label": label})
+        items.append({"question": f"What is {a} + {b}?", "choices": choices, "label": label})
     return items
 
 
