@@ -18,6 +18,8 @@ from typer.core import TyperGroup
 from .errors import ConfigError, CornerstoneError
 
 EXIT_INTERRUPTED = 130
+# 25 documents x 4 bundled tasks x 61 evaluations keeps the README's main job to minutes on 2 CPU cores.
+DEFAULT_LIMIT = 25
 _state = {"debug": False}
 
 
@@ -98,8 +100,13 @@ def score(
         str, typer.Option(help="Comma-separated lm-eval task names, groups or tags.")
     ] = "cornerstone_bundled",
     include_path: IncludePathOption = None,
-    limit: Annotated[Optional[int], typer.Option(help="Documents per task (the first N, or N at random with --seed).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Pick the --limit documents at random with this seed.")] = None,
+    limit: Annotated[
+        int,
+        typer.Option(min=1, help="Documents per task, drawn at random with --seed. Every removal is one full "
+                     "evaluation, so the sweep costs (players + 1) x limit x tasks documents."),
+    ] = DEFAULT_LIMIT,
+    all_docs: Annotated[bool, typer.Option("--all-docs", help="Use every document of every task (ignores --limit).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for drawing the --limit documents (the same ones for every removal).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Requests per forward pass.")] = 16,
     dtype: Annotated[str, typer.Option(help="float32 (reference), bfloat16 (faster on CPUs with AMX) or float16.")] = "float32",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
@@ -128,7 +135,7 @@ def score(
     console = Console(stderr=as_json)
     resolve(model)  # a mistyped model path fails here, before the slower task loading
     with console.status("loading tasks"):
-        specs = load_tasks(_split(tasks), include_paths=include_path or [], limit=limit, seed=seed)
+        specs = load_tasks(_split(tasks), include_paths=include_path or [], limit=None if all_docs else limit, seed=seed)
     with console.status(f"loading {model} ({dtype}; a GGUF file is dequantised once, then cached)"):
         loaded = load_model(model, dtype=dtype, device=device, revision=revision)
     console.print(f"loaded {model} in {loaded.load_seconds:.1f} s" + (" (cached)" if loaded.from_cache else ""))
