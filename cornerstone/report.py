@@ -79,7 +79,7 @@ def plot_sweep(report: ScoreReport, path: str | Path) -> Path:
     task_names = ", ".join(t.name for t in report.tasks)
     axes.set_title(f"{report.model.get('spec')}: {report.method} sweep on {task_names}\n(* = cornerstone)", fontsize=9)
     axes.set_ylim(0, min(1.0, max(report.base_score, max((s.score_removed or 0) for s in report.players.values())) + 0.1))
-    axes.legend(fontsize=7, loc="lower right")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
     figure.tight_layout()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
