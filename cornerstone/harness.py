@@ -160,7 +160,7 @@ def load_tasks(
     from lm_eval.tasks import get_task_dict
 
     try:
-        with _quiet():
+        with _quiet(), _no_dataset_progress():
             task_dict = get_task_dict(list(names), manager)
     except Exception as exc:  # lm-eval raises bare exceptions when a dataset cannot be read
         raise TaskError(f"cannot load tasks {', '.join(names)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
@@ -253,12 +253,28 @@ def _has_nonfinite(value: Any) -> bool:
 
 
 @contextmanager
-def _no_tqdm() -> Iterator[None]:
-    """Silence the per-call tqdm bars of lm-eval's model loop (they would print 60 times per sweep)."""
-    import tqdm
-    import tqdm.auto
+def _no_dataset_progress() -> Iterator[None]:
+    """datasets draws a bar per split it prepares; one status line in the CLI says the same."""
+    import datasets
 
-    originals = (tqdm.tqdm.__init__,)
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+@contextmanager
+def _no_tqdm() -> Iterator[None]:
+    """Silence the tqdm bar lm-eval's model loop draws on every call (60 bars per sweep).
+
+    HFLM creates ``tqdm(...)`` without a way to pass ``disable`` through ``evaluate``, so the class
+    default is switched for the duration of the call and restored afterwards.
+    """
+    import tqdm
+
     original_init = tqdm.tqdm.__init__
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -269,4 +285,4 @@ def _no_tqdm() -> Iterator[None]:
     try:
         yield
     finally:
-        tqdm.tqdm.__init__ = originals[0]  # type: ignore[method-assign]
+        tqdm.tqdm.__init__ = original_init  # type: ignore[method-assign]
