@@ -286,3 +286,49 @@ def _no_tqdm() -> Iterator[None]:
         yield
     finally:
         tqdm.tqdm.__init__ = original_init  # type: ignore[method-assign]
+
+
+@dataclass
+class EncodedDoc:
+    """One document's loglikelihood requests, tokenised exactly as lm-eval's HFLM tokenises them."""
+
+    doc_id: int
+    doc: Any
+    requests: list[tuple[list[int], list[int]]]  # (context tokens, continuation tokens) per choice
+
+
+def encode_requests(lm: Any, spec: TaskSpec) -> list[EncodedDoc]:
+    """Build ``spec``'s requests with lm-eval's own task code and tokenise them once.
+
+    Context/continuation splitting (trailing spaces move to the continuation, an empty context becomes
+    the prefix token) is HFLM's, so the engine scores the very token sequences lm-eval scores.
+    """
+    with _quiet():
+        spec.task.build_all_requests(samples=spec.doc_indices, rank=0, world_size=1)
+    by_doc: dict[int, list[Any]] = {}
+    for instance in spec.task.instances:
+        if instance.request_type not in ("loglikelihood", "multiple_choice"):
+            raise TaskError(f"task '{spec.name}' makes {instance.request_type} requests, which the engine cannot score")
+        by_doc.setdefault(instance.doc_id, []).append(instance)
+    encoded = []
+    for doc_id in sorted(by_doc):
+        instances = sorted(by_doc[doc_id], key=lambda instance: instance.idx)
+        pairs = []
+        for instance in instances:
+            context, continuation = instance.args
+            if context == "":
+                pairs.append(([lm.prefix_token_id], lm.tok_encode(continuation)))
+            else:
+                pairs.append(lm._encode_pair(context, continuation))
+        encoded.append(EncodedDoc(doc_id=doc_id, doc=instances[0].doc, requests=pairs))
+    return encoded
+
+
+def score_doc(spec: TaskSpec, doc: Any, responses: list[tuple[float, bool]]) -> float:
+    """The task's own metric for one document, from its (loglikelihood, is_greedy) responses."""
+    return float(spec.task.process_results(doc, responses)[spec.metric])
+
+
+def aggregate(spec: TaskSpec, values: list[float]) -> float:
+    """The task's own aggregation of per-document values (a mean for acc and acc_norm)."""
+    return float(spec.task.aggregation()[spec.metric](values))

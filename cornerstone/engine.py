@@ -1,0 +1,228 @@
+"""A scoring engine for lm-eval's loglikelihood tasks that does once what does not change between masks.
+
+It computes the same numbers as lm-eval's HFLM loop (same requests, same tokens, same right-padded
+forward without attention mask, the task's own ``process_results``), with three savings:
+
+* requests are built and tokenised once per run, not once per mask;
+* prefix reuse: the hidden state entering block k is the full model's whenever no player before
+  block k is removed. The full model's block outputs are cached (within ``cache_bytes``; beyond it
+  only every s-th block is kept and the rest recomputed), and a masked forward starts from the
+  cached state just before its first removed player: blocks before it return the cached tensor
+  instead of computing;
+* logits only where they are scored: the backbone's final hidden states are gathered at the
+  continuation positions before the LM head, instead of projecting every position onto the vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import harness
+from .errors import EvaluationError
+from .masking import removed as removed_players
+from .players import Player, decoder_layers
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    tokens: tuple[int, ...]  # model input: (context + continuation)[-(max_length + 1):][:-1]
+    continuation: tuple[int, ...]
+
+
+@dataclass
+class _Batch:
+    inputs: torch.Tensor  # [batch, length], right-padded
+    rows: list[int]  # which unique sequences, in row order
+    positions: torch.Tensor  # [n_scored] flat indices into batch*length of the scored positions
+    targets: torch.Tensor  # [n_scored] the continuation token scored at each position
+    owners: list[tuple[int, int]]  # per sequence: (start, end) slice into the scored positions
+
+
+class Engine:
+    """Per-document lm-eval results of ``tasks`` under any mask, reusing work across masks.
+
+    ``cache_bytes`` bounds the prefix cache (default 2 GiB); 0 disables prefix reuse.
+    """
+
+    def __init__(self, model: Any, lm: Any, tasks: Sequence[harness.TaskSpec], *, batch_size: int = 32,
+                 cache_bytes: int = 2 << 30) -> None:
+        self.model = model
+        self.tasks = list(tasks)
+        self.batch_size = batch_size
+        self.cache_bytes = cache_bytes
+        self._backbone = model.base_model
+        self._head = model.get_output_embeddings()
+        self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        self._layers_path, self._layers = decoder_layers(model)
+        self._max_length = lm.max_length
+        self._output_tail: tuple | None = None  # what a block returns besides hidden states, if a tuple
+        self.docs = {spec.name: harness.encode_requests(lm, spec) for spec in self.tasks}
+        index: dict[_Sequence, int] = {}
+        for docs in self.docs.values():
+            for doc in docs:
+                for context, continuation in doc.requests:
+                    whole = (context + continuation)[-(lm.max_length + 1):]
+                    index.setdefault(_Sequence(tuple(whole[:-1]), tuple(continuation)), len(index))
+        self.sequences = list(index)
+        self._index = index
+        self._batches = self._make_batches()
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._cached_blocks: list[int] = []
+        self.tokens = sum(len(s.tokens) for s in self.sequences)
+
+    def _make_batches(self) -> list[_Batch]:
+        order = sorted(range(len(self.sequences)), key=lambda i: -len(self.sequences[i].tokens))
+        device = self.model.device
+        batches = []
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            length = len(self.sequences[rows[0]].tokens)
+            inputs = torch.zeros(len(rows), length, dtype=torch.long)
+            positions, targets, owners = [], [], []
+            for row, seq_id in enumerate(rows):
+                seq = self.sequences[seq_id]
+                inputs[row, : len(seq.tokens)] = torch.tensor(seq.tokens)
+                first = len(seq.tokens) - len(seq.continuation)
+                owners.append((len(positions), len(positions) + len(seq.continuation)))
+                positions.extend(row * length + p for p in range(first, len(seq.tokens)))
+                targets.extend(seq.continuation)
+            batches.append(_Batch(inputs.to(device), rows, torch.tensor(positions, device=device),
+                                  torch.tensor(targets, device=device), owners))
+        return batches
+
+    # -- prefix cache ---------------------------------------------------------------------------------
+
+    def _plan_cache(self) -> list[int]:
+        """Which block outputs to keep: all of them if they fit ``cache_bytes``, else every s-th."""
+        n_blocks = len(self._layers)
+        hidden = self.model.config.hidden_size
+        element = torch.finfo(self.model.dtype).bits // 8
+        per_block = sum(b.inputs.numel() for b in self._batches) * hidden * element
+        if per_block == 0 or self.cache_bytes < per_block:
+            return []
+        keep = min(n_blocks - 1, self.cache_bytes // per_block)
+        stride = -(-(n_blocks - 1) // keep) if keep else n_blocks
+        return list(range(0, n_blocks - 1, stride))[:keep]
+
+    @property
+    def cache_size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._cache.values())
+
+    def _forward_filling_cache(self, batch_index: int, batch: _Batch) -> list[tuple[float, bool]]:
+        """A full-model forward that also keeps the planned block outputs of this batch."""
+        handles = []
+        for block in self._cached_blocks:
+            def keep(_module: Any, _args: Any, output: Any, block: int = block) -> None:
+                if isinstance(output, tuple):
+                    self._output_tail = tuple(output[1:])
+                    output = output[0]
+                self._cache[(batch_index, block)] = output.detach()
+            handles.append(self._layers[block].register_forward_hook(keep))
+        try:
+            return self._forward(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def _start_after(self, batch_index: int, block: int) -> Iterator[None]:
+        """Blocks 0..block return the cached hidden state instead of computing (nothing before is removed)."""
+        cached = self._cache[(batch_index, block)]
+        originals = {}
+
+        tail = self._output_tail
+
+        def as_output(hidden: torch.Tensor) -> Any:
+            return hidden if tail is None else (hidden,) + tail
+
+        def passthrough(*args: Any, **kwargs: Any) -> Any:
+            return as_output(args[0] if args else kwargs["hidden_states"])
+
+        def cached_output(*_args: Any, **_kwargs: Any) -> Any:
+            return as_output(cached)
+
+        try:
+            for j in range(block + 1):
+                module = self._layers[j]
+                originals[j] = module.__dict__.get("forward")
+                module.forward = cached_output if j == block else passthrough
+            yield
+        finally:
+            for j, original in originals.items():
+                if original is None:
+                    del self._layers[j].forward
+                else:
+                    self._layers[j].forward = original
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    def _forward(self, batch: _Batch) -> list[tuple[float, bool]]:
+        with torch.inference_mode():
+            hidden = self._backbone(input_ids=batch.inputs, use_cache=False).last_hidden_state
+            scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
+            logits = self._head(scored)
+            if self._softcap:
+                logits = torch.tanh(logits / self._softcap) * self._softcap
+            logprobs = torch.log_softmax(logits.float() if logits.dtype != torch.float32 else logits, dim=-1)
+            token_ll = logprobs.gather(1, batch.targets[:, None]).squeeze(1)
+            greedy = logprobs.argmax(dim=-1) == batch.targets
+        results = []
+        for start, end in batch.owners:
+            results.append((float(token_ll[start:end].sum()), bool(greedy[start:end].all())))
+        return results
+
+    def loglikelihoods(self, players: Sequence[Player] = ()) -> list[tuple[float, bool]]:
+        """(loglikelihood, is_greedy) of every unique sequence with ``players`` removed."""
+        players = list(players)
+        if not self._cache and self.cache_bytes > 0 and not self._cached_blocks:
+            self._cached_blocks = self._plan_cache()
+        first = min((p.layer for p in players), default=len(self._layers))
+        start = max((b for b in self._cached_blocks if b < first), default=None)
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(self.sequences)
+        for batch_index, batch in enumerate(self._batches):
+            filled = not self._cached_blocks or (batch_index, self._cached_blocks[0]) in self._cache
+            if not filled:
+                full = self._forward_filling_cache(batch_index, batch)
+                if not players:
+                    results = full
+            if not players and not filled:
+                pass
+            elif start is not None:
+                with removed_players(self.model, players), self._start_after(batch_index, start):
+                    results = self._forward(batch)
+            else:
+                with removed_players(self.model, players):
+                    results = self._forward(batch)
+            for seq_id, result in zip(batch.rows, results):
+                out[seq_id] = result
+        return out
+
+    def evaluate(self, players: Sequence[Player] = ()) -> dict[str, harness.TaskResult]:
+        """Each task's metric and per-document values under the mask, as :func:`harness.evaluate` returns them."""
+        responses = self.loglikelihoods(players)
+        results = {}
+        for spec in self.tasks:
+            per_doc = []
+            for doc in self.docs[spec.name]:
+                answers = []
+                for context, continuation in doc.requests:
+                    ll, greedy = responses[self._lookup(context, continuation)]
+                    if ll != ll or ll in (float("inf"), float("-inf")):
+                        raise EvaluationError(
+                            f"task '{spec.name}' doc {doc.doc_id}: the model returned a non-finite log-likelihood",
+                            hint="Try --dtype float32; a mask that removes too much can also overflow.",
+                        )
+                    answers.append((ll, greedy))
+                per_doc.append(harness.score_doc(spec, doc.doc, answers))
+            results[spec.name] = harness.TaskResult(score=harness.aggregate(spec, per_doc), per_doc=per_doc)
+        return results
+
+    def _lookup(self, context: list[int], continuation: list[int]) -> int:
+        max_length = self._max_length
+        whole = (context + continuation)[-(max_length + 1):]
+        return self._index[_Sequence(tuple(whole[:-1]), tuple(continuation))]
