@@ -107,7 +107,10 @@ def score(
     ] = DEFAULT_LIMIT,
     all_docs: Annotated[bool, typer.Option("--all-docs", help="Use every document of every task (ignores --limit).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for drawing the --limit documents (the same ones for every removal).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Requests per forward pass.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 32,
+    engine: Annotated[
+        str, typer.Option(help="fast (reuses work across masks; lm-eval's per-document results) or lm-eval (its own loop per mask).")
+    ] = "fast",
     dtype: Annotated[str, typer.Option(help="float32 (reference), bfloat16 (faster on CPUs with AMX) or float16.")] = "float32",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of a hub model.")] = None,
@@ -132,6 +135,8 @@ def score(
         raise ConfigError(f"unknown method '{method}'", hint="Available: ablation.")
     if granularity not in ("sublayer", "block"):
         raise ConfigError(f"unknown granularity '{granularity}'", hint="Use sublayer or block.")
+    if engine not in ("fast", "lm-eval"):
+        raise ConfigError(f"unknown engine '{engine}'", hint="Use fast or lm-eval.")
     console = Console(stderr=as_json)
     resolve(model)  # a mistyped model path fails here, before the slower task loading
     with console.status("loading tasks"):
@@ -151,6 +156,7 @@ def score(
             specs,
             estimator=Ablation(granularity=granularity),  # type: ignore[arg-type]
             batch_size=batch_size,
+            engine=engine,
             rule=CornerstoneRule(margin=margin),
             progress=progress,
         )

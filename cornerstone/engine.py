@@ -29,18 +29,18 @@ from .players import Player, decoder_layers
 
 
 @dataclass(frozen=True)
-class _Sequence:
+class _Request:
     tokens: tuple[int, ...]  # model input: (context + continuation)[-(max_length + 1):][:-1]
     continuation: tuple[int, ...]
 
 
 @dataclass
 class _Batch:
-    inputs: torch.Tensor  # [batch, length], right-padded
-    rows: list[int]  # which unique sequences, in row order
-    positions: torch.Tensor  # [n_scored] flat indices into batch*length of the scored positions
-    targets: torch.Tensor  # [n_scored] the continuation token scored at each position
-    owners: list[tuple[int, int]]  # per sequence: (start, end) slice into the scored positions
+    inputs: torch.Tensor  # [rows, length]: unique model inputs, right-padded
+    positions: torch.Tensor  # [n_positions] flat indices (row * length + position) whose logits are needed
+    gather_rows: torch.Tensor  # [n_scored] for each scored token: which of ``positions`` predicts it
+    targets: torch.Tensor  # [n_scored] the continuation token scored there
+    owners: list[tuple[int, int, int]]  # per request: (request id, start, end) into the scored tokens
 
 
 class Engine:
@@ -62,37 +62,54 @@ class Engine:
         self._max_length = lm.max_length
         self._output_tail: tuple | None = None  # what a block returns besides hidden states, if a tuple
         self.docs = {spec.name: harness.encode_requests(lm, spec) for spec in self.tasks}
-        index: dict[_Sequence, int] = {}
+        index: dict[_Request, int] = {}
         for docs in self.docs.values():
             for doc in docs:
                 for context, continuation in doc.requests:
-                    whole = (context + continuation)[-(lm.max_length + 1):]
-                    index.setdefault(_Sequence(tuple(whole[:-1]), tuple(continuation)), len(index))
-        self.sequences = list(index)
+                    index.setdefault(self._request(context, continuation), len(index))
+        self.requests = list(index)
         self._index = index
         self._batches = self._make_batches()
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self._cached_blocks: list[int] = []
-        self.tokens = sum(len(s.tokens) for s in self.sequences)
+        self.tokens = sum(b.inputs.shape[0] * b.inputs.shape[1] for b in self._batches)
+
+    def _request(self, context: list[int], continuation: list[int]) -> _Request:
+        whole = (context + continuation)[-(self._max_length + 1):]
+        return _Request(tuple(whole[:-1]), tuple(continuation))
 
     def _make_batches(self) -> list[_Batch]:
-        order = sorted(range(len(self.sequences)), key=lambda i: -len(self.sequences[i].tokens))
+        """Group requests by model input (choices whose continuation is one token share their context's
+        input, as in lm-eval's logits cache), sort inputs by length, and batch them."""
+        by_input: dict[tuple[int, ...], list[int]] = {}
+        for request_id, request in enumerate(self.requests):
+            by_input.setdefault(request.tokens, []).append(request_id)
+        inputs_sorted = sorted(by_input, key=lambda tokens: -len(tokens))
         device = self.model.device
         batches = []
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            length = len(self.sequences[rows[0]].tokens)
-            inputs = torch.zeros(len(rows), length, dtype=torch.long)
-            positions, targets, owners = [], [], []
-            for row, seq_id in enumerate(rows):
-                seq = self.sequences[seq_id]
-                inputs[row, : len(seq.tokens)] = torch.tensor(seq.tokens)
-                first = len(seq.tokens) - len(seq.continuation)
-                owners.append((len(positions), len(positions) + len(seq.continuation)))
-                positions.extend(row * length + p for p in range(first, len(seq.tokens)))
-                targets.extend(seq.continuation)
-            batches.append(_Batch(inputs.to(device), rows, torch.tensor(positions, device=device),
-                                  torch.tensor(targets, device=device), owners))
+        for start in range(0, len(inputs_sorted), self.batch_size):
+            chunk = inputs_sorted[start:start + self.batch_size]
+            length = len(chunk[0])
+            inputs = torch.zeros(len(chunk), length, dtype=torch.long)
+            position_index: dict[int, int] = {}
+            gather_rows, targets, owners = [], [], []
+            for row, tokens in enumerate(chunk):
+                inputs[row, : len(tokens)] = torch.tensor(tokens)
+                for request_id in by_input[tokens]:
+                    continuation = self.requests[request_id].continuation
+                    first = len(tokens) - len(continuation)
+                    owners.append((request_id, len(targets), len(targets) + len(continuation)))
+                    for offset, token in enumerate(continuation):
+                        flat = row * length + first + offset
+                        gather_rows.append(position_index.setdefault(flat, len(position_index)))
+                        targets.append(token)
+            batches.append(_Batch(
+                inputs=inputs.to(device),
+                positions=torch.tensor(list(position_index), device=device),
+                gather_rows=torch.tensor(gather_rows, device=device),
+                targets=torch.tensor(targets, device=device),
+                owners=owners,
+            ))
         return batches
 
     # -- prefix cache ---------------------------------------------------------------------------------
@@ -113,7 +130,7 @@ class Engine:
     def cache_size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._cache.values())
 
-    def _forward_filling_cache(self, batch_index: int, batch: _Batch) -> list[tuple[float, bool]]:
+    def _forward_filling_cache(self, batch_index: int, batch: _Batch) -> list[tuple[int, float, bool]]:
         """A full-model forward that also keeps the planned block outputs of this batch."""
         handles = []
         for block in self._cached_blocks:
@@ -161,29 +178,30 @@ class Engine:
 
     # -- forward --------------------------------------------------------------------------------------
 
-    def _forward(self, batch: _Batch) -> list[tuple[float, bool]]:
+    def _forward(self, batch: _Batch) -> list[tuple[int, float, bool]]:
         with torch.inference_mode():
             hidden = self._backbone(input_ids=batch.inputs, use_cache=False).last_hidden_state
             scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
             logits = self._head(scored)
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
-            logprobs = torch.log_softmax(logits.float() if logits.dtype != torch.float32 else logits, dim=-1)
-            token_ll = logprobs.gather(1, batch.targets[:, None]).squeeze(1)
-            greedy = logprobs.argmax(dim=-1) == batch.targets
-        results = []
-        for start, end in batch.owners:
-            results.append((float(token_ll[start:end].sum()), bool(greedy[start:end].all())))
-        return results
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            argmax = logprobs.argmax(dim=-1)
+            token_ll = logprobs[batch.gather_rows, batch.targets]
+            greedy = argmax[batch.gather_rows] == batch.targets
+        return [
+            (request_id, float(token_ll[start:end].sum()), bool(greedy[start:end].all()))
+            for request_id, start, end in batch.owners
+        ]
 
     def loglikelihoods(self, players: Sequence[Player] = ()) -> list[tuple[float, bool]]:
-        """(loglikelihood, is_greedy) of every unique sequence with ``players`` removed."""
+        """(loglikelihood, is_greedy) of every unique request with ``players`` removed."""
         players = list(players)
         if not self._cache and self.cache_bytes > 0 and not self._cached_blocks:
             self._cached_blocks = self._plan_cache()
         first = min((p.layer for p in players), default=len(self._layers))
         start = max((b for b in self._cached_blocks if b < first), default=None)
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(self.sequences)
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(self.requests)
         for batch_index, batch in enumerate(self._batches):
             filled = not self._cached_blocks or (batch_index, self._cached_blocks[0]) in self._cache
             if not filled:
@@ -198,8 +216,8 @@ class Engine:
             else:
                 with removed_players(self.model, players):
                     results = self._forward(batch)
-            for seq_id, result in zip(batch.rows, results):
-                out[seq_id] = result
+            for request_id, loglikelihood, greedy in results:
+                out[request_id] = (loglikelihood, greedy)
         return out
 
     def evaluate(self, players: Sequence[Player] = ()) -> dict[str, harness.TaskResult]:
@@ -223,6 +241,4 @@ class Engine:
         return results
 
     def _lookup(self, context: list[int], continuation: list[int]) -> int:
-        max_length = self._max_length
-        whole = (context + continuation)[-(max_length + 1):]
-        return self._index[_Sequence(tuple(whole[:-1]), tuple(continuation))]
+        return self._index[self._request(context, continuation)]

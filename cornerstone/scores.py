@@ -137,7 +137,8 @@ def score(
     include_paths: Sequence[str | Path] = (),
     limit: int | None = None,
     seed: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
+    engine: str = "fast",
     dtype: str = "float32",
     device: str | None = None,
     rule: CornerstoneRule | None = None,
@@ -159,7 +160,7 @@ def score(
         specs = harness.load_tasks([str(t) for t in tasks], include_paths=include_paths, limit=limit, seed=seed)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     players = enumerate_players(loaded.model, estimator.granularity)
-    value = ValueFunction(loaded, specs, batch_size=batch_size)
+    value = ValueFunction(loaded, specs, batch_size=batch_size, engine=engine)  # type: ignore[arg-type]
     scoring_started = time.perf_counter()
     full, estimates = estimator.estimate(value, players, progress)
     scoring_seconds = time.perf_counter() - scoring_started
@@ -190,6 +191,7 @@ def score(
             "limit": limit,
             "seed": seed,
             "batch_size": batch_size,
+            "engine": engine,
             "estimator": estimator.model_dump(),
         },
         base_score=full.score,

@@ -12,7 +12,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from typing import Literal
+
 from . import harness
+from .errors import ConfigError
 from .loading import LoadedModel
 from .masking import removed as removed_players
 from .players import Player
@@ -34,13 +37,35 @@ class ValueFunction:
 
     Results are memoised per coalition within the object, so an estimator may ask for the same
     coalition twice (the full model, for instance) and pay once.
+
+    ``engine="fast"`` (default) computes with :class:`~cornerstone.engine.Engine`, which reuses work
+    across masks and gives lm-eval's per-document results; ``engine="lm-eval"`` runs lm-eval's own
+    evaluation loop for every coalition (the reference).
     """
 
-    def __init__(self, loaded: LoadedModel, tasks: Sequence[harness.TaskSpec], *, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        tasks: Sequence[harness.TaskSpec],
+        *,
+        batch_size: int = 32,
+        engine: Literal["fast", "lm-eval"] = "fast",
+        cache_bytes: int = 2 << 30,
+    ) -> None:
         self.loaded = loaded
         self.tasks = list(tasks)
         self.batch_size = batch_size
+        self.engine = engine
         self._lm = harness.make_lm(loaded.model, loaded.tokenizer, batch_size=batch_size)
+        if engine == "fast":
+            from .engine import Engine
+
+            self._engine: Engine | None = Engine(loaded.model, self._lm, self.tasks, batch_size=batch_size,
+                                                 cache_bytes=cache_bytes)
+        elif engine == "lm-eval":
+            self._engine = None
+        else:
+            raise ConfigError(f"unknown engine '{engine}'", hint="Use 'fast' or 'lm-eval'.")
         self._memo: dict[frozenset[str], Evaluation] = {}
         self.evaluations = 0
         self.seconds = 0.0
@@ -55,8 +80,11 @@ class ValueFunction:
         if key in self._memo:
             return self._memo[key]
         started = time.perf_counter()
-        with removed_players(self.loaded.model, players):
-            results = harness.evaluate(self._lm, self.tasks)
+        if self._engine is not None:
+            results = self._engine.evaluate(players)
+        else:
+            with removed_players(self.loaded.model, players):
+                results = harness.evaluate(self._lm, self.tasks)
         seconds = time.perf_counter() - started
         evaluation = Evaluation(
             removed=tuple(sorted(key)),
