@@ -16,7 +16,7 @@ forward without attention mask, the task's own ``process_results``), with three 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +71,7 @@ class Engine:
         self._index = index
         self._batches = self._make_batches()
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
-        self._cached_blocks: list[int] = []
+        self._cached_blocks = self._plan_cache() if cache_bytes > 0 else []
         self.tokens = sum(b.inputs.shape[0] * b.inputs.shape[1] for b in self._batches)
 
     def _request(self, context: list[int], continuation: list[int]) -> _Request:
@@ -185,6 +185,8 @@ class Engine:
             logits = self._head(scored)
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
+            # float32 softmax whatever the model dtype: bf16 keeps ~3 significant digits, and the metric
+            # compares log-probabilities of competing choices
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             argmax = logprobs.argmax(dim=-1)
             token_ll = logprobs[batch.gather_rows, batch.targets]
@@ -197,24 +199,17 @@ class Engine:
     def loglikelihoods(self, players: Sequence[Player] = ()) -> list[tuple[float, bool]]:
         """(loglikelihood, is_greedy) of every unique request with ``players`` removed."""
         players = list(players)
-        if not self._cache and self.cache_bytes > 0 and not self._cached_blocks:
-            self._cached_blocks = self._plan_cache()
         first = min((p.layer for p in players), default=len(self._layers))
         start = max((b for b in self._cached_blocks if b < first), default=None)
         out: list[tuple[float, bool]] = [(0.0, False)] * len(self.requests)
         for batch_index, batch in enumerate(self._batches):
-            filled = not self._cached_blocks or (batch_index, self._cached_blocks[0]) in self._cache
-            if not filled:
-                full = self._forward_filling_cache(batch_index, batch)
-                if not players:
-                    results = full
-            if not players and not filled:
-                pass
-            elif start is not None:
-                with removed_players(self.model, players), self._start_after(batch_index, start):
-                    results = self._forward(batch)
-            else:
-                with removed_players(self.model, players):
+            results = None
+            if self._cached_blocks and (batch_index, self._cached_blocks[0]) not in self._cache:
+                full_model = self._forward_filling_cache(batch_index, batch)
+                results = full_model if not players else None
+            if results is None:
+                reuse = self._start_after(batch_index, start) if start is not None else nullcontext()
+                with removed_players(self.model, players), reuse:
                     results = self._forward(batch)
             for request_id, loglikelihood, greedy in results:
                 out[request_id] = (loglikelihood, greedy)
