@@ -63,8 +63,9 @@ def sweep(model_spec: str, dtype: str, specs, engine: str):
     value = ValueFunction(loaded, specs, batch_size=32, engine=engine)  # type: ignore[arg-type]
     full, estimates = Ablation().estimate(value, enumerate_players(loaded.model))
     seconds = time.perf_counter() - started
+    # throughput of one whole-model forward (no prefix to reuse): the first evaluation of the sweep
     tokens = value._engine.tokens if value._engine is not None else None
-    return loaded, value, full, estimates, seconds, tokens
+    return loaded, value, full, estimates, seconds, (tokens, full.seconds) if tokens else None
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -117,8 +118,10 @@ def main() -> None:
         cornerstones = [n for n, e in estimates.items() if rule.is_cornerstone(e.score_removed, full.score, value.chance)]
         line = f"{label:<22} {seconds:8.1f} s  ({seconds / 61:.2f} s/mask)  full {full.score:.4f}  cornerstones {cornerstones}"
         if tokens:
-            flops = 2 * loaded.num_parameters * tokens * value.evaluations
-            line += f"  {tokens * value.evaluations / seconds:,.0f} tok/s (upper bound on work), {flops / seconds / peaks[dtype]:.0%} of peak"
+            count, full_seconds = tokens
+            flops = 2 * loaded.num_parameters * count
+            line += (f"  full-model forward: {count / full_seconds:,.0f} tok/s (padded), "
+                     f"{flops / full_seconds / peaks[dtype]:.0%} of {dtype} matmul peak")
         print(line, flush=True)
 
     reference_label = "lm-eval loop float32" if "lm-eval loop float32" in runs else "engine float32"
