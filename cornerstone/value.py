@@ -3,7 +3,7 @@
 Following Zhang, Dong & Kawaguchi (2024), v is an lm-eval accuracy: ``acc_norm`` where the task
 has it, else ``acc``. With several tasks v is their unweighted mean (a macro average), and so is the
 chance level. Coalitions are named by what they remove, since every estimator here works near the
-full model: ``value(removed={"L0.mlp"})`` is v(N \\ {L0.mlp}).
+full model: ``value.evaluate([L0_mlp])`` is v(N \\ {L0.mlp}).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-
 from typing import Literal
 
 from . import harness
