@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from . import harness
-from .errors import EvaluationError
 from .masking import removed as removed_players
 from .players import Player, decoder_layers
 
@@ -222,15 +221,8 @@ class Engine:
         for spec in self.tasks:
             per_doc = []
             for doc in self.docs[spec.name]:
-                answers = []
-                for context, continuation in doc.requests:
-                    ll, greedy = responses[self._lookup(context, continuation)]
-                    if ll != ll or ll in (float("inf"), float("-inf")):
-                        raise EvaluationError(
-                            f"task '{spec.name}' doc {doc.doc_id}: the model returned a non-finite log-likelihood",
-                            hint="Try --dtype float32; a mask that removes too much can also overflow.",
-                        )
-                    answers.append((ll, greedy))
+                answers = [responses[self._lookup(context, continuation)] for context, continuation in doc.requests]
+                harness.check_finite(spec, doc.doc_id, answers)
                 per_doc.append(harness.score_doc(spec, doc.doc, answers))
             results[spec.name] = harness.TaskResult(score=harness.aggregate(spec, per_doc), per_doc=per_doc)
         return results

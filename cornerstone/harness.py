@@ -234,14 +234,19 @@ def evaluate(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
     for spec in tasks:
         samples = sorted(output["samples"][spec.name], key=lambda sample: sample["doc_id"])
         for sample in samples:
-            if _has_nonfinite(sample.get("resps")):
-                raise EvaluationError(
-                    f"task '{spec.name}' doc {sample['doc_id']}: the model returned a non-finite log-likelihood",
-                    hint="Try --dtype float32; a mask that removes too much can also overflow.",
-                )
+            check_finite(spec, sample["doc_id"], sample.get("resps"))
         per_doc = [float(sample[spec.metric]) for sample in samples]
         results[spec.name] = TaskResult(score=float(output["results"][spec.name][f"{spec.metric},none"]), per_doc=per_doc)
     return results
+
+
+def check_finite(spec: TaskSpec, doc_id: int, responses: Any) -> None:
+    """Refuse NaN/inf log-likelihoods: compared as numbers they would silently count as wrong answers."""
+    if _has_nonfinite(responses):
+        raise EvaluationError(
+            f"task '{spec.name}' doc {doc_id}: the model returned a non-finite log-likelihood",
+            hint="Try --dtype float32; a mask that removes too much can also overflow.",
+        )
 
 
 def _has_nonfinite(value: Any) -> bool:

@@ -86,3 +86,13 @@ def test_masked_value_equals_lm_eval_under_the_same_mask(tiny, toy_tasks):
     # memoised: asking again does not evaluate again
     count = value.evaluations
     assert value.evaluate(list(reversed(players))) is masked and value.evaluations == count
+
+
+def test_non_finite_log_likelihoods_are_refused_not_scored(toy_tasks):
+    from cornerstone.errors import EvaluationError
+
+    [spec] = harness.load_tasks(["toy_mc"], include_paths=[toy_tasks])
+    harness.check_finite(spec, 0, [(-1.5, False), (-2.0, True)])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(EvaluationError, match="doc 3: the model returned a non-finite"):
+            harness.check_finite(spec, 3, [(-1.5, False), (bad, False)])
