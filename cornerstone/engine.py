@@ -9,8 +9,16 @@ forward without attention mask, the task's own ``process_results``), with three 
   only every s-th block is kept and the rest recomputed), and a masked forward starts from the
   cached state just before its first removed player: blocks before it return the cached tensor
   instead of computing;
+* shared contexts: a document's context is computed once for all its choices. Each row of a batch
+  is a context followed by every choice's continuation as a branch, with position ids restarting
+  after the context and a 4D mask letting each branch see the context and itself only (lm-eval
+  itself shares a context only between single-token continuations);
 * logits only where they are scored: the backbone's final hidden states are gathered at the
   continuation positions before the LM head, instead of projecting every position onto the vocabulary.
+
+Packed rows change only the order of floating-point sums (an explicit mask instead of a causal
+kernel): log-likelihoods agree with lm-eval's to ~1e-6 in float32, so a document's result differs
+only where two choices tie to that precision.
 """
 
 from __future__ import annotations
@@ -27,15 +35,41 @@ from .masking import removed as removed_players
 from .players import Player, decoder_layers
 
 
+_MIN_FILL = 0.85
+
+
 @dataclass(frozen=True)
 class _Request:
     tokens: tuple[int, ...]  # model input: (context + continuation)[-(max_length + 1):][:-1]
     continuation: tuple[int, ...]
 
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        """The (possibly truncated) context: the input before the continuation's own tokens."""
+        return self.tokens[: len(self.tokens) - len(self.continuation) + 1]
+
+
+@dataclass
+class _Row:
+    """One sequence of a batch: a shared prefix followed by one branch per request.
+
+    Branch i holds request i's continuation minus its last token; its first continuation token is
+    predicted at the prefix's last position, which every branch shares. ``segments`` is 0 on the
+    prefix and i + 1 on branch i, ``positions`` restarts after the prefix for every branch, so each
+    branch sees exactly the token sequence lm-eval gives that request.
+    """
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]
+    scored: list[tuple[int, list[int], tuple[int, ...]]]  # (request id, row index predicting each token, tokens)
+
 
 @dataclass
 class _Batch:
-    inputs: torch.Tensor  # [rows, length]: unique model inputs, right-padded
+    inputs: torch.Tensor  # [rows, length]: model inputs, right-padded
+    position_ids: torch.Tensor | None  # [rows, length] when rows are packed, else None (positions 0..length-1)
+    attention_mask: torch.Tensor | None  # [rows, 1, length, length] when rows are packed, else None (causal)
     positions: torch.Tensor  # [n_positions] flat indices (row * length + position) whose logits are needed
     gather_rows: torch.Tensor  # [n_scored] for each scored token: which of ``positions`` predicts it
     targets: torch.Tensor  # [n_scored] the continuation token scored there
@@ -45,11 +79,13 @@ class _Batch:
 class Engine:
     """Per-document lm-eval results of ``tasks`` under any mask, reusing work across masks.
 
-    ``cache_bytes`` bounds the prefix cache (default 2 GiB); 0 disables prefix reuse.
+    ``cache_bytes`` bounds the prefix cache (default 2 GiB); 0 disables prefix reuse. ``pack``
+    (default: where the attention implementation takes a custom mask) computes a document's shared
+    context once for all its choices.
     """
 
     def __init__(self, model: Any, lm: Any, tasks: Sequence[harness.TaskSpec], *, batch_size: int = 32,
-                 cache_bytes: int = 2 << 30) -> None:
+                 cache_bytes: int = 2 << 30, pack: bool | None = None) -> None:
         self.model = model
         self.tasks = list(tasks)
         self.batch_size = batch_size
@@ -68,7 +104,9 @@ class Engine:
                     index.setdefault(self._request(context, continuation), len(index))
         self.requests = list(index)
         self._index = index
-        self._batches = self._make_batches()
+        self.packed = self._can_pack() if pack is None else pack
+        rows = self._packed_rows() if self.packed else self._plain_rows()
+        self._batches = self._make_batches(rows)
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self._cached_blocks = self._plan_cache() if cache_bytes > 0 else []
         self.tokens = sum(b.inputs.shape[0] * b.inputs.shape[1] for b in self._batches)
@@ -77,39 +115,101 @@ class Engine:
         whole = (context + continuation)[-(self._max_length + 1):]
         return _Request(tuple(whole[:-1]), tuple(continuation))
 
-    def _make_batches(self) -> list[_Batch]:
-        """Group requests by model input (choices whose continuation is one token share their context's
-        input, as in lm-eval's logits cache), sort inputs by length, and batch them."""
+    def _can_pack(self) -> bool:
+        """Packing needs a custom 4D mask (sdpa or eager attention; flash attention takes none), and
+        a sliding window no request outgrows, since one mask serves full and sliding layers alike."""
+        config = self.model.config
+        if getattr(config, "_attn_implementation", "eager") not in ("sdpa", "eager"):
+            return False
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        return not window or all(len(r.tokens) <= window for r in self.requests)
+
+    def _plain_rows(self) -> list[_Row]:
+        """One row per distinct model input; choices whose continuation is one token share their
+        context's input, as in lm-eval's own logits cache."""
         by_input: dict[tuple[int, ...], list[int]] = {}
         for request_id, request in enumerate(self.requests):
             by_input.setdefault(request.tokens, []).append(request_id)
-        inputs_sorted = sorted(by_input, key=lambda tokens: -len(tokens))
+        rows = []
+        for tokens, request_ids in by_input.items():
+            scored = []
+            for request_id in request_ids:
+                continuation = self.requests[request_id].continuation
+                first = len(tokens) - len(continuation)
+                scored.append((request_id, list(range(first, len(tokens))), continuation))
+            rows.append(_Row(list(tokens), list(range(len(tokens))), [0] * len(tokens), scored))
+        return rows
+
+    def _packed_rows(self) -> list[_Row]:
+        """One row per distinct prefix, every request on that prefix a branch of it."""
+        by_prefix: dict[tuple[int, ...], list[int]] = {}
+        for request_id, request in enumerate(self.requests):
+            by_prefix.setdefault(request.prefix, []).append(request_id)
+        rows = []
+        for prefix, request_ids in by_prefix.items():
+            row = _Row(list(prefix), list(range(len(prefix))), [0] * len(prefix), [])
+            for branch, request_id in enumerate(request_ids, start=1):
+                continuation = self.requests[request_id].continuation
+                extra = continuation[:-1]
+                start = len(row.tokens)
+                row.tokens += extra
+                row.positions += range(len(prefix), len(prefix) + len(extra))
+                row.segments += [branch] * len(extra)
+                row.scored.append((request_id, [len(prefix) - 1, *range(start, start + len(extra))], continuation))
+            rows.append(row)
+        return rows
+
+    def _make_batches(self, rows: list[_Row]) -> list[_Batch]:
+        """Sort rows by length and batch them: at most ``batch_size`` rows, and a new batch wherever a row
+        is shorter than ``_MIN_FILL`` of the batch's longest, which bounds padding to ~1 - _MIN_FILL."""
+        rows = sorted(rows, key=lambda row: -len(row.tokens))
+        chunks: list[list[_Row]] = []
+        for row in rows:
+            if not chunks or len(chunks[-1]) == self.batch_size or len(row.tokens) < _MIN_FILL * len(chunks[-1][0].tokens):
+                chunks.append([])
+            chunks[-1].append(row)
         device = self.model.device
         batches = []
-        for start in range(0, len(inputs_sorted), self.batch_size):
-            chunk = inputs_sorted[start:start + self.batch_size]
-            length = len(chunk[0])
+        for chunk in chunks:
+            length = len(chunk[0].tokens)
             inputs = torch.zeros(len(chunk), length, dtype=torch.long)
+            position_ids = torch.zeros(len(chunk), length, dtype=torch.long)
+            segments = torch.full((len(chunk), length), -1, dtype=torch.long)  # -1: padding
             position_index: dict[int, int] = {}
             gather_rows, targets, owners = [], [], []
-            for row, tokens in enumerate(chunk):
-                inputs[row, : len(tokens)] = torch.tensor(tokens)
-                for request_id in by_input[tokens]:
-                    continuation = self.requests[request_id].continuation
-                    first = len(tokens) - len(continuation)
+            for r, row in enumerate(chunk):
+                n = len(row.tokens)
+                inputs[r, :n] = torch.tensor(row.tokens)
+                position_ids[r, :n] = torch.tensor(row.positions)
+                position_ids[r, n:] = torch.arange(n, length)
+                segments[r, :n] = torch.tensor(row.segments)
+                for request_id, predicting, continuation in row.scored:
                     owners.append((request_id, len(targets), len(targets) + len(continuation)))
-                    for offset, token in enumerate(continuation):
-                        flat = row * length + first + offset
-                        gather_rows.append(position_index.setdefault(flat, len(position_index)))
+                    for index, token in zip(predicting, continuation):
+                        gather_rows.append(position_index.setdefault(r * length + index, len(position_index)))
                         targets.append(token)
             batches.append(_Batch(
                 inputs=inputs.to(device),
+                position_ids=position_ids.to(device) if self.packed else None,
+                attention_mask=self._packed_mask(segments).to(device) if self.packed else None,
                 positions=torch.tensor(list(position_index), device=device),
                 gather_rows=torch.tensor(gather_rows, device=device),
                 targets=torch.tensor(targets, device=device),
                 owners=owners,
             ))
         return batches
+
+    def _packed_mask(self, segments: torch.Tensor) -> torch.Tensor:
+        """Causal attention within a branch and onto the shared prefix, in the form the model's attention
+        implementation adds or selects with (padding attends to the prefix and padding, so no row is empty)."""
+        length = segments.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        query, key = segments[:, :, None], segments[:, None, :]
+        allowed = causal & ((key == 0) | (key == query))
+        if self.model.config._attn_implementation == "eager":
+            blocked = torch.finfo(self.model.dtype).min
+            return torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill(~allowed, blocked)[:, None]
+        return allowed[:, None]
 
     # -- prefix cache ---------------------------------------------------------------------------------
 
@@ -179,7 +279,8 @@ class Engine:
 
     def _forward(self, batch: _Batch) -> list[tuple[int, float, bool]]:
         with torch.inference_mode():
-            hidden = self._backbone(input_ids=batch.inputs, use_cache=False).last_hidden_state
+            hidden = self._backbone(input_ids=batch.inputs, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids, use_cache=False).last_hidden_state
             scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
             logits = self._head(scored)
             if self._softcap:

@@ -51,8 +51,8 @@ def masks_for(model, count=4, seed=0):
     return masks
 
 
-def assert_engine_matches_lm_eval(model, lm, specs, masks, cache_bytes=2 << 30):
-    engine = Engine(model, lm, specs, batch_size=4, cache_bytes=cache_bytes)
+def assert_engine_matches_lm_eval(model, lm, specs, masks, cache_bytes=2 << 30, pack=None):
+    engine = Engine(model, lm, specs, batch_size=4, cache_bytes=cache_bytes, pack=pack)
     for mask in masks:
         with removed(model, mask):
             reference = harness.evaluate(lm, specs)
@@ -70,6 +70,25 @@ def test_engine_equals_lm_eval_per_document(model_type, toy_folder, tokenizer):
     specs = harness.load_tasks(["toy_engine", "toy_engine_acc"], include_paths=[toy_folder])
     engine = assert_engine_matches_lm_eval(model, lm, specs, masks_for(model))
     assert engine.cache_size_bytes > 0
+    # the tiny Gemma 3 has a 4-token sliding window, shorter than the requests: one mask cannot serve
+    # its full and sliding layers, so it runs unpacked
+    assert engine.packed == (model_type != "gemma3_text")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])  # sdpa and eager attention
+def test_packing_shares_contexts_and_unpacked_rows_agree(model_type, toy_folder, tokenizer):
+    model = tiny_model(model_type)
+    lm = harness.make_lm(model, tokenizer, batch_size=4)
+    specs = harness.load_tasks(["toy_engine", "toy_engine_acc"], include_paths=[toy_folder])
+    plain = assert_engine_matches_lm_eval(model, lm, specs, masks_for(model, 1), pack=False)
+    packed = assert_engine_matches_lm_eval(model, lm, specs, masks_for(model, 1), pack=True)
+    assert packed.tokens < plain.tokens
+    # one row per distinct context (the 8 docs of the second task repeat the first 8 of the first),
+    # holding that context once, then each choice's continuation
+    assert sum(batch.inputs.shape[0] for batch in packed._batches) == 12
+    for mask in masks_for(model, 1):
+        ours, theirs = packed.loglikelihoods(mask), plain.loglikelihoods(mask)
+        assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-5)
 
 
 def test_engine_loglikelihoods_equal_lm_eval_requests(toy_folder, tokenizer):
