@@ -109,12 +109,14 @@ def main() -> None:
     print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()))
 
     runs = {}
+    per_doc: dict[str, dict] = {}
     plan = [("engine float32", "float32", "fast"), ("engine bfloat16", "bfloat16", "fast")]
     if not args.skip_plain:
         plan.insert(0, ("lm-eval loop float32", "float32", "lm-eval"))
     for label, dtype, engine in plan:
         loaded, value, full, estimates, seconds, tokens = sweep(args.model, dtype, specs, engine)
         runs[label] = (full, estimates, seconds)
+        per_doc[label] = {key: evaluation.per_doc for key, evaluation in value._memo.items()}
         cornerstones = [n for n, e in estimates.items() if rule.is_cornerstone(e.score_removed, full.score, value.chance)]
         line = f"{label:<22} {seconds:8.1f} s  ({seconds / 61:.2f} s/mask)  full {full.score:.4f}  cornerstones {cornerstones}"
         if tokens:
@@ -133,8 +135,15 @@ def main() -> None:
             abs(estimates[n].score_removed - ref_est[n].score_removed) for n in ref_est
         ]
         rho = spearman([ref_est[n].importance for n in ref_est], [estimates[n].importance for n in ref_est])
+        flips = sum(
+            a != b
+            for key, reference in per_doc[reference_label].items()
+            for task, values in reference.items()
+            for a, b in zip(values, per_doc[label][key][task])
+        )
+        compared = sum(len(values) for reference in per_doc[reference_label].values() for values in reference.values())
         print(f"{label} vs {reference_label}: speed-up {ref_seconds / seconds:.2f}x, max per-mask score difference "
-              f"{max(diffs):.4f}, Spearman of importances {rho:.3f}")
+              f"{max(diffs):.4f}, per-document results differing {flips}/{compared}, Spearman of importances {rho:.3f}")
 
     print("\ncost of one engine evaluation (float32, full model and one mask in the middle):")
     for docs in (25, 50, 100):

@@ -23,8 +23,8 @@ only where two choices tie to that precision.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,11 @@ from .players import Player, decoder_layers
 
 
 _MIN_FILL = 0.85
+
+
+def _forward_order(player: Player) -> tuple[int, int, str]:
+    """Players in the order the forward pass meets them (a whole block before its sublayers)."""
+    return player.layer, {"block": 0, "attn": 1, "mlp": 2}.get(player.kind, 3), player.name
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,9 @@ class Engine:
         self.packed = self._can_pack() if pack is None else pack
         rows = self._packed_rows() if self.packed else self._plain_rows()
         self._batches = self._make_batches(rows)
-        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}  # (batch, block entered): full-model state
+        self._full: list[tuple[float, bool]] | None = None  # the full model's responses
+        self.block_passes = 0  # blocks computed over all batches and masks: the work prefix reuse saves
         self._cached_blocks = self._plan_cache() if cache_bytes > 0 else []
         self.tokens = sum(b.inputs.shape[0] * b.inputs.shape[1] for b in self._batches)
 
@@ -214,43 +221,43 @@ class Engine:
     # -- prefix cache ---------------------------------------------------------------------------------
 
     def _plan_cache(self) -> list[int]:
-        """Which block outputs to keep: all of them if they fit ``cache_bytes``, else every s-th."""
+        """Which full-model states to keep, named by the block they enter: all if they fit ``cache_bytes``,
+        else every s-th."""
         n_blocks = len(self._layers)
-        hidden = self.model.config.hidden_size
-        element = torch.finfo(self.model.dtype).bits // 8
-        per_block = sum(b.inputs.numel() for b in self._batches) * hidden * element
-        if per_block == 0 or self.cache_bytes < per_block:
+        keep = min(n_blocks - 1, self.cache_bytes // self._state_bytes) if self._state_bytes else 0
+        if keep == 0:
             return []
-        keep = min(n_blocks - 1, self.cache_bytes // per_block)
-        stride = -(-(n_blocks - 1) // keep) if keep else n_blocks
-        return list(range(0, n_blocks - 1, stride))[:keep]
+        stride = -(-(n_blocks - 1) // keep)
+        return list(range(1, n_blocks, stride))[:keep]
+
+    @property
+    def _state_bytes(self) -> int:
+        """Bytes of one hidden state over every batch."""
+        element = torch.finfo(self.model.dtype).bits // 8
+        return sum(b.inputs.numel() for b in self._batches) * self.model.config.hidden_size * element
 
     @property
     def cache_size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._cache.values())
 
-    def _forward_filling_cache(self, batch_index: int, batch: _Batch) -> list[tuple[int, float, bool]]:
-        """A full-model forward that also keeps the planned block outputs of this batch."""
-        handles = []
-        for block in self._cached_blocks:
-            def keep(_module: Any, _args: Any, output: Any, block: int = block) -> None:
-                if isinstance(output, tuple):
-                    self._output_tail = tuple(output[1:])
-                    output = output[0]
-                self._cache[(batch_index, block)] = output.detach()
-            handles.append(self._layers[block].register_forward_hook(keep))
-        try:
-            return self._forward(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
+    def _fill_cache(self) -> None:
+        """One full-model pass keeping the planned states (and the full model's responses)."""
+        if self._full is not None:
+            return
+        full: list[tuple[float, bool]] = [(0.0, False)] * len(self.requests)
+        for batch_index, batch in enumerate(self._batches):
+            results, states = self._run(batch, (), capture=self._cached_blocks)
+            for block, state in states.items():
+                self._cache[(batch_index, block)] = state
+            for request_id, loglikelihood, greedy in results:
+                full[request_id] = (loglikelihood, greedy)
+        self._full = full
 
     @contextmanager
-    def _start_after(self, batch_index: int, block: int) -> Iterator[None]:
-        """Blocks 0..block return the cached hidden state instead of computing (nothing before is removed)."""
-        cached = self._cache[(batch_index, block)]
+    def _enter_at(self, block: int, state: torch.Tensor) -> Iterator[None]:
+        """Start the forward at ``block`` with ``state`` as its input: earlier blocks pass their input
+        through, and the one just before returns ``state``."""
         originals = {}
-
         tail = self._output_tail
 
         def as_output(hidden: torch.Tensor) -> Any:
@@ -260,13 +267,13 @@ class Engine:
             return as_output(args[0] if args else kwargs["hidden_states"])
 
         def cached_output(*_args: Any, **_kwargs: Any) -> Any:
-            return as_output(cached)
+            return as_output(state)
 
         try:
-            for j in range(block + 1):
+            for j in range(block):
                 module = self._layers[j]
                 originals[j] = module.__dict__.get("forward")
-                module.forward = cached_output if j == block else passthrough
+                module.forward = cached_output if j == block - 1 else passthrough
             yield
         finally:
             for j, original in originals.items():
@@ -276,6 +283,32 @@ class Engine:
                     self._layers[j].forward = original
 
     # -- forward --------------------------------------------------------------------------------------
+
+    def _run(self, batch: _Batch, players: Sequence[Player], *, start: int = 0, state: torch.Tensor | None = None,
+             capture: Iterable[int] = ()) -> tuple[list[tuple[int, float, bool]], dict[int, torch.Tensor]]:
+        """Forward ``batch`` with ``players`` removed, entering block ``start`` with ``state`` (which
+        already holds the removals before it), and keep the states entering the blocks in ``capture``."""
+        captured: dict[int, torch.Tensor] = {}
+
+        def keeper(block: int) -> Any:
+            def keep(_module: Any, _args: Any, output: Any) -> None:
+                if isinstance(output, tuple):
+                    self._output_tail = tuple(output[1:])
+                    output = output[0]
+                captured[block] = output.detach()
+            return keep
+
+        with ExitStack() as stack:
+            # removal hooks first, so a capture hook on the same block sees the removed output
+            stack.enter_context(removed_players(self.model, [p for p in players if p.layer >= start]))
+            if start:
+                stack.enter_context(self._enter_at(start, state))  # type: ignore[arg-type]
+            for block in capture:
+                if block > start:
+                    stack.callback(self._layers[block - 1].register_forward_hook(keeper(block)).remove)
+            results = self._forward(batch)
+        self.block_passes += len(self._layers) - start
+        return results, captured
 
     def _forward(self, batch: _Batch) -> list[tuple[int, float, bool]]:
         with torch.inference_mode():
@@ -296,28 +329,78 @@ class Engine:
             for request_id, start, end in batch.owners
         ]
 
+    # -- masks ----------------------------------------------------------------------------------------
+
+    def _divergence(self, a: tuple[Player, ...], b: tuple[Player, ...]) -> int:
+        """The first block whose input differs between masks ``a`` and ``b`` (both in forward order):
+        the layer of the first player in which they differ, or the number of blocks if none."""
+        for x, y in zip(a, b):
+            if x != y:
+                return min(x.layer, y.layer)
+        longer = a if len(a) > len(b) else b
+        return longer[min(len(a), len(b))].layer if len(a) != len(b) else len(self._layers)
+
+    def loglikelihoods_many(self, masks: Sequence[Sequence[Player]]) -> Iterator[tuple[int, list[tuple[float, bool]]]]:
+        """(mask index, (loglikelihood, is_greedy) of every unique request) for each mask, as each finishes.
+
+        Masks are run in lexicographic order of their players (a depth-first walk of the trie of
+        masks), and the hidden state entering block d is kept whenever a later mask removes the same
+        players before d: that mask starts there instead of at the embeddings. States are dropped as
+        soon as the walk leaves their branch; together with the full-model states they stay within
+        ``cache_bytes`` (beyond it, they are recomputed).
+        """
+        self._fill_cache()
+        ordered = [tuple(sorted(set(mask), key=_forward_order)) for mask in masks]
+        order = sorted(range(len(ordered)), key=lambda j: [_forward_order(p) for p in ordered[j]])
+        # blocks where a later mask branches off: D_p = {c_p} + {d in D_(p+1) : d < c_p}, c_p = divergence(p, p+1)
+        n_blocks = len(self._layers)
+        branch_points: list[set[int]] = [set() for _ in order]
+        for position in range(len(order) - 2, -1, -1):
+            c = self._divergence(ordered[order[position]], ordered[order[position + 1]])
+            below = {d for d in branch_points[position + 1] if d < c}
+            branch_points[position] = ({c} | below) if 0 < c < n_blocks else below
+        states: dict[tuple[int, int], torch.Tensor] = {}  # (batch, block entered) on the current branch
+        budget = self.cache_bytes - self.cache_size_bytes
+        for position, j in enumerate(order):
+            mask = ordered[j]
+            if position:
+                shared = self._divergence(ordered[order[position - 1]], mask)
+                for key in [k for k in states if k[1] > shared]:
+                    dropped = states.pop(key)
+                    budget += dropped.numel() * dropped.element_size()
+            if not mask:
+                yield j, list(self._full)  # type: ignore[arg-type]
+                continue
+            first = mask[0].layer
+            responses: list[tuple[float, bool]] = [(0.0, False)] * len(self.requests)
+            for batch_index, batch in enumerate(self._batches):
+                candidates = [(d, states[(batch_index, d)]) for (b, d) in states if b == batch_index]
+                candidates += [(d, self._cache[(batch_index, d)]) for d in self._cached_blocks if d <= first]
+                start, state = max(candidates, key=lambda c: c[0], default=(0, None))
+                capture = [d for d in branch_points[position] if d > start and budget > 0]
+                results, captured = self._run(batch, mask, start=start, state=state, capture=capture)
+                for d, tensor in captured.items():
+                    states[(batch_index, d)] = tensor
+                    budget -= tensor.numel() * tensor.element_size()
+                for request_id, loglikelihood, greedy in results:
+                    responses[request_id] = (loglikelihood, greedy)
+            yield j, responses
+
     def loglikelihoods(self, players: Sequence[Player] = ()) -> list[tuple[float, bool]]:
         """(loglikelihood, is_greedy) of every unique request with ``players`` removed."""
-        players = list(players)
-        first = min((p.layer for p in players), default=len(self._layers))
-        start = max((b for b in self._cached_blocks if b < first), default=None)
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(self.requests)
-        for batch_index, batch in enumerate(self._batches):
-            results = None
-            if self._cached_blocks and (batch_index, self._cached_blocks[0]) not in self._cache:
-                full_model = self._forward_filling_cache(batch_index, batch)
-                results = full_model if not players else None
-            if results is None:
-                reuse = self._start_after(batch_index, start) if start is not None else nullcontext()
-                with removed_players(self.model, players), reuse:
-                    results = self._forward(batch)
-            for request_id, loglikelihood, greedy in results:
-                out[request_id] = (loglikelihood, greedy)
-        return out
+        [(_, responses)] = list(self.loglikelihoods_many([players]))
+        return responses
+
+    def evaluate_many(self, masks: Sequence[Sequence[Player]]) -> Iterator[tuple[int, dict[str, harness.TaskResult]]]:
+        """(mask index, each task's result) for each mask, as each finishes; see :meth:`loglikelihoods_many`."""
+        for index, responses in self.loglikelihoods_many(masks):
+            yield index, self._results(responses)
 
     def evaluate(self, players: Sequence[Player] = ()) -> dict[str, harness.TaskResult]:
         """Each task's metric and per-document values under the mask, as :func:`harness.evaluate` returns them."""
-        responses = self.loglikelihoods(players)
+        return self._results(self.loglikelihoods(players))
+
+    def _results(self, responses: list[tuple[float, bool]]) -> dict[str, harness.TaskResult]:
         results = {}
         for spec in self.tasks:
             per_doc = []

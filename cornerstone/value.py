@@ -9,7 +9,8 @@ full model: ``value.evaluate([L0_mlp])`` is v(N \\ {L0.mlp}).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +19,7 @@ from .errors import ConfigError
 from .loading import LoadedModel
 from .masking import removed as removed_players
 from .players import Player
+from .store import ValueStore, game_key
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class ValueFunction:
     Results are memoised per coalition within the object, so an estimator may ask for the same
     coalition twice (the full model, for instance) and pay once.
 
+    With a ``store`` folder (see :mod:`cornerstone.store`), every value is also kept on disk as it is computed
+    and read back instead of computed again (see :meth:`evaluate_many`).
+
     ``engine="fast"`` (default) computes with :class:`~cornerstone.engine.Engine`, which reuses work
     across masks and gives lm-eval's per-document results; ``engine="lm-eval"`` runs lm-eval's own
     evaluation loop for every coalition (the reference).
@@ -50,6 +55,7 @@ class ValueFunction:
         batch_size: int = 32,
         engine: Literal["fast", "lm-eval"] = "fast",
         cache_bytes: int = 2 << 30,
+        store: str | Path | None = None,
     ) -> None:
         self.loaded = loaded
         self.tasks = list(tasks)
@@ -65,37 +71,79 @@ class ValueFunction:
             self._engine = None
         else:
             raise ConfigError(f"unknown engine '{engine}'", hint="Use 'fast' or 'lm-eval'.")
+        self.store = ValueStore(store, self.game()) if store is not None else None
         self._memo: dict[frozenset[str], Evaluation] = {}
-        self.evaluations = 0
+        self.evaluations = 0  # values computed by this object
+        self.reused = 0  # values read from the store instead
         self.seconds = 0.0
+
+    def game(self) -> dict:
+        """The key of this value function's values in a :class:`~cornerstone.store.ValueStore`."""
+        tasks = [{"name": s.name, "metric": s.metric, "doc_indices": s.doc_indices,
+                  "version": s.describe()["version"]} for s in self.tasks]
+        return game_key(self.loaded.describe(), tasks)
 
     @property
     def chance(self) -> float:
         return sum(spec.chance for spec in self.tasks) / len(self.tasks)
 
     def evaluate(self, removed: Iterable[Player] = ()) -> Evaluation:
-        players = list(removed)
-        key = frozenset(p.name for p in players)
-        if key in self._memo:
-            return self._memo[key]
+        """v(N \\ removed)."""
+        return self.evaluate_many([list(removed)])[0]
+
+    def evaluate_many(self, masks: Sequence[Iterable[Player]],
+                      on_done: Callable[[Evaluation], None] | None = None) -> list[Evaluation]:
+        """v(N \\ mask) for every mask, in the order given.
+
+        Values already known (in memory, or in the on-disk store from this or an earlier run) cost
+        nothing; the rest go to the engine as one batch, so masks that remove the same players early
+        share the forward pass up to where they differ. Each new value is stored as soon as it is
+        computed, and ``on_done`` is called with it.
+        """
+        masks = [list(mask) for mask in masks]
+        keys = [frozenset(p.name for p in mask) for mask in masks]
+        todo: dict[frozenset[str], list[Player]] = {}
+        for mask, key in zip(masks, keys):
+            if key in self._memo or key in todo:
+                continue
+            record = self.store.get(tuple(sorted(key))) if self.store is not None else None
+            if record is not None:
+                self._memo[key] = Evaluation(removed=tuple(record["removed"]), score=record["score"],
+                                             per_task=record["per_task"], per_doc=record["per_doc"],
+                                             seconds=record["seconds"])
+                self.reused += 1
+            else:
+                todo[key] = mask
+        pending = list(todo.items())
         started = time.perf_counter()
+        for index, results in self._compute([mask for _, mask in pending]):
+            finished = time.perf_counter()
+            evaluation = Evaluation(
+                removed=tuple(sorted(pending[index][0])),
+                score=sum(r.score for r in results.values()) / len(results),
+                per_task={name: r.score for name, r in results.items()},
+                per_doc={name: r.per_doc for name, r in results.items()},
+                seconds=finished - started,
+            )
+            started = finished
+            self._memo[pending[index][0]] = evaluation
+            self.evaluations += 1
+            self.seconds += evaluation.seconds
+            if self.store is not None:
+                self.store.put({"removed": list(evaluation.removed), "score": evaluation.score,
+                                "per_task": evaluation.per_task, "per_doc": evaluation.per_doc,
+                                "seconds": evaluation.seconds})
+            if on_done is not None:
+                on_done(evaluation)
+        return [self._memo[key] for key in keys]
+
+    def _compute(self, masks: list[list[Player]]) -> Iterator[tuple[int, dict[str, harness.TaskResult]]]:
         if self._engine is not None:
-            results = self._engine.evaluate(players)
-        else:
-            with removed_players(self.loaded.model, players):
-                results = harness.evaluate(self._lm, self.tasks)
-        seconds = time.perf_counter() - started
-        evaluation = Evaluation(
-            removed=tuple(sorted(key)),
-            score=sum(r.score for r in results.values()) / len(results),
-            per_task={name: r.score for name, r in results.items()},
-            per_doc={name: r.per_doc for name, r in results.items()},
-            seconds=seconds,
-        )
-        self._memo[key] = evaluation
-        self.evaluations += 1
-        self.seconds += seconds
-        return evaluation
+            yield from self._engine.evaluate_many(masks)
+            return
+        for index, mask in enumerate(masks):
+            with removed_players(self.loaded.model, mask):
+                yield index, harness.evaluate(self._lm, self.tasks)
 
     def __call__(self, removed: Iterable[Player] = ()) -> float:
         return self.evaluate(removed).score

@@ -119,6 +119,34 @@ def test_prefix_cache_honours_its_budget(toy_folder, tokenizer):
     assert none.cache_size_bytes == 0
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_masks_in_one_call_share_prefixes_and_equal_lm_eval(model_type, toy_folder, tokenizer):
+    model = tiny_model(model_type)
+    lm = harness.make_lm(model, tokenizer, batch_size=4)
+    specs = harness.load_tasks(["toy_engine"], include_paths=[toy_folder])
+    sublayers, blocks = enumerate_players(model), enumerate_players(model, "block")
+    # a removal chain (as permutation sampling walks it), a duplicate, the empty mask, mixed masks
+    chain = [sublayers[2:k] for k in range(3, len(sublayers) + 1)]
+    masks = chain + [[sublayers[3], sublayers[2]], [], [blocks[1], sublayers[0]], [blocks[2]], masks_for(model)[4]]
+    masks = masks[::-1]
+    for budget in (2 << 30, 0):
+        engine = Engine(model, lm, specs, batch_size=4, cache_bytes=budget)
+        results = dict(engine.evaluate_many(masks))
+        assert sorted(results) == list(range(len(masks)))
+        alone = Engine(model, lm, specs, batch_size=4, cache_bytes=0)
+        for index, mask in enumerate(masks):
+            with removed(model, mask):
+                reference = harness.evaluate(lm, specs)
+            assert results[index][specs[0].name].per_doc == reference[specs[0].name].per_doc
+            alone.evaluate(mask)
+        n_batches, n_blocks = len(engine._batches), len(engine._layers)
+        if budget:
+            # the chain's k-th mask differs from the (k-1)-th only from block (k+1)//2 on
+            assert engine.block_passes < alone.block_passes - n_batches * n_blocks
+        else:
+            assert engine.block_passes == alone.block_passes  # nothing kept, nothing reused
+
+
 @pytest.mark.slow
 def test_engine_equals_lm_eval_on_smollm2_with_real_and_bundled_tasks(smollm2, shared_data, tmp_path):
     arc = shared_data / "arc_easy" / "ARC-Easy-Test.jsonl"
