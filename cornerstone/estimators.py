@@ -51,19 +51,22 @@ class Ablation(BaseModel):
     ) -> tuple[Evaluation, dict[str, PlayerEstimate]]:
         """Return the full model's evaluation and each player's estimate."""
         total = len(players) + 1
+        done = 0
+
+        def report(evaluation: Evaluation) -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, total, "without " + ",".join(evaluation.removed) if evaluation.removed else "full model")
+
         if progress:
             progress(0, total, "full model")
-        full = value.evaluate([])
-        estimates: dict[str, PlayerEstimate] = {}
-        for done, player in enumerate(players, start=1):
-            if progress:
-                progress(done, total, f"without {player.name}")
-            without = value.evaluate([player])
-            estimates[player.name] = PlayerEstimate(
-                importance=full.score - without.score,
-                score_removed=without.score,
-                per_task_removed=without.per_task,
-            )
+        full, *without = value.evaluate_many([[]] + [[p] for p in players], on_done=report)
+        estimates = {
+            player.name: PlayerEstimate(importance=full.score - alone.score, score_removed=alone.score,
+                                        per_task_removed=alone.per_task)
+            for player, alone in zip(players, without)
+        }
         if progress:
             progress(total, total, "done")
         return full, estimates
