@@ -1,21 +1,30 @@
 """Estimators of player importance. Each is a small pydantic model: its fields are its options.
 
 The value function ``v`` comes from :mod:`cornerstone.value`; an estimator decides which coalitions
-to evaluate and how to turn their values into one number per player.
+to evaluate and how to turn their values into one number per player. Coalitions are named by the
+players they remove: ``v(N \\ R)``. Shapley estimators work on a :class:`Game` (any batched function
+of removed sets), so they are tested on synthetic games with known values and run unchanged on a
+model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import ConfigError
 from .players import Player
 from .value import Evaluation, ValueFunction
 
 Progress = Callable[[int, int, str], None]
-"""``progress(done, total, label)``: called before each evaluation and once at the end."""
+"""``progress(done, total, label)``: called as evaluations finish and once at the end."""
+
+Removed = frozenset[int]
 
 
 class PlayerEstimate(BaseModel):
@@ -27,6 +36,64 @@ class PlayerEstimate(BaseModel):
     score_removed: float | None = None
     per_task_removed: dict[str, float] = {}
     stderr: float | None = None
+
+
+@dataclass
+class Estimate:
+    """An estimator's answer: the full model's evaluation, each player's estimate, and run diagnostics."""
+
+    full: Evaluation
+    players: dict[str, PlayerEstimate]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class Game:
+    """A cooperative game over players ``0..n-1``, queried in batches of removed sets.
+
+    ``oracle(removed_sets)`` returns ``v(N \\ R)`` for each ``R``. Values are memoised, so
+    :attr:`evaluations` counts distinct coalitions: the budget every estimator is held to.
+    """
+
+    def __init__(self, oracle: Callable[[list[Removed]], Sequence[float]], n: int) -> None:
+        self.oracle = oracle
+        self.n = n
+        self.values: dict[Removed, float] = {}
+        self.queries = 0  # coalitions asked for, known or not
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.values)
+
+    def __call__(self, removed_sets: Sequence[Removed]) -> np.ndarray:
+        self.queries += len(removed_sets)
+        missing = list(dict.fromkeys(r for r in removed_sets if r not in self.values))
+        if missing:
+            for removed, v in zip(missing, self.oracle(missing)):
+                self.values[removed] = float(v)
+        return np.array([self.values[r] for r in removed_sets])
+
+    def full(self) -> float:
+        return float(self([frozenset()])[0])
+
+    def empty(self) -> float:
+        return float(self([frozenset(range(self.n))])[0])
+
+
+@dataclass
+class ShapleyEstimate:
+    """Shapley values with standard errors (None where the estimator gives none)."""
+
+    values: np.ndarray
+    stderr: np.ndarray | None
+    v_full: float
+    v_empty: float
+    evaluations: int
+    samples: int = 0
+
+    @property
+    def efficiency_gap(self) -> float:
+        """sum_i phi_i - (v(N) - v(empty)): zero for an efficient estimate (Shapley's efficiency axiom)."""
+        return float(self.values.sum() - (self.v_full - self.v_empty))
 
 
 class Ablation(BaseModel):
@@ -43,30 +110,326 @@ class Ablation(BaseModel):
     method: Literal["ablation"] = "ablation"
     granularity: Literal["sublayer", "block"] = "sublayer"
 
-    def estimate(
-        self,
-        value: ValueFunction,
-        players: Sequence[Player],
-        progress: Progress | None = None,
-    ) -> tuple[Evaluation, dict[str, PlayerEstimate]]:
-        """Return the full model's evaluation and each player's estimate."""
-        total = len(players) + 1
+    def estimate(self, value: ValueFunction, players: Sequence[Player], progress: Progress | None = None) -> Estimate:
+        full, singles = _full_and_singles(value, players, progress, total=len(players) + 1)
+        return Estimate(full, {
+            player.name: PlayerEstimate(importance=full.score - alone.score, score_removed=alone.score,
+                                        per_task_removed=alone.per_task)
+            for player, alone in zip(players, singles)
+        })
+
+
+def _full_and_singles(value: ValueFunction, players: Sequence[Player], progress: Progress | None,
+                      total: int) -> tuple[Evaluation, list[Evaluation]]:
+    done = 0
+
+    def report(evaluation: Evaluation) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(min(done, total), total, "without " + ",".join(evaluation.removed) if evaluation.removed else "full model")
+
+    full, *singles = value.evaluate_many([[]] + [[p] for p in players], on_done=report)
+    if progress:
+        progress(total, total, "done")
+    return full, singles
+
+
+# -- Shapley ------------------------------------------------------------------------------------------
+
+
+class _Shapley(BaseModel):
+    """What every Shapley estimator shares: running on a model's players and reporting the result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["shapley"] = "shapley"
+    granularity: Literal["sublayer", "block"] = "sublayer"
+
+    def shapley(self, game: Game) -> ShapleyEstimate:  # pragma: no cover - every estimator overrides it
+        raise NotImplementedError
+
+    def planned_evaluations(self, n: int) -> int:
+        """How many coalitions a run on ``n`` players evaluates (at most), for progress and sizing."""
+        raise NotImplementedError  # pragma: no cover
+
+    def estimate(self, value: ValueFunction, players: Sequence[Player], progress: Progress | None = None) -> Estimate:
+        """Shapley values of ``players`` (every other player stays present), each player's score without
+        it alone (for the cornerstone rule), and the efficiency check."""
+        players = list(players)
+        total = self.planned_evaluations(len(players)) + len(players) + 1
         done = 0
 
         def report(evaluation: Evaluation) -> None:
             nonlocal done
             done += 1
             if progress:
-                progress(done, total, "without " + ",".join(evaluation.removed) if evaluation.removed else "full model")
+                progress(min(done, total), total, f"v(S) {done}")
 
-        if progress:
-            progress(0, total, "full model")
-        full, *without = value.evaluate_many([[]] + [[p] for p in players], on_done=report)
-        estimates = {
-            player.name: PlayerEstimate(importance=full.score - alone.score, score_removed=alone.score,
-                                        per_task_removed=alone.per_task)
-            for player, alone in zip(players, without)
-        }
+        def oracle(removed_sets: list[Removed]) -> list[float]:
+            masks = [[players[i] for i in sorted(removed)] for removed in removed_sets]
+            return [e.score for e in value.evaluate_many(masks, on_done=report)]
+
+        game = Game(oracle, len(players))
+        result = self.shapley(game)
+        full, singles = _full_and_singles(value, players, None, total)
         if progress:
             progress(total, total, "done")
-        return full, estimates
+        estimates = {
+            player.name: PlayerEstimate(
+                importance=float(result.values[i]),
+                stderr=None if result.stderr is None else float(result.stderr[i]),
+                score_removed=singles[i].score,
+                per_task_removed=singles[i].per_task,
+            )
+            for i, player in enumerate(players)
+        }
+        return Estimate(full, estimates, {
+            "estimator": self.model_dump(),
+            "players": [p.name for p in players],
+            "v_full": result.v_full,
+            "v_empty": result.v_empty,
+            "efficiency_gap": result.efficiency_gap,
+            "shapley_evaluations": result.evaluations,
+            "samples": result.samples,
+        })
+
+
+class ExactShapley(_Shapley):
+    """Exact Shapley values by enumerating all ``2^n`` coalitions (Shapley 1953):
+
+        phi_i = sum over S subset of N \\ {i} of  |S|! (n - |S| - 1)! / n!  * (v(S + i) - v(S))
+
+    Ground truth for small games (``n <= max_players``): whole blocks of a small model, or a chosen
+    subset of players with the others always present.
+    """
+
+    estimator: Literal["exact"] = "exact"
+    max_players: int = Field(14, ge=1, le=20)
+
+    def planned_evaluations(self, n: int) -> int:
+        return 2**n
+
+    def shapley(self, game: Game) -> ShapleyEstimate:
+        n = game.n
+        if n > self.max_players:
+            raise ConfigError(f"exact Shapley of {n} players needs 2^{n} = {2**n:,} evaluations",
+                              hint=f"Choose at most {self.max_players} players (--players), or another --estimator.")
+        everyone = (1 << n) - 1
+        present = np.arange(2**n)
+        values = game([frozenset(i for i in range(n) if not mask >> i & 1) for mask in present.tolist()])
+        sizes = np.array([bin(mask).count("1") for mask in present.tolist()])
+        weights = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) if s < n else 0.0
+                            for s in range(n + 1)])
+        phi = np.zeros(n)
+        for i in range(n):
+            without = present[(present >> i) & 1 == 0]
+            phi[i] = float(np.sum(weights[sizes[without]] * (values[without | (1 << i)] - values[without])))
+        return ShapleyEstimate(phi, np.zeros(n), float(values[everyone]), float(values[0]), game.evaluations)
+
+
+class Proximity(_Shapley):
+    """The estimator of Zhang, Dong & Kawaguchi (2024), Sec. 3.2 (https://arxiv.org/abs/2409.14381).
+
+    Only coalitions close to the full model are evaluated: for each window length l = 1..k, every
+    run W of l consecutive players is removed (``1 + sum_l (n - l + 1)`` evaluations, 190 for n = 64,
+    k = 3). A player's value is the mean of its marginal contributions at those coalitions:
+    ``v(N) - v(N \\ {i})``, and ``v(N \\ (W \\ {i})) - v(N \\ W)`` for every removed window W of length
+    2..k with i at one end of W.
+
+    This is a smoothed leave-one-out, not an unbiased Shapley estimate: it never looks at coalitions
+    far from N, so interactions among distant players are invisible to it, and its values need not
+    sum to v(N) - v(empty). It gives no standard error.
+    """
+
+    estimator: Literal["proximity"] = "proximity"
+    window: int = Field(3, ge=1)
+
+    def planned_evaluations(self, n: int) -> int:
+        return 1 + sum(n - length + 1 for length in range(1, min(self.window, n) + 1))
+
+    def shapley(self, game: Game) -> ShapleyEstimate:
+        n, k = game.n, min(self.window, game.n)
+        windows = [frozenset(range(start, start + length)) for length in range(1, k + 1) for start in range(n - length + 1)]
+        game([frozenset()] + windows)
+        v = game.values
+        contributions: list[list[float]] = [[v[frozenset()] - v[frozenset([i])]] for i in range(n)]
+        for window in windows:
+            if len(window) < 2:
+                continue
+            for end in (min(window), max(window)):
+                contributions[end].append(v[window - {end}] - v[window])
+        phi = np.array([np.mean(c) for c in contributions])
+        return ShapleyEstimate(phi, None, game.full(), game.empty(), game.evaluations)
+
+
+class _Sampling(_Shapley):
+    """Options of the sampling estimators: an evaluation budget and a precision target."""
+
+    budget: int = Field(1000, ge=4, description="stop before exceeding this many distinct evaluations")
+    target_stderr: float | None = Field(None, gt=0, description="stop once every standard error is below this")
+    min_samples: int = Field(4, ge=2)
+    seed: int = 0
+
+    def planned_evaluations(self, n: int) -> int:
+        return self.budget
+
+    def _stop(self, game: Game, samples: list[np.ndarray], next_cost: int) -> bool:
+        # a sample whose coalitions are all known costs nothing, so in a small game (2^n near the
+        # budget) the evaluation count may stall: queries bound the loop then
+        if game.evaluations + next_cost > self.budget or game.queries > _MAX_QUERIES_PER_EVALUATION * self.budget:
+            return True
+        if self.target_stderr is not None and len(samples) >= self.min_samples:
+            return bool(_stderr(samples).max() < self.target_stderr)
+        return False
+
+
+_MAX_QUERIES_PER_EVALUATION = 20
+
+
+def _stderr(samples: list[np.ndarray]) -> np.ndarray:
+    stacked = np.stack(samples)
+    return stacked.std(axis=0, ddof=1) / math.sqrt(len(samples))
+
+
+class PermutationShapley(_Sampling):
+    """Shapley values by permutation sampling (Castro, Gomez & Tejada 2009), with antithetic pairs and
+    truncation (https://doi.org/10.1016/j.cor.2008.04.004).
+
+    A permutation pi removes players one at a time from the full model; player pi_j's marginal
+    contribution is ``v(N \\ {pi_1..pi_(j-1)}) - v(N \\ {pi_1..pi_j})``, and its mean over uniformly
+    random permutations is its Shapley value. Each permutation's contributions sum to
+    v(N) - v(empty), so the estimate is efficient.
+
+    * ``antithetic``: each permutation is paired with its reverse (a player removed early in one is
+      removed late in the other); the sample is the pair's mean, whose variance is lower when early
+      and late contributions are negatively correlated, as they are for layers (Mitchell et al.
+      2022, https://jmlr.org/papers/v23/21-0439.html).
+    * ``truncation``: once the score is within ``truncation * |v(N) - v(empty)|`` of v(empty), the
+      remaining players' contributions are taken as 0 without evaluating (TMC-Shapley, Ghorbani &
+      Zou 2019, https://arxiv.org/abs/1904.02868). Removing layers quickly drives a model to chance,
+      so this saves most of each permutation; it is exact when the game cannot rise again below that
+      level and otherwise biased by at most the tolerance per permutation (the efficiency gap says
+      how much mass it dropped). 0 turns it off.
+
+    Each permutation's removal chain is sent to the engine as one batch (masks nested in each other
+    share their forward pass up to the newly removed player). Standard errors are those of the mean
+    over independent samples (pairs).
+    """
+
+    estimator: Literal["permutation"] = "permutation"
+    antithetic: bool = True
+    truncation: float = Field(0.05, ge=0.0, lt=1.0)
+    chunk: int | None = Field(None, ge=1, description="removals evaluated per batch along a chain before "
+                              "checking truncation (default n/8: larger batches share more, smaller stop sooner)")
+
+    def shapley(self, game: Game) -> ShapleyEstimate:
+        n = game.n
+        rng = np.random.default_rng(self.seed)
+        v_full, v_empty = game.full(), game.empty()
+        tolerance = self.truncation * abs(v_full - v_empty)
+        samples: list[np.ndarray] = []
+        per_sample = 2 if self.antithetic else 1
+        while not self._stop(game, samples, per_sample * (n - 1)):
+            order = rng.permutation(n)
+            orders = [order, order[::-1]] if self.antithetic else [order]
+            marginals = self._walk(game, orders, v_full, v_empty, tolerance)
+            samples.append(np.mean(marginals, axis=0))
+        if len(samples) < 2:
+            raise ConfigError(f"a budget of {self.budget} evaluations is too small for {n} players",
+                              hint=f"Give --budget at least {2 * per_sample * n + 2}.")
+        return ShapleyEstimate(np.mean(samples, axis=0), _stderr(samples), v_full, v_empty, game.evaluations,
+                               samples=len(samples))
+
+    def _walk(self, game: Game, orders: list[np.ndarray], v_full: float, v_empty: float,
+              tolerance: float) -> list[np.ndarray]:
+        """Each order's marginal contributions, evaluating the chains chunk by chunk side by side."""
+        n = game.n
+        chunk = self.chunk or max(1, -(-n // 8))
+        chains = [[v_full] for _ in orders]
+        finished = [False] * len(orders)
+        while not all(finished):
+            requests = []
+            for c, order in enumerate(orders):
+                if finished[c]:
+                    continue
+                start = len(chains[c])
+                requests += [(c, frozenset(order[:j].tolist())) for j in range(start, min(start + chunk, n + 1))]
+            values = game([removed for _, removed in requests])
+            for (c, _), v in zip(requests, values):
+                if finished[c]:
+                    continue
+                chains[c].append(float(v))
+                if len(chains[c]) == n + 1 or (self.truncation and abs(v - v_empty) <= tolerance):
+                    finished[c] = True
+        marginals = []
+        for order, chain in zip(orders, chains):
+            steps = np.zeros(n)
+            contributions = -np.diff(np.array(chain))
+            steps[order[: len(contributions)]] = contributions
+            marginals.append(steps)
+        return marginals
+
+
+class KernelShapley(_Sampling):
+    """Shapley values as a weighted regression (KernelSHAP, Lundberg & Lee 2017), in its unbiased
+    form with paired sampling (Covert & Lee 2021, https://arxiv.org/abs/2012.01536).
+
+    With z the indicator of present players, Shapley values solve
+
+        min_phi E_z [ (v(z) - v(0) - z^T phi)^2 ]   subject to   1^T phi = v(1) - v(0)
+
+    when |z| is drawn with p(s) ∝ (n - 1) / (s (n - s)), s = 1..n-1, and z uniformly among subsets of
+    that size. The solution is ``phi = A^-1 (b - 1 (1^T A^-1 b - v(1) + v(0)) / 1^T A^-1 1)`` with
+    ``A = E[z z^T]`` (known in closed form: 1/2 on the diagonal) and ``b = E[z (v(z) - v(0))]``,
+    estimated by its sample mean over pairs (z, 1 - z). phi is linear in b, hence unbiased, and its
+    covariance is the propagated sample covariance of the pair terms. Efficiency holds exactly.
+    """
+
+    estimator: Literal["kernel"] = "kernel"
+    pairs_per_batch: int = Field(8, ge=1)
+
+    def shapley(self, game: Game) -> ShapleyEstimate:
+        n = game.n
+        if n < 2:
+            raise ConfigError("KernelSHAP needs at least 2 players")
+        rng = np.random.default_rng(self.seed)
+        v_full, v_empty = game.full(), game.empty()
+        sizes = np.arange(1, n)
+        size_p = 1.0 / (sizes * (n - sizes))
+        size_p /= size_p.sum()
+        off_diagonal = float(np.sum(size_p * sizes * (sizes - 1)) / (n * (n - 1)))
+        a = np.full((n, n), off_diagonal)
+        np.fill_diagonal(a, 0.5)
+        a_inv = np.linalg.inv(a)
+        ones = np.ones(n)
+        a_inv_1 = a_inv @ ones
+        linear = a_inv - np.outer(a_inv_1, a_inv_1) / (ones @ a_inv_1)
+        offset = a_inv_1 * (v_full - v_empty) / (ones @ a_inv_1)
+        terms: list[np.ndarray] = []
+        while not self._stop(game, terms, 2 * self.pairs_per_batch):
+            present = []
+            for _ in range(self.pairs_per_batch):
+                z = np.zeros(n, dtype=bool)
+                z[rng.choice(n, size=rng.choice(sizes, p=size_p), replace=False)] = True
+                present.append(z)
+            removed = [frozenset(np.flatnonzero(~z).tolist()) for z in present]
+            complements = [frozenset(np.flatnonzero(z).tolist()) for z in present]
+            values = game(removed + complements)
+            k = len(present)
+            for z, v, v_complement in zip(present, values[:k], values[k:]):
+                terms.append(linear @ ((z * (v - v_empty) + (~z) * (v_complement - v_empty)) / 2))
+        if len(terms) < 2:
+            raise ConfigError(f"a budget of {self.budget} evaluations is too small for KernelSHAP",
+                              hint=f"Give --budget at least {4 * self.pairs_per_batch + 2}.")
+        phi = np.mean(terms, axis=0) + offset
+        return ShapleyEstimate(phi, _stderr(terms), v_full, v_empty, game.evaluations, samples=len(terms))
+
+
+SHAPLEY_ESTIMATORS: dict[str, type[_Shapley]] = {
+    "permutation": PermutationShapley,
+    "kernel": KernelShapley,
+    "proximity": Proximity,
+    "exact": ExactShapley,
+}
+DEFAULT_SHAPLEY_ESTIMATOR = "permutation"
