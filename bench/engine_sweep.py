@@ -61,7 +61,8 @@ def sweep(model_spec: str, dtype: str, specs, engine: str):
     loaded = load_model(model_spec, dtype=dtype, device="cpu")
     started = time.perf_counter()
     value = ValueFunction(loaded, specs, batch_size=32, engine=engine)  # type: ignore[arg-type]
-    full, estimates = Ablation().estimate(value, enumerate_players(loaded.model))
+    result = Ablation().estimate(value, enumerate_players(loaded.model))
+    full, estimates = result.full, result.players
     seconds = time.perf_counter() - started
     # throughput of one whole-model forward (no prefix to reuse): the first evaluation of the sweep
     tokens = value._engine.tokens if value._engine is not None else None

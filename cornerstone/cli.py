@@ -94,7 +94,22 @@ IncludePathOption = Annotated[
 @app.command()
 def score(
     model: ModelArgument = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="Scoring method: ablation.")] = "ablation",
+    method: Annotated[str, typer.Option(help="ablation (leave one out) or shapley.")] = "ablation",
+    estimator: Annotated[
+        str, typer.Option(help="Shapley estimator: permutation (antithetic, truncated), kernel, proximity (the paper's) or exact.")
+    ] = "permutation",
+    budget: Annotated[int, typer.Option(min=4, help="Shapley sampling: most evaluations to spend.")] = 600,
+    target_stderr: Annotated[
+        Optional[float], typer.Option("--target-stderr", help="Shapley sampling: stop once every standard error is below this.")
+    ] = None,
+    window: Annotated[int, typer.Option(min=1, help="Proximity estimator: longest run of consecutive players removed.")] = 3,
+    players_: Annotated[
+        Optional[str], typer.Option("--players", help="Comma-separated players to score (the rest stay present), e.g. L0.attn,L0.mlp,L1.")
+    ] = None,
+    store: Annotated[
+        Optional[Path], typer.Option(help="Folder keeping every v(S) on disk, so a killed run resumes. Default: ~/.cache/cornerstone/values.")
+    ] = None,
+    no_store: Annotated[bool, typer.Option("--no-store", help="Keep no values on disk (recompute everything).")] = False,
     granularity: Annotated[str, typer.Option(help="sublayer (Lk.attn, Lk.mlp) or block (Lk).")] = "sublayer",
     tasks: Annotated[
         str, typer.Option(help="Comma-separated lm-eval task names, groups or tags.")
@@ -125,14 +140,17 @@ def score(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from . import report as report_module
-    from .estimators import Ablation
+    from .estimators import SHAPLEY_ESTIMATORS, Ablation
+    from .store import default_store_root
     from .harness import load_tasks
     from .loading import load_model, resolve
     from .scores import CornerstoneRule
     from .scores import score as run_score
 
-    if method != "ablation":
-        raise ConfigError(f"unknown method '{method}'", hint="Available: ablation.")
+    if method not in ("ablation", "shapley"):
+        raise ConfigError(f"unknown method '{method}'", hint="Available: ablation, shapley.")
+    if method == "shapley" and estimator not in SHAPLEY_ESTIMATORS:
+        raise ConfigError(f"unknown Shapley estimator '{estimator}'", hint="Available: " + ", ".join(SHAPLEY_ESTIMATORS) + ".")
     if granularity not in ("sublayer", "block"):
         raise ConfigError(f"unknown granularity '{granularity}'", hint="Use sublayer or block.")
     if engine not in ("fast", "lm-eval"):
@@ -151,21 +169,30 @@ def score(
         def progress(done: int, total: int, label: str) -> None:
             bar.update(job, completed=done, total=total, description=f"scoring: {label}")
 
+        if method == "shapley":
+            options = {"permutation": dict(budget=budget, target_stderr=target_stderr, seed=seed),
+                       "kernel": dict(budget=budget, target_stderr=target_stderr, seed=seed),
+                       "proximity": dict(window=window), "exact": {}}[estimator]
+            chosen = SHAPLEY_ESTIMATORS[estimator](granularity=granularity, **options)  # type: ignore[arg-type]
+        else:
+            chosen = Ablation(granularity=granularity)  # type: ignore[arg-type]
         result = run_score(
             loaded,
             specs,
-            estimator=Ablation(granularity=granularity),  # type: ignore[arg-type]
+            estimator=chosen,
+            players=_split(players_) or None,
+            store=None if no_store else (store or default_store_root()),
             batch_size=batch_size,
             engine=engine,
             rule=CornerstoneRule(margin=margin),
             progress=progress,
         )
-    json_path, plot_path = report_module.save(result, out or report_module.default_report_path(result))
+    json_path, plot_paths = report_module.save(result, out or report_module.default_report_path(result))
     if as_json:
         _print_json(result.to_json())
         return
     report_module.render(result, console)
-    console.print(f"report: {json_path}\nplot:   {plot_path}")
+    console.print(f"report: {json_path}\nplots:  " + ", ".join(str(p) for p in plot_paths))
 
 
 @app.command()

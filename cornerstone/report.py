@@ -25,7 +25,8 @@ BAR_WIDTH = 24
 
 def default_report_path(report: ScoreReport, folder: str | Path = "reports") -> Path:
     model = Path(str(report.model.get("spec", "model"))).name.replace("/", "_") or "model"
-    return Path(folder) / f"{model}-{report.method}-{report.granularity}.json"
+    method = "-".join(filter(None, [report.method, report.settings.get("estimator", {}).get("estimator")]))
+    return Path(folder) / f"{model}-{method}-{report.granularity}.json"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -40,13 +41,51 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from exc
 
 
-def save(report: ScoreReport, path: str | Path) -> tuple[Path, Path]:
-    """Write the JSON report and, beside it, the PNG sweep plot; return both paths."""
+def save(report: ScoreReport, path: str | Path) -> tuple[Path, list[Path]]:
+    """Write the JSON report and, beside it, the PNG plots: the removal sweep, and for Shapley runs
+    the shares per layer (``-shares.png``); return the paths."""
     path = Path(path)
     _atomic_write(path, report.to_json().encode())
-    plot_path = path.with_suffix(".png")
-    plot_sweep(report, plot_path)
-    return path, plot_path
+    plots = [plot_sweep(report, path.with_suffix(".png"))]
+    if report.method == "shapley":
+        plots.append(plot_shares(report, path.with_name(path.stem + "-shares.png")))
+    return path, plots
+
+
+def plot_shares(report: ScoreReport, path: str | Path) -> Path:
+    """The paper's Figure 2: each player's share of the (negative-clipped) Shapley mass, by layer,
+    with 95% intervals (1.96 standard errors, scaled like the shares) where the estimator gives them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    figure, axes = plt.subplots(figsize=(min(14.0, max(6.0, 0.2 * len(report.players) + 2)), 4.0), dpi=120)
+    total = sum(max(p.importance, 0.0) for p in report.players.values()) or 1.0
+    offsets = {"attn": -0.2, "mlp": 0.2, "block": 0.0}
+    for kind in sorted({p.kind for p in report.players.values()}, key=list(KIND_COLOURS).index):
+        members = [p for p in report.players.values() if p.kind == kind]
+        errors = [1.96 * p.stderr / total if p.stderr is not None else 0.0 for p in members]
+        label = {"attn": "attention", "mlp": "FFN/MoE", "block": "block"}[kind]
+        axes.bar([p.layer + offsets[kind] for p in members], [p.share for p in members],
+                 width=0.4 if kind != "block" else 0.8, color=KIND_COLOURS[kind], label=label,
+                 yerr=errors if any(errors) else None, capsize=2, error_kw={"linewidth": 0.8})
+    estimator = report.settings.get("estimator", {}).get("estimator", "")
+    axes.set_xlabel("layer")
+    axes.set_ylabel("share of Shapley mass")
+    axes.set_title(f"{report.model.get('spec')}: Shapley shares ({estimator}), top-4 share "
+                   f"{report.top_share(4):.0%}\n(negative values clipped to 0; bars: 95% intervals)", fontsize=9)
+    axes.legend(fontsize=7, loc="upper right")
+    figure.tight_layout()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    except OSError as exc:
+        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+    finally:
+        plt.close(figure)
+    return path
 
 
 def plot_sweep(report: ScoreReport, path: str | Path) -> Path:
@@ -109,6 +148,10 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
     header.add_row("fingerprint", str(model.get("fingerprint")))
     header.add_row("method", f"{report.method} ({report.granularity}), {report.evaluations} evaluations")
     header.add_row("full model", f"{report.base_score:.4f}   chance {report.chance:.4f}")
+    if report.method == "shapley":
+        gap = report.diagnostics.get("efficiency_gap")
+        header.add_row("shapley", f"{report.settings['estimator'].get('estimator')}: top-4 share {report.top_share(4):.1%}, "
+                       f"sum of values - (v(N) - v(empty)) = {gap:+.4f} (efficiency check)")
     header.add_row("time", f"{report.timing.get('total_seconds', 0):.1f} s total, "
                    f"{report.timing.get('seconds_per_evaluation', 0):.2f} s per evaluation")
 
@@ -119,12 +162,12 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
         tasks.add_row(task.name, task.metric, f"{task.num_docs}/{task.total_docs}", f"{task.base_score:.4f}", f"{task.chance:.4f}")
 
     players = Table(title="score with the player removed (bar: from 0 to 1)", title_justify="left", show_edge=False)
-    for column in ("player", "removed", "importance", "share", ""):
+    for column in ("player", "removed", "importance (±95%)" if report.method == "shapley" else "importance", "share", ""):
         players.add_column(column, justify="left" if column in ("player", "") else "right", no_wrap=True)
     for name, s in report.players.items():
         style = "bold red" if s.cornerstone else KIND_STYLES[s.kind]
         removed = f"{s.score_removed:.4f}" if s.score_removed is not None else "-"
-        importance = f"{s.importance:+.4f}" + (f" ±{s.stderr:.4f}" if s.stderr is not None else "")
+        importance = f"{s.importance:+.4f}" + (f" ±{1.96 * s.stderr:.4f}" if s.stderr is not None else "")
         bar_value = s.score_removed if s.score_removed is not None else s.share
         label = Text(name + (" ◆" if s.cornerstone else ""), style=style)
         players.add_row(label, removed, importance, f"{100 * s.share:.1f}%", _bar(bar_value, style))

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import harness
 from .errors import ReportError
-from .estimators import Ablation, Progress
+from .estimators import Ablation, Progress, _Shapley
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
-from .players import enumerate_players
+from .players import enumerate_players, parse_players
 from .value import ValueFunction
 
 SCHEMA_VERSION = 1
@@ -94,6 +94,7 @@ class ScoreReport(BaseModel):
     cornerstones: list[str]
     rule: CornerstoneRule
     evaluations: int
+    diagnostics: dict[str, Any] = {}
     timing: dict[str, float]
     versions: dict[str, str]
 
@@ -114,6 +115,10 @@ class ScoreReport(BaseModel):
             where = ".".join(str(part) for part in first["loc"])
             raise ReportError(f"report '{path}' is not a cornerstone score report: {where}: {first['msg']}") from None
 
+    def top_share(self, k: int = 4) -> float:
+        """The share of the k players with the largest shares (the paper's "top-4 share")."""
+        return sum(sorted((p.share for p in self.players.values()), reverse=True)[:k])
+
     def ranking(self) -> list[str]:
         """Player names from least to most important."""
         return sorted(self.players, key=lambda name: self.players[name].importance)
@@ -133,7 +138,8 @@ def score(
     model: str | LoadedModel = DEFAULT_MODEL,
     tasks: Sequence[str] | Sequence[harness.TaskSpec] = (harness.BUNDLED_TASK_GROUP,),
     *,
-    estimator: Ablation | None = None,
+    estimator: Ablation | _Shapley | None = None,
+    players: Sequence[str] | None = None,
     include_paths: Sequence[str | Path] = (),
     limit: int | None = None,
     seed: int | None = None,
@@ -141,15 +147,20 @@ def score(
     engine: str = "fast",
     dtype: str = "float32",
     device: str | None = None,
+    store: str | Path | None = None,
     rule: CornerstoneRule | None = None,
     progress: Progress | None = None,
 ) -> ScoreReport:
-    """Score every player of ``model`` on ``tasks`` and mark its cornerstones.
+    """Score the players of ``model`` on ``tasks`` and mark its cornerstones.
 
     ``model`` is a spec for :func:`~cornerstone.loading.load_model` or an already loaded model;
     ``tasks`` are lm-eval task names (loaded with ``include_paths``/``limit``/``seed``) or specs from
-    :func:`~cornerstone.harness.load_tasks`. ``importance_i`` is the estimator's value for player i (for ablation, ``v(N) - v(N \\ {i})``);
-    ``share_i = max(importance_i, 0) / sum_j max(importance_j, 0)``.
+    :func:`~cornerstone.harness.load_tasks`. ``players`` restricts the game to those players (the
+    others stay present throughout); by default every player at the estimator's granularity plays.
+    ``importance_i`` is the estimator's value for player i (ablation: ``v(N) - v(N \\ {i})``;
+    Shapley estimators: phi_i) and ``share_i = max(importance_i, 0) / sum_j max(importance_j, 0)``:
+    negative values are clipped to zero for shares, as the paper does. ``store`` is a folder that
+    keeps every v(S) on disk (see :mod:`cornerstone.store`): a killed run resumes from it.
     """
     started = time.perf_counter()
     estimator = estimator or Ablation()
@@ -159,11 +170,13 @@ def score(
     else:
         specs = harness.load_tasks([str(t) for t in tasks], include_paths=include_paths, limit=limit, seed=seed)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
-    players = enumerate_players(loaded.model, estimator.granularity)
-    value = ValueFunction(loaded, specs, batch_size=batch_size, engine=engine)  # type: ignore[arg-type]
+    playing = (parse_players(loaded.model, list(players)) if players
+               else enumerate_players(loaded.model, estimator.granularity))
+    value = ValueFunction(loaded, specs, batch_size=batch_size, engine=engine, store=store)  # type: ignore[arg-type]
     scoring_started = time.perf_counter()
-    full, estimates = estimator.estimate(value, players, progress)
+    result = estimator.estimate(value, playing, progress)
     scoring_seconds = time.perf_counter() - scoring_started
+    full, estimates = result.full, result.players
 
     positive_total = sum(max(e.importance, 0.0) for e in estimates.values())
     player_scores = {
@@ -177,9 +190,9 @@ def score(
             stderr=estimates[p.name].stderr,
             cornerstone=rule.is_cornerstone(estimates[p.name].score_removed, full.score, value.chance),
         )
-        for p in players
+        for p in playing
     }
-    return ScoreReport(
+    report = ScoreReport(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         method=estimator.method,
         granularity=estimator.granularity,
@@ -192,6 +205,7 @@ def score(
             "seed": seed,
             "batch_size": batch_size,
             "engine": engine,
+            "players": list(players) if players else None,
             "estimator": estimator.model_dump(),
         },
         base_score=full.score,
@@ -199,7 +213,9 @@ def score(
         players=player_scores,
         cornerstones=[name for name, s in player_scores.items() if s.cornerstone],
         rule=rule,
-        evaluations=value.evaluations,
+        evaluations=value.evaluations + value.reused,
+        diagnostics={**result.diagnostics, "computed_evaluations": value.evaluations,
+                     "reused_evaluations": value.reused, "store": str(value.store.path) if value.store else None},
         timing={
             "load_seconds": loaded.load_seconds,
             "scoring_seconds": scoring_seconds,
@@ -208,3 +224,5 @@ def score(
         },
         versions=package_versions(),
     )
+    report.diagnostics["top4_share"] = report.top_share(4)
+    return report

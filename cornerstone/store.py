@@ -21,7 +21,9 @@ from .errors import OutputError
 
 
 def default_store_root() -> Path:
-    """``$CORNERSTONE_CACHE/values`` or ``~/.cache/cornerstone/values``."""
+    """``$CORNERSTONE_VALUES``, else ``$CORNERSTONE_CACHE/values``, else ``~/.cache/cornerstone/values``."""
+    if os.environ.get("CORNERSTONE_VALUES"):
+        return Path(os.environ["CORNERSTONE_VALUES"])
     base = os.environ.get("CORNERSTONE_CACHE")
     return (Path(base) if base else Path.home() / ".cache" / "cornerstone") / "values"
 
@@ -84,7 +86,7 @@ class ValueStore:
     def put(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         try:
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 if os.fstat(descriptor).st_size and self._ends_torn(descriptor):
                     line = b"\n" + line  # end a torn line first, so this record stands on its own line

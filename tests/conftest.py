@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# module-scoped fixtures run before the per-test store below: keep their values out of ~/.cache too
+os.environ["CORNERSTONE_VALUES"] = tempfile.mkdtemp(prefix="cornerstone-test-values-")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -111,3 +114,10 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real benchmark data not found at {SHARED_DATA} (CI has it beside the clone)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _private_value_store(tmp_path, monkeypatch):
+    """Each test keeps its v(S) values in its own folder: a value stored by one test (same tiny-model
+    fingerprint) must never stand in for a computation another test checks."""
+    monkeypatch.setenv("CORNERSTONE_VALUES", str(tmp_path / "values"))

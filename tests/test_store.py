@@ -1,0 +1,134 @@
+"""The on-disk value store: values survive the process, torn lines are ignored, runs share values,
+and Shapley scoring of a real (tiny) model resumes from it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cornerstone import harness
+from cornerstone.estimators import ExactShapley, PermutationShapley
+from cornerstone.loading import load_model
+from cornerstone.players import enumerate_players
+from cornerstone.scores import score
+from cornerstone.store import ValueStore
+from cornerstone.value import ValueFunction
+
+from .tasks import toy_docs, write_task
+
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("store-tasks")
+    write_task(folder, "toy_store", toy_docs(40))
+    return folder
+
+
+def record(removed, score_value=0.5):
+    return {"removed": list(removed), "score": score_value, "per_task": {"t": score_value},
+            "per_doc": {"t": [score_value]}, "seconds": 0.1}
+
+
+def test_records_survive_and_a_torn_last_line_is_ignored(tmp_path):
+    game = {"model": {"fingerprint": "x", "dtype": "float32"}, "tasks": []}
+    first = ValueStore(tmp_path, game)
+    first.put(record(["L0.mlp"], 0.3))
+    first.put(record([], 0.7))
+    with first.path.open("ab") as handle:
+        handle.write(b'{"removed": ["L1.attn"], "sco')  # killed mid-write
+    second = ValueStore(tmp_path, game)
+    assert len(second) == 2 and second.get(("L0.mlp",))["score"] == 0.3
+    assert second.get(("L1.attn",)) is None
+    second.put(record(["L1.attn"], 0.4))  # starts on its own line
+    third = ValueStore(tmp_path, game)
+    assert third.get(("L1.attn",))["score"] == 0.4 and len(third) == 3
+    # another game never sees these values
+    assert len(ValueStore(tmp_path, {**game, "tasks": [{"name": "other"}]})) == 0
+
+
+def test_a_second_store_sees_what_another_appended(tmp_path):
+    game = {"model": {"fingerprint": "y", "dtype": "float32"}, "tasks": []}
+    reader, writer = ValueStore(tmp_path, game), ValueStore(tmp_path, game)
+    writer.put(record(["L2"], 0.1))
+    assert reader.get(("L2",))["score"] == 0.1
+
+
+def test_values_are_computed_once_across_value_functions(tiny_llama_dir, toy_folder, tmp_path):
+    loaded = load_model(str(tiny_llama_dir))
+    specs = harness.load_tasks(["toy_store"], include_paths=[toy_folder])
+    players = enumerate_players(loaded.model)
+    first = ValueFunction(loaded, specs, store=tmp_path)
+    computed = first.evaluate_many([[], [players[0]], [players[1], players[2]]])
+    assert first.evaluations == 3
+    second = ValueFunction(loaded, specs, store=tmp_path)
+    again = second.evaluate_many([[players[2], players[1]], [], [players[3]]])
+    assert (second.evaluations, second.reused) == (1, 2)
+    assert again[0].per_doc == computed[2].per_doc and again[1].score == computed[0].score
+
+
+def test_exact_shapley_of_a_model_sums_to_the_full_minus_empty_and_matches_enumeration(tiny_llama_dir, toy_folder):
+    loaded = load_model(str(tiny_llama_dir))
+    specs = harness.load_tasks(["toy_store"], include_paths=[toy_folder])
+    chosen = ["L0.attn", "L0.mlp", "L1.mlp", "L2"]
+    report = score(loaded, specs, estimator=ExactShapley(), players=chosen)
+    assert report.method == "shapley" and report.evaluations == 2**4
+    values = np.array([report.players[name].importance for name in chosen])
+    gap = values.sum() - (report.diagnostics["v_full"] - report.diagnostics["v_empty"])
+    assert abs(gap) < 1e-12 and abs(report.diagnostics["efficiency_gap"]) < 1e-12
+    # player L2 is a whole block; the others are sublayers: the game is still a game over 4 players
+    assert set(report.players) == set(chosen) and report.players["L2"].kind == "block"
+    assert all(p.score_removed is not None for p in report.players.values())
+    assert report.diagnostics["top4_share"] == pytest.approx(1.0) or sum(p.share for p in report.players.values()) == 0
+
+
+def _score_command(folder, toy_folder, out, store):
+    return [sys.executable, "-m", "cornerstone", "score", str(folder), "--method", "shapley", "--budget", "120",
+            "--tasks", "toy_store", "--include-path", str(toy_folder), "--out", str(out), "--store", str(store), "--json"]
+
+
+def _lines(store):
+    return sum(len(path.read_bytes().splitlines()) for path in store.glob("*.jsonl"))
+
+
+def test_a_killed_shapley_run_resumes_and_gives_the_uninterrupted_report(tiny_llama_dir, toy_folder, tmp_path):
+    uninterrupted = subprocess.run(_score_command(tiny_llama_dir, toy_folder, tmp_path / "a.json", tmp_path / "a"),
+                                   capture_output=True, text=True, timeout=600)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    expected = json.loads(uninterrupted.stdout)
+    store = tmp_path / "b"
+    for kill_at in (3, 12):  # SIGKILL once the store holds this many values: twice, at different points
+        process = subprocess.Popen(_score_command(tiny_llama_dir, toy_folder, tmp_path / "b.json", store),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while _lines(store) < kill_at and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    lines = _lines(store)
+    assert 0 < lines < expected["evaluations"], "the kills should land mid-run"
+    resumed = subprocess.run(_score_command(tiny_llama_dir, toy_folder, tmp_path / "b.json", store),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads(resumed.stdout)
+    assert got["diagnostics"]["reused_evaluations"] >= lines - 1  # at most the evaluation in flight is lost
+    assert got["diagnostics"]["computed_evaluations"] == expected["evaluations"] - got["diagnostics"]["reused_evaluations"]
+    assert {n: p["importance"] for n, p in got["players"].items()} == {n: p["importance"] for n, p in expected["players"].items()}
+    assert got["cornerstones"] == expected["cornerstones"]
+
+
+def test_permutation_shapley_on_a_model_agrees_with_exact_within_its_intervals(tiny_llama_dir, toy_folder):
+    loaded = load_model(str(tiny_llama_dir))
+    specs = harness.load_tasks(["toy_store"], include_paths=[toy_folder])
+    chosen = ["L0.attn", "L0.mlp", "L1.attn", "L1.mlp", "L2.attn"]
+    exact = score(loaded, specs, estimator=ExactShapley(), players=chosen)
+    # 32 coalitions exist: the sampler sees them all and then draws permutations for free (up to its query cap)
+    sampled = score(loaded, specs, estimator=PermutationShapley(budget=40, truncation=0.0, seed=1), players=chosen)
+    assert sampled.diagnostics["samples"] > 20
+    for name in chosen:
+        error = abs(sampled.players[name].importance - exact.players[name].importance)
+        assert error <= 4 * sampled.players[name].stderr + 1e-9
