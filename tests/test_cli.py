@@ -87,3 +87,23 @@ def test_models_and_players_listings(tiny_llama_dir):
     assert {m["alias"] for m in models} == {"smollm2-135m", "gemma3-270m"}
     players = json.loads(runner.invoke(app, ["players", str(tiny_llama_dir), "--json"]).stdout)
     assert players[0] == {"name": "L0.attn", "layer": 0, "kind": "attn", "module": "model.layers.0.self_attn"}
+
+
+def test_shapley_from_the_cli_reports_values_intervals_and_the_efficiency_check(tiny_llama_dir, toy_folder, tmp_path):
+    out = tmp_path / "shapley.json"
+    arguments = ["score", str(tiny_llama_dir), "--method", "shapley", "--estimator", "kernel", "--budget", "40",
+                 "--tasks", "toy_cli", "--include-path", str(toy_folder), "--out", str(out), "--no-store"]
+    result = runner.invoke(app, arguments + ["--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["method"] == "shapley" and report["settings"]["estimator"]["estimator"] == "kernel"
+    assert abs(report["diagnostics"]["efficiency_gap"]) < 1e-9 and report["diagnostics"]["store"] is None
+    assert all(p["stderr"] is not None for p in report["players"].values())
+    assert out.with_name("shapley-shares.png").stat().st_size > 1000
+    shown = runner.invoke(app, ["report", str(out)])
+    assert "top-4 share" in shown.stdout and "efficiency check" in shown.stdout
+
+
+def test_unknown_shapley_estimator_is_a_one_line_error(tiny_llama_dir):
+    result = runner.invoke(app, ["score", str(tiny_llama_dir), "--method", "shapley", "--estimator", "magic"])
+    assert result.exit_code == 2 and "unknown Shapley estimator 'magic'" in result.output and "Traceback" not in result.output
