@@ -15,11 +15,10 @@ at several document counts and model depths, to show how the cost grows.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from real_tasks import arc_task_folder
 
 from cornerstone import harness
 from cornerstone.estimators import Ablation
@@ -27,26 +26,6 @@ from cornerstone.loading import load_model
 from cornerstone.players import enumerate_players
 from cornerstone.scores import CornerstoneRule
 from cornerstone.value import ValueFunction
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-ARC_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "Question: {{{{question.stem}}}}\\nAnswer:"
-doc_to_choice: "{{{{question.choices | map(attribute='text') | list}}}}"
-doc_to_target: "{{{{(question.choices | map(attribute='label') | list).index(answerKey)}}}}"
-metric_list:
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -98,10 +77,7 @@ def main() -> None:
     parser.add_argument("--skip-plain", action="store_true", help="skip the slow lm-eval loop")
     args = parser.parse_args()
 
-    jsonl = {"arc_easy": "arc_easy/ARC-Easy-Test.jsonl", "arc_challenge": "arc_challenge/ARC-Challenge-Test.jsonl"}
-    folder = Path(tempfile.mkdtemp())
-    name = f"{args.task}_bench"
-    (folder / f"{name}.yaml").write_text(ARC_YAML.format(name=name, path=SHARED / jsonl[args.task]))
+    folder, name = arc_task_folder(args.task)
     specs = harness.load_tasks([name], include_paths=[folder], limit=args.docs, seed=0)
     rule = CornerstoneRule()
     print(f"task {args.task}: {len(specs[0].doc_indices)} docs (seed 0), chance {specs[0].chance:.3f}, "
