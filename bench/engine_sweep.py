@@ -21,7 +21,7 @@ import torch
 from real_tasks import arc_task_folder
 
 from cornerstone import harness
-from cornerstone.estimators import Ablation
+from cornerstone.estimators import Ablation, spearman
 from cornerstone.loading import load_model
 from cornerstone.players import enumerate_players
 from cornerstone.scores import CornerstoneRule
@@ -46,27 +46,6 @@ def sweep(model_spec: str, dtype: str, specs, engine: str):
     # throughput of one whole-model forward (no prefix to reuse): the first evaluation of the sweep
     tokens = value._engine.tokens if value._engine is not None else None
     return loaded, value, full, estimates, seconds, (tokens, full.seconds) if tokens else None
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(values: list[float]) -> list[float]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
-
-    ra, rb = ranks(a), ranks(b)
-    mean_a, mean_b = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(ra, rb))
-    var = (sum((x - mean_a) ** 2 for x in ra) * sum((y - mean_b) ** 2 for y in rb)) ** 0.5
-    return cov / var if var else 0.0
 
 
 def main() -> None:

@@ -184,8 +184,10 @@ class _Shapley(BaseModel):
             )
             for i, player in enumerate(players)
         }
+        leave_one_out = [full.score - single.score for single in singles]
         return Estimate(full, estimates, {
             "estimator": self.model_dump(),
+            "spearman_with_ablation": spearman(list(result.values), leave_one_out),
             "players": [p.name for p in players],
             "v_full": result.v_full,
             "v_empty": result.v_empty,
@@ -285,6 +287,23 @@ class _Sampling(_Shapley):
 
 
 _MAX_QUERIES_PER_EVALUATION = 20
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their mean rank); 0 when either side is constant."""
+    def ranks(values: Sequence[float]) -> np.ndarray:
+        order = np.argsort(values, kind="stable")
+        ranked = np.empty(len(values))
+        ranked[order] = np.arange(len(values))
+        for value in set(values):  # mean rank for ties
+            tied = np.flatnonzero(np.asarray(values) == value)
+            ranked[tied] = ranked[tied].mean()
+        return ranked
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def _stderr(samples: list[np.ndarray]) -> np.ndarray:

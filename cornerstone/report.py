@@ -151,7 +151,8 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
     if report.method == "shapley":
         gap = report.diagnostics.get("efficiency_gap")
         header.add_row("shapley", f"{report.settings['estimator'].get('estimator')}: top-4 share {report.top_share(4):.1%}, "
-                       f"sum of values - (v(N) - v(empty)) = {gap:+.4f} (efficiency check)")
+                       f"sum of values - (v(N) - v(empty)) = {gap:+.4f} (efficiency check), Spearman with "
+                       f"leave-one-out {report.diagnostics.get('spearman_with_ablation', float('nan')):+.3f}")
     header.add_row("time", f"{report.timing.get('total_seconds', 0):.1f} s total, "
                    f"{report.timing.get('seconds_per_evaluation', 0):.2f} s per evaluation")
 

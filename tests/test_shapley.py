@@ -156,3 +156,12 @@ def test_antithetic_truncated_sampling_beats_plain_permutations_at_equal_budget(
 def test_budget_too_small_is_a_clear_error():
     with pytest.raises(ConfigError, match="too small"):
         PermutationShapley(budget=10).shapley(game_of(lambda present: float(len(present)), 8))
+
+
+def test_spearman_handles_ties_and_constants():
+    from cornerstone.estimators import spearman
+
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) == 0.0
