@@ -96,8 +96,9 @@ def score(
     model: ModelArgument = "smollm2-135m",
     method: Annotated[str, typer.Option(help="ablation (leave one out) or shapley.")] = "ablation",
     estimator: Annotated[
-        str, typer.Option(help="Shapley estimator: permutation (antithetic, truncated), kernel, proximity (the paper's) or exact.")
-    ] = "permutation",
+        str, typer.Option(help="Shapley estimator: kernel (KernelSHAP regression, paired, exact border), permutation "
+                          "(antithetic, truncated), proximity (the paper's) or exact.")
+    ] = "kernel",
     budget: Annotated[int, typer.Option(min=4, help="Shapley sampling: most evaluations to spend.")] = 600,
     target_stderr: Annotated[
         Optional[float], typer.Option("--target-stderr", help="Shapley sampling: stop once every standard error is below this.")

@@ -391,8 +391,9 @@ class PermutationShapley(_Sampling):
 
 
 class KernelShapley(_Sampling):
-    """Shapley values as a weighted regression (KernelSHAP, Lundberg & Lee 2017), in its unbiased
-    form with paired sampling (Covert & Lee 2021, https://arxiv.org/abs/2012.01536).
+    """Shapley values as a weighted regression (KernelSHAP, Lundberg & Lee 2017,
+    https://arxiv.org/abs/1705.07874), with paired sampling and the exact border (Covert & Lee 2021,
+    https://arxiv.org/abs/2012.01536).
 
     With z the indicator of present players, Shapley values solve
 
@@ -400,13 +401,23 @@ class KernelShapley(_Sampling):
 
     when |z| is drawn with p(s) ∝ (n - 1) / (s (n - s)), s = 1..n-1, and z uniformly among subsets of
     that size. The solution is ``phi = A^-1 (b - 1 (1^T A^-1 b - v(1) + v(0)) / 1^T A^-1 1)`` with
-    ``A = E[z z^T]`` (known in closed form: 1/2 on the diagonal) and ``b = E[z (v(z) - v(0))]``,
-    estimated by its sample mean over pairs (z, 1 - z). phi is linear in b, hence unbiased, and its
-    covariance is the propagated sample covariance of the pair terms. Efficiency holds exactly.
+    ``A = E[z z^T]`` and ``b = E[z (v(z) - v(0))]``. Efficiency holds exactly.
+
+    * ``border``: sizes 1 and n-1, which carry the most kernel weight, are evaluated exhaustively
+      (2n coalitions; the n "all but one" coalitions are the leave-one-out ones every Shapley run
+      evaluates anyway) and enter A and b exactly; sampling covers sizes 2..n-2.
+    * pairs: each sampled z comes with its complement 1 - z.
+    * ``variant="regression"`` (default): A and b are both sample means (the KernelSHAP estimator:
+      consistent, slightly biased for few samples, lower variance); standard errors by bootstrap
+      over pairs. ``variant="unbiased"``: A is the known expectation and only b is estimated, so phi
+      is linear in b̂ and unbiased, with standard errors propagated from the pair covariance.
     """
 
     estimator: Literal["kernel"] = "kernel"
+    variant: Literal["regression", "unbiased"] = "regression"
+    border: bool = True
     pairs_per_batch: int = Field(8, ge=1)
+    bootstrap: int = Field(200, ge=20, description="resamples for the regression variant's standard errors")
 
     def shapley(self, game: Game) -> ShapleyEstimate:
         n = game.n
@@ -417,38 +428,83 @@ class KernelShapley(_Sampling):
         sizes = np.arange(1, n)
         size_p = 1.0 / (sizes * (n - sizes))
         size_p /= size_p.sum()
-        off_diagonal = float(np.sum(size_p * sizes * (sizes - 1)) / (n * (n - 1)))
-        a = np.full((n, n), off_diagonal)
-        np.fill_diagonal(a, 0.5)
-        a_inv = np.linalg.inv(a)
-        ones = np.ones(n)
-        a_inv_1 = a_inv @ ones
-        linear = a_inv - np.outer(a_inv_1, a_inv_1) / (ones @ a_inv_1)
-        offset = a_inv_1 * (v_full - v_empty) / (ones @ a_inv_1)
-        terms: list[np.ndarray] = []
-        while not self._stop(game, terms, 2 * self.pairs_per_batch):
+        exact_sizes = {1, n - 1} if self.border else set()
+        sampled = np.array([s not in exact_sizes for s in sizes])
+        a_exact, b_exact = np.zeros((n, n)), np.zeros(n)
+        for size in sorted(exact_sizes):
+            weight = size_p[size - 1]
+            a_exact += weight * _subset_moment(n, size)
+            members = [frozenset([i]) if size == 1 else frozenset(range(n)) - {i} for i in range(n)]
+            values = game([frozenset(range(n)) - present for present in members])
+            for present, v in zip(members, values):
+                z = np.zeros(n)
+                z[list(present)] = 1
+                b_exact += weight * z * (v - v_empty) / len(members)
+        mass = float(size_p[sampled].sum())
+        delta = v_full - v_empty
+        if mass == 0:  # n <= 3 with the border: every coalition was evaluated
+            phi = _constrained_solve(a_exact, b_exact, delta)
+            return ShapleyEstimate(phi, np.zeros(n), v_full, v_empty, game.evaluations)
+        middle_sizes, middle_p = sizes[sampled], size_p[sampled] / mass
+        a_middle = sum(p * _subset_moment(n, s) for s, p in zip(middle_sizes, middle_p))
+        pair_a: list[np.ndarray] = []
+        pair_b: list[np.ndarray] = []
+        estimates: list[np.ndarray] = []  # unbiased variant: per-pair terms, linear in b
+
+        def solve(a_mid: np.ndarray, b_mid: np.ndarray) -> np.ndarray:
+            return _constrained_solve(a_exact + mass * a_mid, b_exact + mass * b_mid, delta)
+
+        while not self._stop(game, pair_b if self.variant == "regression" else estimates, 2 * self.pairs_per_batch):
             present = []
             for _ in range(self.pairs_per_batch):
                 z = np.zeros(n, dtype=bool)
-                z[rng.choice(n, size=rng.choice(sizes, p=size_p), replace=False)] = True
+                z[rng.choice(n, size=rng.choice(middle_sizes, p=middle_p), replace=False)] = True
                 present.append(z)
             removed = [frozenset(np.flatnonzero(~z).tolist()) for z in present]
             complements = [frozenset(np.flatnonzero(z).tolist()) for z in present]
             values = game(removed + complements)
             k = len(present)
             for z, v, v_complement in zip(present, values[:k], values[k:]):
-                terms.append(linear @ ((z * (v - v_empty) + (~z) * (v_complement - v_empty)) / 2))
-        if len(terms) < 2:
-            raise ConfigError(f"a budget of {self.budget} evaluations is too small for KernelSHAP",
-                              hint=f"Give --budget at least {4 * self.pairs_per_batch + 2}.")
-        phi = np.mean(terms, axis=0) + offset
-        return ShapleyEstimate(phi, _stderr(terms), v_full, v_empty, game.evaluations, samples=len(terms))
+                zf = z.astype(float)
+                pair_b.append((zf * (v - v_empty) + (1 - zf) * (v_complement - v_empty)) / 2)
+                pair_a.append((np.outer(zf, zf) + np.outer(1 - zf, 1 - zf)) / 2)
+                if self.variant == "unbiased":
+                    estimates.append(solve(a_middle, pair_b[-1]))
+        if len(pair_b) < 2:
+            raise ConfigError(f"a budget of {self.budget} evaluations is too small for KernelSHAP of {n} players",
+                              hint=f"Give --budget at least {2 * n * self.border + 4 * self.pairs_per_batch + 2}.")
+        if self.variant == "unbiased":
+            return ShapleyEstimate(np.mean(estimates, axis=0), _stderr(estimates), v_full, v_empty, game.evaluations,
+                                   samples=len(estimates))
+        stacked_a, stacked_b = np.stack(pair_a), np.stack(pair_b)
+        phi = solve(stacked_a.mean(axis=0), stacked_b.mean(axis=0))
+        resamples = [rng.integers(0, len(pair_b), len(pair_b)) for _ in range(self.bootstrap)]
+        spread = np.std([solve(stacked_a[r].mean(axis=0), stacked_b[r].mean(axis=0)) for r in resamples], axis=0, ddof=1)
+        return ShapleyEstimate(phi, spread, v_full, v_empty, game.evaluations, samples=len(pair_b))
+
+
+def _subset_moment(n: int, size: int) -> np.ndarray:
+    """E[z z^T] for z uniform over subsets of ``size`` players."""
+    off = size * (size - 1) / (n * (n - 1)) if n > 1 else 0.0
+    moment = np.full((n, n), off)
+    np.fill_diagonal(moment, size / n)
+    return moment
+
+
+def _constrained_solve(a: np.ndarray, b: np.ndarray, total: float) -> np.ndarray:
+    """argmin phi^T A phi - 2 b^T phi subject to 1^T phi = total (A may be singular: least squares)."""
+    ones = np.ones(len(b))
+    a_inv_b = np.linalg.lstsq(a, b, rcond=None)[0]
+    a_inv_1 = np.linalg.lstsq(a, ones, rcond=None)[0]
+    return a_inv_b - a_inv_1 * (ones @ a_inv_b - total) / (ones @ a_inv_1)
 
 
 SHAPLEY_ESTIMATORS: dict[str, type[_Shapley]] = {
-    "permutation": PermutationShapley,
     "kernel": KernelShapley,
+    "permutation": PermutationShapley,
     "proximity": Proximity,
     "exact": ExactShapley,
 }
-DEFAULT_SHAPLEY_ESTIMATOR = "permutation"
+# bench/shapley_estimators.py: at equal budgets on a real 10-player game, 0.48-0.62x the error of plain
+# permutation sampling, against 0.89-0.91x for antithetic truncated permutations
+DEFAULT_SHAPLEY_ESTIMATOR = "kernel"

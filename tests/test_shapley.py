@@ -99,6 +99,8 @@ def test_proximity_follows_the_paper_definition():
     (PermutationShapley, dict(truncation=0.0)),
     (PermutationShapley, dict(truncation=0.0, antithetic=False)),
     (KernelShapley, {}),
+    (KernelShapley, dict(variant="unbiased")),
+    (KernelShapley, dict(variant="unbiased", border=False)),
 ])
 def test_sampling_estimators_are_unbiased_and_their_intervals_cover(estimator_class, options):
     n = 7
