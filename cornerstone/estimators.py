@@ -276,13 +276,15 @@ class _Sampling(_Shapley):
     def planned_evaluations(self, n: int) -> int:
         return self.budget
 
-    def _stop(self, game: Game, samples: list[np.ndarray], next_cost: int) -> bool:
+    def _stop(self, game: Game, samples: int, next_cost: int, stderr: Callable[[], np.ndarray]) -> bool:
+        """Stop before the next batch (``next_cost`` evaluations at most) would pass the budget, or once
+        ``stderr()`` (of the current estimate, from ``samples`` samples) is below the target everywhere."""
         # a sample whose coalitions are all known costs nothing, so in a small game (2^n near the
         # budget) the evaluation count may stall: queries bound the loop then
         if game.evaluations + next_cost > self.budget or game.queries > _MAX_QUERIES_PER_EVALUATION * self.budget:
             return True
-        if self.target_stderr is not None and len(samples) >= self.min_samples:
-            return bool(_stderr(samples).max() < self.target_stderr)
+        if self.target_stderr is not None and samples >= self.min_samples:
+            return bool(stderr().max() < self.target_stderr)
         return False
 
 
@@ -349,7 +351,7 @@ class PermutationShapley(_Sampling):
         tolerance = self.truncation * abs(v_full - v_empty)
         samples: list[np.ndarray] = []
         per_sample = 2 if self.antithetic else 1
-        while not self._stop(game, samples, per_sample * (n - 1)):
+        while not self._stop(game, len(samples), per_sample * (n - 1), lambda: _stderr(samples)):
             order = rng.permutation(n)
             orders = [order, order[::-1]] if self.antithetic else [order]
             marginals = self._walk(game, orders, v_full, v_empty, tolerance)
@@ -454,7 +456,12 @@ class KernelShapley(_Sampling):
         def solve(a_mid: np.ndarray, b_mid: np.ndarray) -> np.ndarray:
             return _constrained_solve(a_exact + mass * a_mid, b_exact + mass * b_mid, delta)
 
-        while not self._stop(game, pair_b if self.variant == "regression" else estimates, 2 * self.pairs_per_batch):
+        def current_stderr() -> np.ndarray:
+            if self.variant == "unbiased":
+                return _stderr(estimates)
+            return self._bootstrap(rng, np.stack(pair_a), np.stack(pair_b), solve, resamples=50)
+
+        while not self._stop(game, len(pair_b), 2 * self.pairs_per_batch, current_stderr):
             present = []
             for _ in range(self.pairs_per_batch):
                 z = np.zeros(n, dtype=bool)
@@ -478,9 +485,15 @@ class KernelShapley(_Sampling):
                                    samples=len(estimates))
         stacked_a, stacked_b = np.stack(pair_a), np.stack(pair_b)
         phi = solve(stacked_a.mean(axis=0), stacked_b.mean(axis=0))
-        resamples = [rng.integers(0, len(pair_b), len(pair_b)) for _ in range(self.bootstrap)]
-        spread = np.std([solve(stacked_a[r].mean(axis=0), stacked_b[r].mean(axis=0)) for r in resamples], axis=0, ddof=1)
+        spread = self._bootstrap(rng, stacked_a, stacked_b, solve, resamples=self.bootstrap)
         return ShapleyEstimate(phi, spread, v_full, v_empty, game.evaluations, samples=len(pair_b))
+
+    @staticmethod
+    def _bootstrap(rng: np.random.Generator, pair_a: np.ndarray, pair_b: np.ndarray,
+                   solve: Callable[[np.ndarray, np.ndarray], np.ndarray], resamples: int) -> np.ndarray:
+        """Standard errors of the regression estimate: its spread over resamples of the pairs."""
+        draws = [rng.integers(0, len(pair_b), len(pair_b)) for _ in range(resamples)]
+        return np.std([solve(pair_a[d].mean(axis=0), pair_b[d].mean(axis=0)) for d in draws], axis=0, ddof=1)
 
 
 def _subset_moment(n: int, size: int) -> np.ndarray:

@@ -167,3 +167,11 @@ def test_spearman_handles_ties_and_constants():
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+@pytest.mark.parametrize("estimator_class", [PermutationShapley, KernelShapley])
+def test_a_precision_target_stops_sampling_early(estimator_class):
+    v = layer_game(8, seed=4)
+    loose = estimator_class(budget=5000, target_stderr=0.02, seed=0).shapley(game_of(v, 8))
+    tight = estimator_class(budget=5000, target_stderr=0.001, seed=0).shapley(game_of(v, 8))
+    assert loose.stderr.max() < 0.02 and loose.evaluations < tight.evaluations
