@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--task", default="arc_easy", choices=["arc_easy", "arc_challenge"])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--skip-plain", action="store_true", help="skip the slow lm-eval loop")
+    parser.add_argument("--skip-growth", action="store_true", help="skip timing single evaluations at 25/50/100 docs")
     args = parser.parse_args()
 
     folder, name = arc_task_folder(args.task)
@@ -101,6 +102,8 @@ def main() -> None:
         print(f"{label} vs {reference_label}: speed-up {ref_seconds / seconds:.2f}x, max per-mask score difference "
               f"{max(diffs):.4f}, per-document results differing {flips}/{compared}, Spearman of importances {rho:.3f}")
 
+    if args.skip_growth:
+        return
     print("\ncost of one engine evaluation (float32, full model and one mask in the middle):")
     for docs in (25, 50, 100):
         subset = harness.load_tasks([name], include_paths=[folder], limit=docs, seed=0)

@@ -33,7 +33,7 @@ def test_sublayer_sweep_of_smollm2_finds_its_cornerstones(smollm2, tmp_path):
     assert all(result.players[c].share > 0 for c in result.cornerstones)
     assert sum(p.share for p in result.players.values()) == pytest.approx(1.0)
 
-    json_path, png_path = report.save(result, tmp_path / "smollm2.json")
+    json_path, [png_path] = report.save(result, tmp_path / "smollm2.json")
     again = ScoreReport.load(json_path)
     assert again == result
     assert json.loads(json_path.read_text())["cornerstones"] == result.cornerstones
