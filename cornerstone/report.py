@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console, Group
 from rich.panel import Panel
@@ -52,6 +53,21 @@ def save(report: ScoreReport, path: str | Path) -> tuple[Path, list[Path]]:
     return path, plots
 
 
+def _save_figure(figure: Any, path: Path) -> Path:
+    """Save and close a matplotlib figure; a write failure is an :class:`OutputError`."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    except OSError as exc:
+        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+    finally:
+        plt.close(figure)
+    return path
+
+
 def plot_shares(report: ScoreReport, path: str | Path) -> Path:
     """The paper's Figure 2: each player's share of the (negative-clipped) Shapley mass, by layer,
     with 95% intervals (1.96 standard errors, scaled like the shares) where the estimator gives them."""
@@ -77,15 +93,7 @@ def plot_shares(report: ScoreReport, path: str | Path) -> Path:
     axes.set_title(f"{report.model.get('spec')}: Shapley shares ({estimator}), top-4 share "
                    f"{report.top_share(4):.0%}\n(negative values clipped to 0; bars: 95% intervals)", fontsize=9)
     axes.legend(fontsize=7, loc="upper right")
-    figure.tight_layout()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
-    except OSError as exc:
-        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from exc
-    finally:
-        plt.close(figure)
-    return path
+    return _save_figure(figure, path)
 
 
 def plot_sweep(report: ScoreReport, path: str | Path) -> Path:
@@ -119,15 +127,7 @@ def plot_sweep(report: ScoreReport, path: str | Path) -> Path:
     axes.set_title(f"{report.model.get('spec')}: {report.method} sweep on {task_names}\n(* = cornerstone)", fontsize=9)
     axes.set_ylim(0, min(1.0, max(report.base_score, max((s.score_removed or 0) for s in report.players.values())) + 0.1))
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
-    figure.tight_layout()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
-    except OSError as exc:
-        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from exc
-    finally:
-        plt.close(figure)
-    return path
+    return _save_figure(figure, path)
 
 
 def _bar(fraction: float, style: str) -> Text:
