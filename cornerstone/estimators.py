@@ -119,16 +119,23 @@ class Ablation(BaseModel):
         })
 
 
-def _full_and_singles(value: ValueFunction, players: Sequence[Player], progress: Progress | None,
-                      total: int) -> tuple[Evaluation, list[Evaluation]]:
+def _counting(progress: Progress | None, total: int,
+              label: Callable[[Evaluation, int], str]) -> Callable[[Evaluation], None]:
+    """An ``on_done`` callback that reports each finished evaluation to ``progress`` (capped at ``total``)."""
     done = 0
 
     def report(evaluation: Evaluation) -> None:
         nonlocal done
         done += 1
         if progress:
-            progress(min(done, total), total, "without " + ",".join(evaluation.removed) if evaluation.removed else "full model")
+            progress(min(done, total), total, label(evaluation, done))
 
+    return report
+
+
+def _full_and_singles(value: ValueFunction, players: Sequence[Player], progress: Progress | None,
+                      total: int) -> tuple[Evaluation, list[Evaluation]]:
+    report = _counting(progress, total, lambda e, _: "without " + ",".join(e.removed) if e.removed else "full model")
     full, *singles = value.evaluate_many([[]] + [[p] for p in players], on_done=report)
     if progress:
         progress(total, total, "done")
@@ -158,13 +165,7 @@ class _Shapley(BaseModel):
         it alone (for the cornerstone rule), and the efficiency check."""
         players = list(players)
         total = self.planned_evaluations(len(players)) + len(players) + 1
-        done = 0
-
-        def report(evaluation: Evaluation) -> None:
-            nonlocal done
-            done += 1
-            if progress:
-                progress(min(done, total), total, f"v(S) {done}")
+        report = _counting(progress, total, lambda _, done: f"v(S) {done}")
 
         def oracle(removed_sets: list[Removed]) -> list[float]:
             masks = [[players[i] for i in sorted(removed)] for removed in removed_sets]

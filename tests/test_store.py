@@ -2,7 +2,6 @@
 and Shapley scoring of a real (tiny) model resumes from it."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
