@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -138,20 +140,17 @@ def score(
 ) -> None:
     """Score every layer/sublayer of MODEL on the tasks and print the cornerstone report."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from . import report as report_module
-    from .estimators import SHAPLEY_ESTIMATORS, Ablation
+    from .estimators import make_estimator
     from .store import default_store_root
     from .harness import load_tasks
     from .loading import load_model, resolve
     from .scores import CornerstoneRule
     from .scores import score as run_score
 
-    if method not in ("ablation", "shapley"):
-        raise ConfigError(f"unknown method '{method}'", hint="Available: ablation, shapley.")
-    if method == "shapley" and estimator not in SHAPLEY_ESTIMATORS:
-        raise ConfigError(f"unknown Shapley estimator '{estimator}'", hint="Available: " + ", ".join(SHAPLEY_ESTIMATORS) + ".")
+    chosen = make_estimator(method, estimator, granularity=granularity, budget=budget, target_stderr=target_stderr,
+                            window=window, seed=seed)
     if granularity not in ("sublayer", "block"):
         raise ConfigError(f"unknown granularity '{granularity}'", hint="Use sublayer or block.")
     if engine not in ("fast", "lm-eval"):
@@ -163,25 +162,15 @@ def score(
     with console.status(f"loading {model} ({dtype}; a GGUF file is dequantised once, then cached)"):
         loaded = load_model(model, dtype=dtype, device=device, revision=revision)
     console.print(f"loaded {model} in {loaded.load_seconds:.1f} s" + (" (cached)" if loaded.from_cache else ""))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        job = bar.add_task("scoring", total=None)
-
-        def progress(done: int, total: int, label: str) -> None:
-            bar.update(job, completed=done, total=total, description=f"scoring: {label}")
-
-        if method == "shapley":
-            options = {"permutation": dict(budget=budget, target_stderr=target_stderr, seed=seed),
-                       "kernel": dict(budget=budget, target_stderr=target_stderr, seed=seed),
-                       "proximity": dict(window=window), "exact": {}}[estimator]
-            chosen = SHAPLEY_ESTIMATORS[estimator](granularity=granularity, **options)  # type: ignore[arg-type]
-        else:
-            chosen = Ablation(granularity=granularity)  # type: ignore[arg-type]
+    with _progress_bar(console, "scoring") as progress:
         result = run_score(
             loaded,
             specs,
             estimator=chosen,
             players=_split(players_) or None,
+            include_paths=include_path or [],
+            limit=None if all_docs else limit,
+            seed=seed,
             store=None if no_store else (store or default_store_root()),
             batch_size=batch_size,
             engine=engine,
@@ -262,6 +251,161 @@ def models(as_json: JsonOption = False) -> None:
     for entry in listed:
         state = "installed" if entry["installed"] else f"not installed: {entry['install']}"
         typer.echo(f"{entry['alias']:<14} {state}  ({entry['license']})")
+
+
+@app.command()
+def plan(
+    report: Annotated[Path, typer.Argument(help="A JSON report written by `cornerstone score`.")],
+    drop: Annotated[str, typer.Option(help="How much to drop: a number of players (8) or a share of parameters (25%).")],
+    policy: Annotated[str, typer.Option(help="lowest (one shot by importance), greedy (remove one, re-measure the rest, "
+                                        "repeat; loads the model) or contiguous (the lowest-importance run of consecutive players).")] = "lowest",
+    granularity: Annotated[str, typer.Option(help="block or sublayer (sublayer plans need a sublayer report).")] = "block",
+    keep_first: Annotated[int, typer.Option("--keep-first", min=0, help="Never drop the first k blocks.")] = 1,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Never drop the last k blocks.")] = 1,
+    keep: Annotated[Optional[str], typer.Option(help="Players never dropped, comma-separated (L5,L7.attn).")] = None,
+    no_protect: Annotated[bool, typer.Option("--no-protect", help="Let cornerstones be dropped too.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Plan path (YAML). Default: beside the report, REPORT-plan.yaml.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Choose what to drop from a score report; write a plan YAML with every removal and its reason."""
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    from .planner import Planner, make_plan
+
+    try:
+        planner = Planner(policy=policy, granularity=granularity, drop=drop, keep_first=keep_first,  # type: ignore[arg-type]
+                          keep_last=keep_last, keep=_split(keep), protect_cornerstones=not no_protect)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"--{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    console = Console(stderr=True)
+    with _progress_bar(console, "planning") as progress:
+        made = make_plan(report, planner, progress=progress)
+    path = made.save(out or report.with_name(report.stem + "-plan.yaml"))
+    if as_json:
+        _print_json({**made.model_dump(mode="json"), "path": str(path)})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"plan: drop {len(made.removed)} of {made.blocks['original']} blocks' {made.granularity} players "
+                        f"({made.parameters.removed_fraction:.1%} of {made.parameters.original:,} parameters), policy {made.planner.policy}")
+    for column in ("player", "importance", "rank", "parameters", "reason"):
+        table.add_column(column, justify="right" if column in ("importance", "rank", "parameters") else "left")
+    for removal in made.removed:
+        table.add_row(removal.name, f"{removal.importance:+.4f}", str(removal.rank), f"{removal.parameters:,}", removal.reason)
+    Console().print(table)
+    if made.protected:
+        typer.echo("protected: " + ", ".join(f"{p.name} ({p.reason})" for p in made.protected))
+    if made.predicted_score is not None:
+        typer.echo(f"predicted score {made.predicted_score:.4f} (full model {made.report['base_score']:.4f}): {made.predicted_by}")
+    typer.echo(f"plan: {path}")
+
+
+@app.command()
+def export(
+    model: ModelArgument,
+    plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="A plan YAML written by `cornerstone plan`.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the slim checkpoint to (must not exist unless --overwrite).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip reloading the export and comparing its logits.")] = False,
+    allow_other_model: Annotated[bool, typer.Option("--allow-other-model", help="Apply a plan made for another model.")] = False,
+    dtype: Annotated[str, typer.Option(help="Weights' dtype in the export: float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Cut a plan's players from MODEL and write a slim safetensors checkpoint, checked against the masked original."""
+    from rich.console import Console
+
+    from .export import export as run_export
+    from .loading import load_model
+
+    console = Console(stderr=True)
+    with console.status(f"loading {model}"):
+        loaded = load_model(model, dtype=dtype, device=device)
+    with console.status(f"exporting to {out}"):
+        result = run_export(loaded, plan_path, out, overwrite=overwrite, max_shard_size=max_shard_size,
+                            verify=not no_verify, allow_other_model=allow_other_model)
+    if as_json:
+        _print_json(result.model_dump())
+        return
+    typer.echo(f"exported a {result.format} checkpoint to {result.path}: {result.parameters:,} parameters, "
+               f"{result.bytes_on_disk / 2**20:,.1f} MiB in {result.seconds:.1f} s")
+    if result.max_abs_logit_diff is not None:
+        typer.echo(f"checked: logits equal the masked original (max abs difference {result.max_abs_logit_diff:.2g})")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+
+
+@app.command("eval")
+def eval_command(
+    base: Annotated[str, typer.Argument(help="The original model (alias, folder, .gguf or hub id).")],
+    pruned: Annotated[str, typer.Argument(help="The exported folder.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks; cornerstone_real reads ../shared/data.")] = "cornerstone_bundled",
+    include_path: IncludePathOption = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Documents per task (seeded random); default all.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for drawing the --limit documents.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="lm-eval batch size.")] = 16,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Comparison path (JSON; Markdown beside it). Default: reports/eval-PRUNED.json.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Evaluate PRUNED against BASE with lm-eval's standard hf path; print a side-by-side table."""
+    from rich.console import Console
+
+    from . import evaluate as evaluate_module
+
+    console = Console(stderr=True)
+    with console.status(f"evaluating {base} and {pruned} with lm-eval"):
+        comparison = evaluate_module.compare(base, pruned, _split(tasks), include_paths=include_path or [], limit=limit,
+                                             seed=seed, batch_size=batch_size, device=device, dtype=dtype)
+    json_path, markdown_path = evaluate_module.save(comparison, out or evaluate_module.default_eval_path(pruned))
+    if as_json:
+        _print_json(comparison.model_dump_json(indent=2))
+        return
+    typer.echo(comparison.to_markdown())
+    typer.echo(f"saved: {json_path}, {markdown_path}")
+
+
+@app.command()
+def run(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="A recipe YAML (see recipes/).")],
+    as_json: JsonOption = False,
+) -> None:
+    """Run a whole recipe: score, plan, export and evaluate, as one YAML file says."""
+    from rich.console import Console
+
+    from .recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(recipe_path)
+    console = Console(stderr=True)
+    with _progress_bar(console, recipe.name) as progress:
+        result = run_recipe(recipe, log=console.print, progress=progress)
+    if as_json:
+        _print_json(result.model_dump_json(indent=2))
+        return
+    if result.evaluation is not None:
+        from .evaluate import Comparison
+
+        typer.echo(Comparison.model_validate(result.evaluation).to_markdown())
+    typer.echo(f"report: {result.report}\nplan:   {result.plan}\nexport: {result.export['path']}")
+
+
+@contextmanager
+def _progress_bar(console: Any, label: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A transient rich progress bar, handed out as the ``progress(done, total, label)`` callback the API takes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        job = bar.add_task(label, total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(job, completed=done, total=total, description=f"{label}: {what}")
+
+        yield progress
 
 
 @app.command("tasks")

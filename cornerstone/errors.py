@@ -80,3 +80,16 @@ class OutputError(CornerstoneError):
 
     exit_code = 10
     default_hint = "Choose a writable --out path."
+
+
+class PlanError(CornerstoneError):
+    """A pruning plan cannot be made as asked, or does not fit the model it is applied to."""
+
+    exit_code = 11
+    default_hint = "Lower --drop, relax --keep-first/--keep-last, or let cornerstones go with --no-protect."
+
+
+class ExportError(CornerstoneError):
+    """A plan cannot be written as a checkpoint in the requested format."""
+
+    exit_code = 12

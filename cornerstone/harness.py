@@ -240,6 +240,46 @@ def evaluate(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
     return results
 
 
+def evaluate_pretrained(
+    pretrained: str,
+    tasks: Sequence[TaskSpec],
+    *,
+    include_paths: Sequence[str | Path] = (),
+    batch_size: int = 16,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> dict[str, dict[str, float | None]]:
+    """lm-eval's standard path on a saved model: ``simple_evaluate(model="hf", model_args="pretrained=PATH")``,
+    exactly what ``lm_eval --model hf --model_args pretrained=PATH`` runs, on the documents of ``tasks``.
+
+    Returns ``{task: {"score": ..., "stderr": ...}}`` in each task's :class:`TaskSpec` metric.
+    """
+    import lm_eval
+
+    names = [spec.name for spec in tasks]
+    manager = task_manager(include_paths, include_defaults=False)
+    if not set(names) <= set(manager.all_tasks):
+        manager = task_manager(include_paths)
+    model_args = {"pretrained": pretrained, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    try:
+        with _quiet(), _no_tqdm(), _no_dataset_progress():
+            output = lm_eval.simple_evaluate(
+                model="hf", model_args=model_args, tasks=names, batch_size=batch_size, device=device,
+                samples={spec.name: spec.doc_indices for spec in tasks}, task_manager=manager,
+                bootstrap_iters=1000, log_samples=False, verbosity="ERROR",
+            )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise EvaluationError(f"lm-eval could not evaluate '{pretrained}': {str(exc).splitlines()[0]}") from exc
+    scores: dict[str, dict[str, float | None]] = {}
+    for spec in tasks:
+        row = output["results"][spec.name]
+        stderr = row.get(f"{spec.metric}_stderr,none")
+        scores[spec.name] = {"score": float(row[f"{spec.metric},none"]),
+                             "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
+    return scores
+
+
 def check_finite(spec: TaskSpec, doc_id: int, responses: Any) -> None:
     """Refuse NaN/inf log-likelihoods: compared as numbers they would silently count as wrong answers."""
     if _has_nonfinite(responses):

@@ -13,8 +13,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, ModelLoadError, ModelNotFoundError
+from .files import staged_directory
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ def _from_pretrained(location: str, torch_dtype: torch.dtype, **kwargs: Any) -> 
     return model, tokenizer
 
 
-def _dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
+def dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
     """The cached safetensors folder for ``gguf`` (created on first use), its fingerprint, and whether it was cached."""
     if not gguf.is_file():
         raise ModelNotFoundError(f"GGUF file '{gguf}' does not exist")
@@ -212,22 +211,13 @@ def _dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_directory(target, if_exists="keep") as staging:  # a concurrent run may finish first
         with _no_progress_bars():
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
         (staging / "cornerstone-cache.json").write_text(
             json.dumps({"gguf": str(gguf), "sha256": sha, "created": time.time()}, indent=2)
         )
-        if target.exists():  # a concurrent run finished first; keep its copy
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target, f"gguf-sha256:{sha}", False
 
 
@@ -282,7 +272,7 @@ def load_model(
     from_cache = False
     revision_used = revision
     if source in ("alias", "gguf"):
-        folder, fingerprint, from_cache = _dequantised_folder(Path(location))
+        folder, fingerprint, from_cache = dequantised_folder(Path(location))
         model, tokenizer = _from_pretrained(str(folder), torch_dtype)
         extra = {"gguf": str(location), "dequantised_cache": str(folder)}
     elif source == "folder":

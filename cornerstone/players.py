@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -36,25 +36,35 @@ class ArchSpec:
     attn: str
     mlp: tuple[str, ...]
     moe: bool = False
+    # Norms that serve only one sublayer: they go with it when it is cut from a checkpoint (a removed
+    # sublayer's input norm is computed for nothing; a post-norm of the zeroed output stays zero).
+    attn_norms: tuple[str, ...] = ("input_layernorm",)
+    mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    # Whether a sublayer plan can be written as DeciLM/Nemotron-NAS ``block_configs`` (a Llama format).
+    decilm: bool = False
 
 
 _DECODER = ("model.layers", "model.language_model.layers", "model.model.layers")
 
+_GEMMA_NORMS = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
+                    mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"))
+
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec(_DECODER, "self_attn", ("mlp",)),
+    "llama": ArchSpec(_DECODER, "self_attn", ("mlp",), decilm=True),
     "mistral": ArchSpec(_DECODER, "self_attn", ("mlp",)),
     "qwen2": ArchSpec(_DECODER, "self_attn", ("mlp",)),
     "qwen3": ArchSpec(_DECODER, "self_attn", ("mlp",)),
     "gemma": ArchSpec(_DECODER, "self_attn", ("mlp",)),
-    "gemma2": ArchSpec(_DECODER, "self_attn", ("mlp",)),
-    "gemma3": ArchSpec(_DECODER, "self_attn", ("mlp",)),
-    "gemma3_text": ArchSpec(_DECODER, "self_attn", ("mlp",)),
+    "gemma2": ArchSpec(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
+    "gemma3": ArchSpec(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
+    "gemma3_text": ArchSpec(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
     "phi3": ArchSpec(_DECODER, "self_attn", ("mlp",)),
-    "olmo2": ArchSpec(_DECODER, "self_attn", ("mlp",)),
+    "olmo2": ArchSpec(_DECODER, "self_attn", ("mlp",), attn_norms=("post_attention_layernorm",),
+                      mlp_norms=("post_feedforward_layernorm",)),
     "mixtral": ArchSpec(_DECODER, "self_attn", ("mlp", "block_sparse_moe"), moe=True),
     "qwen2_moe": ArchSpec(_DECODER, "self_attn", ("mlp",), moe=True),
     "qwen3_moe": ArchSpec(_DECODER, "self_attn", ("mlp",), moe=True),
-    "gpt2": ArchSpec(("transformer.h",), "attn", ("mlp",)),
+    "gpt2": ArchSpec(("transformer.h",), "attn", ("mlp",), attn_norms=("ln_1",), mlp_norms=("ln_2",)),
     "gpt_neox": ArchSpec(("gpt_neox.layers",), "attention", ("mlp",)),
 }
 
@@ -75,6 +85,11 @@ _PLAYER_ID = re.compile(r"^L(\d+)(?:\.(attn|mlp))?$")
 def model_type(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", type(model).__name__)
+
+
+def text_config(config: Any) -> Any:
+    """The decoder's config: itself for text models, the text part of a multimodal one."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def architecture(model: torch.nn.Module) -> ArchSpec:
@@ -152,3 +167,27 @@ def parse_players(model: torch.nn.Module, ids: list[str] | str) -> list[Player]:
             )
         chosen.append(by_name[raw])
     return chosen
+
+
+def owned_modules(model: torch.nn.Module, player: Player) -> list[str]:
+    """Dotted paths of every module that exists only to serve ``player``: the sublayer and its own norms
+    (see :attr:`ArchSpec.attn_norms`), or the whole block. Cutting a player from a checkpoint removes exactly these."""
+    if player.kind == "block":
+        return [player.module_path]
+    spec = architecture(model)
+    block_path = player.module_path.rsplit(".", 1)[0]
+    block = model.get_submodule(block_path)
+    norms = spec.attn_norms if player.kind == "attn" else spec.mlp_norms
+    return [player.module_path] + [f"{block_path}.{norm}" for norm in norms if hasattr(block, norm)]
+
+
+def player_parameters(model: torch.nn.Module, player: Player) -> int:
+    """Parameters a checkpoint loses when ``player`` is cut (:func:`owned_modules`); tied weights counted once."""
+    seen: set[int] = set()
+    total = 0
+    for path in owned_modules(model, player):
+        for parameter in model.get_submodule(path).parameters():
+            if id(parameter) not in seen:
+                seen.add(id(parameter))
+                total += parameter.numel()
+    return total

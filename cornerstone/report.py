@@ -6,8 +6,6 @@ sublayer, attention and FFN in two colours, with the full-model score and chance
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import OutputError
+from .files import atomic_write
 from .scores import ScoreReport
 
 KIND_COLOURS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "block": "#2ca02c"}
@@ -30,23 +29,11 @@ def default_report_path(report: ScoreReport, folder: str | Path = "reports") -> 
     return Path(folder) / f"{model}-{method}-{report.granularity}.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder, so a reader never sees half a file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(staging, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from exc
-
-
 def save(report: ScoreReport, path: str | Path) -> tuple[Path, list[Path]]:
     """Write the JSON report and, beside it, the PNG plots: the removal sweep, and for Shapley runs
     the shares per layer (``-shares.png``); return the paths."""
     path = Path(path)
-    _atomic_write(path, report.to_json().encode())
+    atomic_write(path, report.to_json().encode())
     plots = [plot_sweep(report, path.with_suffix(".png"))]
     if report.method == "shapley":
         plots.append(plot_shares(report, path.with_name(path.stem + "-shares.png")))

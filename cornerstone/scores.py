@@ -20,7 +20,7 @@ from . import harness
 from .errors import ReportError
 from .estimators import Ablation, Progress, _Shapley
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
-from .players import enumerate_players, parse_players
+from .players import enumerate_players, parse_players, player_parameters
 from .value import ValueFunction
 
 SCHEMA_VERSION = 1
@@ -63,6 +63,8 @@ class PlayerScore(BaseModel):
     per_task_removed: dict[str, float] = {}
     stderr: float | None = None
     cornerstone: bool = False
+    # What a checkpoint loses when the player is cut (players.player_parameters); None in older reports.
+    parameters: int | None = None
 
 
 class TaskScore(BaseModel):
@@ -189,6 +191,7 @@ def score(
             per_task_removed=estimates[p.name].per_task_removed,
             stderr=estimates[p.name].stderr,
             cornerstone=rule.is_cornerstone(estimates[p.name].score_removed, full.score, value.chance),
+            parameters=player_parameters(loaded.model, p),
         )
         for p in playing
     }

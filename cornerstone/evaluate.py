@@ -1,0 +1,188 @@
+"""Evaluate a pruned model against its base with lm-eval's standard path, side by side.
+
+:func:`compare` is the Python API behind ``cornerstone eval``. Each model is evaluated from its
+folder by lm-eval's own ``hf`` model (what ``lm_eval --model hf --model_args pretrained=DIR`` runs),
+on the same documents, and measured for parameters, size on disk and forward throughput on this
+machine, measured one after the other in one run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from . import harness
+from .files import atomic_write
+from .loading import dequantised_folder, load_model, resolve
+from .players import text_config
+
+
+class ModelSummary(BaseModel):
+    """One model's side of a comparison."""
+
+    spec: str
+    pretrained: str
+    parameters: int
+    bytes_on_disk: int
+    tokens_per_second: float
+    scores: dict[str, float]
+    stderr: dict[str, float | None]
+    mean_score: float
+
+
+class Comparison(BaseModel):
+    """Base and pruned model on the same tasks: scores, retention (pruned / base) and speed-up."""
+
+    created: str
+    tasks: list[dict[str, Any]]
+    settings: dict[str, Any]
+    base: ModelSummary
+    pruned: ModelSummary
+    retention: dict[str, float]
+    mean_retention: float
+    speedup: float
+    versions: dict[str, str]
+
+    def to_markdown(self) -> str:
+        rows = ["| task | metric | docs | chance | base | pruned | retention |", "|---|---|---|---|---|---|---|"]
+        for task in self.tasks:
+            name = task["name"]
+            rows.append(f"| {name} | {task['metric']} | {task['num_docs']} | {task['chance']:.3f} | "
+                        f"{_with_error(self.base, name)} | {_with_error(self.pruned, name)} | {self.retention[name]:.1%} |")
+        rows.append(f"| **mean** | | | | {self.base.mean_score:.4f} | {self.pruned.mean_score:.4f} | "
+                    f"**{self.mean_retention:.1%}** |")
+        size = ["", "| | base | pruned | ratio |", "|---|---|---|---|",
+                f"| parameters | {self.base.parameters:,} | {self.pruned.parameters:,} | "
+                f"{self.pruned.parameters / self.base.parameters:.1%} |",
+                f"| size on disk | {self.base.bytes_on_disk / 2**20:,.1f} MiB | {self.pruned.bytes_on_disk / 2**20:,.1f} MiB | "
+                f"{self.pruned.bytes_on_disk / max(1, self.base.bytes_on_disk):.1%} |",
+                f"| tokens/s (forward, {self.settings['throughput']}) | {self.base.tokens_per_second:,.0f} | "
+                f"{self.pruned.tokens_per_second:,.0f} | {self.speedup:.2f}x |"]
+        head = [f"# {self.pruned.spec} vs {self.base.spec}", "",
+                f"lm-eval {self.versions.get('lm_eval')} (`--model hf`), {self.settings['dtype']}, "
+                f"device {self.settings['device']}, {self.created}.", ""]
+        return "\n".join(head + rows + size) + "\n"
+
+
+def _with_error(summary: ModelSummary, task: str) -> str:
+    error = summary.stderr.get(task)
+    return f"{summary.scores[task]:.4f}" + (f" ± {error:.4f}" if error is not None else "")
+
+
+def lm_eval_location(spec: str) -> tuple[str, bool, int]:
+    """What to hand lm-eval as ``pretrained=`` for a model spec, whether it needs remote code, and its
+    weights' size on disk. GGUF models are evaluated from their dequantised safetensors cache."""
+    source, location = resolve(spec)
+    if source in ("alias", "gguf"):
+        folder: Path | None = dequantised_folder(Path(location))[0]
+    elif source == "folder":
+        folder = Path(location)
+    else:
+        folder = None
+    if folder is None:
+        return str(location), False, 0
+    config = json.loads((folder / "config.json").read_text())
+    size = sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern))
+    return str(folder), "auto_map" in config, size
+
+
+def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, length: int = 256, rounds: int = 3,
+                      min_seconds: float = 1.0) -> list[float]:
+    """Forward-pass throughput (prefill, no cache) of each model on the same fixed token ids.
+
+    The models take turns for ``rounds`` rounds and each keeps its best round, so a slow spell of a
+    shared machine does not land on one model only.
+    """
+    from .export import probe_ids
+
+    best = [0.0] * len(models)
+    with torch.no_grad():
+        for _ in range(rounds):
+            for index, model in enumerate(models):
+                ids = probe_ids(text_config(model.config).vocab_size, batch=batch, length=length).to(model.device)
+                model(ids, use_cache=False)  # warm-up
+                runs, started = 0, time.perf_counter()
+                while runs < 1 or time.perf_counter() - started < min_seconds:
+                    model(ids, use_cache=False)
+                    runs += 1
+                best[index] = max(best[index], runs * batch * length / (time.perf_counter() - started))
+    return best
+
+
+def _summaries(models: Sequence[str], specs: Sequence[harness.TaskSpec], *, include_paths: Sequence[str | Path],
+               batch_size: int, device: str, dtype: str) -> list[ModelSummary]:
+    found = []
+    for spec in models:
+        pretrained, remote, size = lm_eval_location(spec)
+        scores = harness.evaluate_pretrained(pretrained, specs, include_paths=include_paths, batch_size=batch_size,
+                                             device=device, dtype=dtype, trust_remote_code=remote)
+        found.append((spec, pretrained, remote, size, scores))
+    loaded = [load_model(spec, dtype=dtype, device=device, trust_remote_code=remote) for spec, _, remote, _, _ in found]
+    speeds = tokens_per_second([model.model for model in loaded])
+    return [ModelSummary(spec=spec, pretrained=pretrained, parameters=model.num_parameters, bytes_on_disk=size,
+                         tokens_per_second=speed, scores={k: v["score"] for k, v in scores.items()},  # type: ignore[misc]
+                         stderr={k: v["stderr"] for k, v in scores.items()},
+                         mean_score=sum(v["score"] for v in scores.values()) / len(scores))  # type: ignore[misc]
+            for (spec, pretrained, _, size, scores), model, speed in zip(found, loaded, speeds)]
+
+
+def compare(
+    base: str,
+    pruned: str,
+    tasks: Sequence[str] = (harness.BUNDLED_TASK_GROUP,),
+    *,
+    include_paths: Sequence[str | Path] = (),
+    limit: int | None = None,
+    seed: int | None = 0,
+    batch_size: int = 16,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> Comparison:
+    """Evaluate ``base`` and ``pruned`` on the same documents of ``tasks`` and put them side by side.
+
+    ``retention_t = score_pruned(t) / score_base(t)``; ``mean_retention`` is the ratio of the mean
+    scores. ``speedup`` is the ratio of forward tokens/s (batch 4 x 256 tokens, prefill), the two
+    models taking turns in this run (:func:`tokens_per_second`).
+    """
+    from .loading import resolve_device
+    from .scores import package_versions
+
+    device = resolve_device(device)
+    specs = harness.load_tasks(list(tasks), include_paths=include_paths, limit=limit, seed=seed)
+    base_summary, pruned_summary = _summaries([base, pruned], specs, include_paths=include_paths, batch_size=batch_size,
+                                              device=device, dtype=dtype)
+    retention = {spec.name: pruned_summary.scores[spec.name] / base_summary.scores[spec.name]
+                 if base_summary.scores[spec.name] else 0.0 for spec in specs}
+    return Comparison(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        tasks=[spec.describe() for spec in specs],
+        settings={"tasks": list(tasks), "include_paths": [str(p) for p in include_paths], "limit": limit, "seed": seed,
+                  "batch_size": batch_size, "device": device, "dtype": dtype, "throughput": "batch 4 x 256 tokens",
+                  "torch_threads": torch.get_num_threads()},
+        base=base_summary,
+        pruned=pruned_summary,
+        retention=retention,
+        mean_retention=pruned_summary.mean_score / base_summary.mean_score if base_summary.mean_score else 0.0,
+        speedup=pruned_summary.tokens_per_second / base_summary.tokens_per_second,
+        versions=package_versions(),
+    )
+
+
+def save(comparison: Comparison, path: str | Path) -> tuple[Path, Path]:
+    """Write the comparison as JSON and, beside it, Markdown; return both paths."""
+    path = Path(path)
+    atomic_write(path, comparison.model_dump_json(indent=2).encode())
+    markdown = path.with_suffix(".md")
+    atomic_write(markdown, comparison.to_markdown().encode())
+    return path, markdown
+
+
+def default_eval_path(pruned: str, folder: str | Path = "reports") -> Path:
+    return Path(folder) / f"eval-{Path(pruned.rstrip('/')).name}.json"

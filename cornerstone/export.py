@@ -1,0 +1,331 @@
+"""Apply a plan: cut the players from the model and write a checkpoint that loads everywhere.
+
+:func:`export` is the Python API behind ``cornerstone export``. Two formats:
+
+- **stock** (block plans, and sublayer plans that only remove whole blocks): the model's own
+  architecture with fewer layers, in safetensors, loadable with plain
+  ``AutoModelForCausalLM.from_pretrained(DIR)`` (no remote code) and so by lm-eval, vLLM and
+  llama.cpp's converter. :func:`drop_blocks` rebuilds the layer list, renumbers every layer, slices
+  every per-layer config list (``layer_types`` and the like) and sets ``num_hidden_layers``.
+- **decilm** (sublayer plans of Llama-family models): the DeciLM / Nemotron-NAS layout, whose
+  per-layer ``block_configs`` mark an attention or FFN as ``no_op``; vLLM and llama.cpp read it, and
+  the folder carries cornerstone's modeling file for ``trust_remote_code=True`` in transformers
+  (see :mod:`cornerstone.decilm`). :func:`drop_sublayers` builds it.
+
+Both surgeries build the slim model on the meta device from its new config and move the kept
+weights in with a strict ``load_state_dict``: a config that does not describe the weights fails
+there, before anything is written. Every export is checked against the original model under the
+plan's mask (same logits) before its folder appears; the folder is written beside the target
+and renamed into place, so a failure never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel
+
+from .errors import ExportError, PlanError
+from .files import staged_directory
+from .loading import LoadedModel, load_model
+from .masking import removed
+from .planner import Plan
+from .players import architecture, decoder_layers, model_type, owned_modules, parse_players, text_config
+
+EXPORT_MANIFEST = "cornerstone-export.json"
+PLAN_FILE = "cornerstone-plan.yaml"
+RECIPE_FILE = "cornerstone-recipe.yaml"
+# Config lists indexed by layer number rather than one entry per layer: remapped, not sliced.
+LAYER_INDEX_FIELDS = ("mlp_only_layers",)
+# Config lists that can have one entry per layer by coincidence.
+NOT_PER_LAYER = ("architectures",)
+
+
+class ExportResult(BaseModel):
+    """What :func:`export` wrote and what it checked."""
+
+    path: str
+    format: Literal["stock", "decilm"]
+    parameters: int
+    planned_parameters: int
+    bytes_on_disk: int
+    files: list[str]
+    max_abs_logit_diff: float | None
+    seconds: float
+    notes: list[str] = []
+
+
+def _slim_from_state_dict(model_class: type, config: Any, state_dict: dict[str, torch.Tensor], source: Any) -> Any:
+    """Build ``model_class(config)`` without allocating, then move ``state_dict`` in (strict: every name and shape must match)."""
+    with torch.device("meta"):
+        slim = model_class(config)
+    try:
+        slim.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ExportError(f"the pruned {model_type(source)} config does not describe the kept weights: "
+                          f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}",
+                          hint="This architecture has a per-layer rule cornerstone cannot rewrite; "
+                          "please report it with the model's config.json.") from None
+    # assign=True wraps each tensor in its own Parameter: tie the embeddings again as the config says
+    slim.tie_weights()
+    slim.generation_config = copy.deepcopy(source.generation_config)
+    return slim.eval()
+
+
+def drop_blocks(model: torch.nn.Module, layers: Collection[int]) -> torch.nn.Module:
+    """A new model of the same class without the decoder blocks ``layers`` (weights are shared, not copied).
+
+    Kept blocks are renumbered 0..k-1 in order; config lists with one entry per layer (``layer_types``,
+    sliding-window and no-RoPE patterns, ...) keep the kept layers' entries; lists of layer indices
+    (``mlp_only_layers``) are remapped; ``num_hidden_layers`` becomes k.
+    """
+    path, blocks = decoder_layers(model)
+    count = len(blocks)
+    dropped = set(layers)
+    if not dropped <= set(range(count)):
+        raise PlanError(f"blocks {sorted(dropped - set(range(count)))} do not exist: the model has L0..L{count - 1}")
+    keep = [index for index in range(count) if index not in dropped]
+    if not keep:
+        raise PlanError("a plan cannot drop every block")
+    renumber = {old: new for new, old in enumerate(keep)}
+    config = copy.deepcopy(model.config)
+    text = text_config(config)
+    for key, value in list(vars(text).items()):
+        if key in NOT_PER_LAYER or not isinstance(value, (list, tuple)):
+            continue
+        if key in LAYER_INDEX_FIELDS:
+            setattr(text, key, type(value)(renumber[i] for i in value if i in renumber))
+        elif len(value) == count:
+            setattr(text, key, type(value)(value[i] for i in keep))
+    text.num_hidden_layers = len(keep)
+
+    prefix = path + "."
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            if int(index) in dropped:
+                continue
+            name = f"{prefix}{renumber[int(index)]}.{rest}"
+        state[name] = tensor
+    return _slim_from_state_dict(type(model), config, state, model)
+
+
+def drop_sublayers(model: torch.nn.Module, players: Collection[Any]) -> torch.nn.Module:
+    """The model in the DeciLM / Nemotron-NAS layout with the given attention/FFN sublayers as ``no_op``.
+
+    Each layer keeps its slot; a removed sublayer loses its weights and its own norms
+    (:func:`~cornerstone.players.owned_modules`). Only Llama-family models have this format.
+    """
+    from .decilm import AUTO_MAP, DeciLMConfig, DeciLMForCausalLM
+
+    kind = model_type(model)
+    if not architecture(model).decilm:
+        raise ExportError(
+            f"a sublayer plan for '{kind}' cannot be written as a checkpoint: the DeciLM/Nemotron-NAS block_configs "
+            "format that serving engines read describes Llama-family models only",
+            hint="Plan with --granularity block: whole-block plans export as a stock checkpoint for every architecture.",
+        )
+    decilm_config = DeciLMConfig.from_llama(model.config, no_attention=[p.layer for p in players if p.kind == "attn"],
+                                            no_ffn=[p.layer for p in players if p.kind == "mlp"])
+    decilm_config.architectures = ["DeciLMForCausalLM"]
+    decilm_config.auto_map = dict(AUTO_MAP)
+    gone = tuple(f"{path}." for p in players for path in owned_modules(model, p))
+    state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(gone)}
+    return _slim_from_state_dict(DeciLMForCausalLM, decilm_config, state, model)
+
+
+def serving_notes(config: Any) -> list[str]:
+    """What serving engines get wrong about a DeciLM checkpoint, found by reading their sources
+    (vLLM ``nemotron_nas.py``, llama.cpp ``src/models/deci.cpp``); transformers loads all of them exactly."""
+    blocks = config.block_configs
+    notes = []
+    if any(block["ffn"].get("intermediate_size") is not None for block in blocks):
+        notes.append("The FFN width is stored explicitly (ffn.intermediate_size): vLLM and llama.cpp derive it from "
+                     "ffn_mult rounded up to a multiple of 256, which gives another width for this model.")
+    if blocks[0]["attention"]["no_op"] and not blocks[0]["ffn"]["no_op"]:
+        notes.append("Layer 0 keeps its FFN but not its attention: vLLM's DeciLM layer then meets an empty residual "
+                     "and fails; serve it with transformers, or protect L0.attn when planning.")
+    half = [i for i, block in enumerate(blocks) if block["ffn"]["no_op"] and not block["attention"]["no_op"]]
+    if half:
+        notes.append(f"Layers {', '.join(map(str, half))} keep attention without an FFN: llama.cpp's DeciLM graph "
+                     "skips such a layer whole (its attention output is dropped), so a GGUF of this checkpoint is "
+                     "not this model; vLLM and transformers compute it correctly.")
+    return notes
+
+
+def _unique_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+
+
+def _whole_blocks(players: list[Any]) -> set[int] | None:
+    """The blocks a plan removes when it removes only whole blocks (as blocks, or as both their sublayers)."""
+    blocks = {p.layer for p in players if p.kind == "block"}
+    halves: dict[int, set[str]] = {}
+    for p in players:
+        if p.kind != "block":
+            halves.setdefault(p.layer, set()).add(p.kind)
+    if any(kinds != {"attn", "mlp"} for kinds in halves.values()):
+        return None
+    return blocks | set(halves)
+
+
+def probe_ids(vocab_size: int, batch: int = 2, length: int = 48, seed: int = 0) -> torch.Tensor:
+    """Fixed pseudo-random token ids for comparing two models' logits."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, length), generator=generator)
+
+
+def max_logit_difference(original: torch.nn.Module, players: list[Any], pruned: torch.nn.Module) -> float:
+    """max |logits(original with ``players`` removed) - logits(pruned)| on :func:`probe_ids`."""
+    ids = probe_ids(text_config(original.config).vocab_size).to(original.device)
+    with torch.no_grad(), removed(original, players):
+        expected = original(ids).logits.float()
+    with torch.no_grad():
+        actual = pruned.to(original.device)(ids).logits.float()
+    return float((expected - actual).abs().max())
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 5e-2
+
+
+def load_exported(folder: str | Path, dtype: torch.dtype | None = None) -> Any:
+    """Load an exported folder the way a user would: stock transformers, remote code only for the DeciLM format."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    manifest = json.loads((folder / EXPORT_MANIFEST).read_text()) if (folder / EXPORT_MANIFEST).exists() else {}
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype or "auto", trust_remote_code=manifest.get("format") == "decilm").eval()
+
+
+def export(
+    model: LoadedModel | str,
+    plan: Plan | str | Path,
+    out: str | Path,
+    *,
+    recipe: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    max_shard_size: str = "2GB",
+    verify: bool = True,
+    allow_other_model: bool = False,
+) -> ExportResult:
+    """Cut ``plan``'s players from ``model`` and write the slim checkpoint to ``out``.
+
+    The folder holds the safetensors weights (sharded above ``max_shard_size``), config, tokenizer,
+    generation config, a model card (``README.md``), the plan (``cornerstone-plan.yaml``), the
+    recipe when one is given (``cornerstone-recipe.yaml``) and ``cornerstone-export.json``. With
+    ``verify`` the written folder is loaded back and its logits compared with the original model
+    under the plan's mask (max abs difference <= 1e-5 in float32) before the folder is put in place.
+    """
+    started = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if plan.model.get("fingerprint") not in (None, loaded.fingerprint) and not allow_other_model:
+        raise PlanError(f"the plan was made for {plan.model.get('spec')}, not for {loaded.spec}",
+                        hint="Export the model the plan was made for (or pass --allow-other-model).")
+    players = parse_players(loaded.model, plan.player_names)
+    blocks = _whole_blocks(players)
+    if blocks is not None:
+        slim, layout = drop_blocks(loaded.model, blocks), "stock"
+    else:
+        slim, layout = drop_sublayers(loaded.model, players), "decilm"
+    notes = serving_notes(slim.config) if layout == "decilm" else []
+    parameters = _unique_parameters(slim)
+    if parameters != plan.parameters.remaining:
+        raise ExportError(f"the exported model has {parameters:,} parameters but the plan predicts "
+                          f"{plan.parameters.remaining:,}",
+                          hint="The plan was made from a report of a different model; re-plan from this model's report.")
+    out = Path(out)
+    with staged_directory(out, if_exists="replace" if overwrite else "error") as staging:
+        from .loading import _no_progress_bars
+
+        with _no_progress_bars():
+            slim.save_pretrained(staging, max_shard_size=max_shard_size)
+            loaded.tokenizer.save_pretrained(staging)
+        if layout == "decilm":
+            from .decilm import MODELING_FILES, source_dir
+
+            for name in MODELING_FILES:
+                shutil.copy2(source_dir() / name, staging / name)
+        plan.save(staging / PLAN_FILE)
+        if recipe is not None:
+            import yaml
+
+            (staging / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        difference = None
+        if verify:
+            with _no_progress_bars():
+                reloaded = load_exported(staging, dtype=slim.dtype) if layout == "stock" else _load_decilm(staging, slim.dtype)
+            difference = max_logit_difference(loaded.model, players, reloaded)
+            del reloaded
+            if not difference <= _tolerance(slim.dtype):
+                raise ExportError(f"the exported model's logits differ from the masked original by {difference:.3g}",
+                                  hint="Nothing was written. Please report this with the plan and the model.")
+        files = sorted(p.name for p in staging.iterdir())
+        size = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
+        result = ExportResult(path=str(out), format=layout, parameters=parameters,
+                              planned_parameters=int(plan.parameters.remaining), bytes_on_disk=size,
+                              files=files + ["README.md", EXPORT_MANIFEST], max_abs_logit_diff=difference,
+                              seconds=time.perf_counter() - started)
+        (staging / "README.md").write_text(model_card(loaded, plan, result))
+        (staging / EXPORT_MANIFEST).write_text(json.dumps(
+            {**result.model_dump(), "base_model": loaded.describe(), "players_removed": plan.player_names}, indent=2))
+    return result
+
+
+def _load_decilm(folder: Path, dtype: torch.dtype) -> Any:
+    # The staging folder is loaded with remote code exactly as users will load the final one.
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True).eval()
+
+
+def model_card(loaded: LoadedModel, plan: Plan, result: ExportResult) -> str:
+    """The README.md of an exported folder: base model, what was cut and why, how to load it."""
+    from .scores import package_versions
+
+    base = loaded.describe()
+    hub_id = loaded.spec if loaded.source == "hub" else None
+    lines = ["---", "library_name: transformers", "tags: [cornerstone, pruned, layer-pruning]"]
+    if hub_id:
+        lines.append(f"base_model: {hub_id}")
+    lines += ["---", "", f"# {loaded.spec}, {len(plan.removed)} {plan.granularity} players removed", "",
+              f"Made with cornerstone {package_versions()['cornerstone']} from `{loaded.spec}` "
+              f"({base['model_type']}, {base['num_hidden_layers']} layers, {base['parameters']:,} parameters; "
+              f"fingerprint `{loaded.fingerprint}`).", "",
+              "## What was cut", "",
+              f"Scores: {plan.report.get('method')} at {plan.report.get('granularity')} granularity on "
+              f"{', '.join(plan.report.get('tasks') or [])}; full-model score {plan.report.get('base_score', 0):.4f}, "
+              f"chance {plan.report.get('chance', 0):.4f}; cornerstones: {', '.join(plan.report.get('cornerstones') or []) or 'none'}.",
+              f"Plan: policy `{plan.planner.policy}`, drop `{plan.planner.drop}`, keep_first {plan.planner.keep_first}, "
+              f"keep_last {plan.planner.keep_last}, cornerstones protected: {plan.planner.protect_cornerstones}.", "",
+              "| player | importance | rank | parameters | reason |", "|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.importance:+.4f} | {r.rank} | {r.parameters:,} | {r.reason} |" for r in plan.removed]
+    lines += ["", f"Parameters: {result.parameters:,} of {plan.parameters.original:,} "
+              f"({plan.parameters.removed_fraction:.1%} removed); blocks {plan.blocks['remaining']} of {plan.blocks['original']}.",
+              f"Predicted score: {plan.predicted_score:.4f} ({plan.predicted_by})." if plan.predicted_score is not None else "",
+              f"Checked: logits equal the original model with these players removed (max abs difference "
+              f"{result.max_abs_logit_diff:.2g})." if result.max_abs_logit_diff is not None else "", "",
+              "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    if result.format == "stock":
+        lines += ['model = AutoModelForCausalLM.from_pretrained("PATH")', "```", "",
+                  "A stock checkpoint: `lm_eval --model hf --model_args pretrained=PATH`, vLLM and llama.cpp's "
+                  "converter read it as they read the base model."]
+    else:
+        lines += ['model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)', "```", "",
+                  "DeciLM / Nemotron-NAS layout (`block_configs`, `no_op` sublayers), read by vLLM "
+                  "(`DeciLMForCausalLM`) and llama.cpp's converter; transformers needs `trust_remote_code=True` "
+                  "for the bundled `modeling_decilm.py`. `lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True`."]
+    lines += [""] + [f"Note: {note}" for note in result.notes]
+    lines += ["", "Files: `cornerstone-plan.yaml` (the plan), `cornerstone-recipe.yaml` (the recipe, when one was used), "
+              "`cornerstone-export.json` (this export's numbers).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,419 @@
+"""Plan what to drop: turn a score report into a list of players to cut, each with its reason.
+
+:func:`make_plan` is the Python API behind ``cornerstone plan``. A :class:`Planner` holds the
+options (it is also the ``plan:`` section of a recipe); a :class:`Plan` is the result, saved as YAML
+that a person can read and that :func:`cornerstone.export.export` applies.
+
+Policies
+- ``lowest``: drop the players with the lowest importance in the report, in one shot (ShortGPT,
+  Men et al. 2024, https://arxiv.org/abs/2403.03853, with any importance instead of block influence).
+- ``greedy``: remove one player, re-measure every remaining candidate with the model removed so
+  far, remove the one whose loss hurts least, repeat (SLEB, Song et al. 2024,
+  https://arxiv.org/abs/2402.09025; FinerCut, Zhang et al. 2024, https://arxiv.org/abs/2405.18218,
+  at sublayer granularity). It costs about ``candidates x steps`` evaluations and sees interactions
+  that single-player scores miss.
+- ``contiguous``: drop the consecutive span with the lowest summed importance (the span choice of
+  angular-distance pruning, Gromov et al. 2024, https://arxiv.org/abs/2403.17887).
+
+Cornerstones are protected unless ``protect_cornerstones`` is off, and so are the first and last
+``keep_first``/``keep_last`` blocks and any player named in ``keep``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError, PlanError
+from .estimators import Progress
+from .files import atomic_write
+from .scores import ScoreReport
+
+PLAN_SCHEMA_VERSION = 1
+_DROP = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+class Planner(BaseModel):
+    """How to choose the players to drop.
+
+    ``drop`` is a number of players (``8``) or a share of the model's parameters (``"25%"``: players
+    are removed until at least that share of all parameters, embeddings included, is gone).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["lowest", "greedy", "contiguous"] = "lowest"
+    granularity: Literal["block", "sublayer"] = "block"
+    drop: int | str
+    keep_first: int = Field(1, ge=0, description="Never drop the first k blocks.")
+    keep_last: int = Field(1, ge=0, description="Never drop the last k blocks.")
+    protect_cornerstones: bool = True
+    keep: list[str] = Field(default_factory=list, description="Players never dropped, e.g. [L5, L7.attn].")
+
+    @field_validator("drop")
+    @classmethod
+    def _check_drop(cls, drop: int | str) -> int | str:
+        if isinstance(drop, str) and drop.strip().isdigit():
+            drop = int(drop)
+        if isinstance(drop, int):
+            if drop < 1:
+                raise ValueError("drop must be at least 1 player")
+            return drop
+        match = _DROP.match(drop)
+        if match is None or not 0 < float(match.group(1)) < 100:
+            raise ValueError(f"drop '{drop}' is neither a number of players (8) nor a share of parameters (25%)")
+        return f"{float(match.group(1)):g}%"
+
+    def parameter_share(self) -> float | None:
+        """The share of parameters to remove, or None when ``drop`` counts players."""
+        return float(self.drop[:-1]) / 100 if isinstance(self.drop, str) else None
+
+
+class PlannedRemoval(BaseModel):
+    """One player the plan drops, with the numbers that put it there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    layer: int
+    kind: Literal["attn", "mlp", "block"]
+    importance: float
+    rank: int = Field(description="1 = least important of all players at the plan's granularity.")
+    parameters: int
+    reason: str
+    step: int | None = Field(None, description="Greedy: the order of removal.")
+    score_after: float | None = Field(None, description="Greedy: measured score with this and every earlier removal.")
+
+
+class ProtectedPlayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    importance: float
+    reason: str
+
+
+class ParameterCount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    original: int
+    removed: int
+    remaining: int
+    removed_fraction: float
+
+
+class Plan(BaseModel):
+    """What to cut from a model, why, and what is predicted to remain."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = PLAN_SCHEMA_VERSION
+    created: str
+    model: dict[str, Any]
+    report: dict[str, Any]
+    planner: Planner
+    granularity: Literal["block", "sublayer"]
+    removed: list[PlannedRemoval]
+    protected: list[ProtectedPlayer]
+    parameters: ParameterCount
+    blocks: dict[str, int]
+    predicted_score: float | None = None
+    predicted_by: str | None = None
+
+    @property
+    def player_names(self) -> list[str]:
+        return [removal.name for removal in self.removed]
+
+    def to_yaml(self) -> str:
+        header = (f"# cornerstone plan: drop {len(self.removed)} {self.granularity} players of {self.model.get('spec')}"
+                  f" ({self.parameters.removed_fraction:.1%} of parameters), policy {self.planner.policy}.\n"
+                  "# Apply it with: cornerstone export MODEL THIS_FILE --out DIR\n")
+        return header + yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, width=110)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        atomic_write(path, self.to_yaml().encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            return cls.model_validate(yaml.safe_load(path.read_text()))
+        except FileNotFoundError:
+            raise PlanError(f"plan '{path}' does not exist", hint="Write one with `cornerstone plan REPORT`.") from None
+        except yaml.YAMLError as exc:
+            raise PlanError(f"plan '{path}' is not valid YAML ({exc})", hint="") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise PlanError(f"plan '{path}' is not a cornerstone plan: {where}: {first['msg']}",
+                            hint="Write one with `cornerstone plan REPORT`.") from None
+
+
+@dataclass
+class _Candidate:
+    name: str
+    layer: int
+    kind: str
+    importance: float
+    parameters: int
+    cornerstone: bool
+    note: str = ""
+    rank: int = 0
+
+
+def _candidates(report: ScoreReport, granularity: str, counts: dict[str, int]) -> list[_Candidate]:
+    """The report's players at ``granularity``, in forward order. A block's importance from a sublayer
+    report is the sum of its two sublayers' (additive approximation), and it is a cornerstone when either is."""
+    if granularity == report.granularity:
+        found = [_Candidate(name, p.layer, p.kind, p.importance, counts[name], p.cornerstone)
+                 for name, p in report.players.items()]
+    elif granularity == "block" and report.granularity == "sublayer":
+        blocks: dict[int, list[str]] = {}
+        for name, p in report.players.items():
+            blocks.setdefault(p.layer, []).append(name)
+        found = [_Candidate(f"L{layer}", layer, "block",
+                            sum(report.players[n].importance for n in names), sum(counts[n] for n in names),
+                            any(report.players[n].cornerstone for n in names),
+                            note=f" (sum of {' + '.join(names)})")
+                 for layer, names in blocks.items()]
+    else:
+        raise PlanError("a block report cannot be planned at sublayer granularity",
+                        hint="Score with --granularity sublayer, or plan with --granularity block.")
+    found.sort(key=lambda c: (c.layer, c.kind != "attn"))
+    for rank, candidate in enumerate(sorted(found, key=_least_important_first), start=1):
+        candidate.rank = rank
+    return found
+
+
+def _least_important_first(candidate: _Candidate) -> tuple[float, int]:
+    # ties go to the later layer: late layers are the usual redundant ones (Gromov et al. 2024)
+    return candidate.importance, -candidate.layer
+
+
+def _protection(candidates: list[_Candidate], planner: Planner, num_blocks: int) -> dict[str, str]:
+    known = {c.name for c in candidates} | {f"L{c.layer}" for c in candidates}
+    unknown = [name for name in planner.keep if name not in known]
+    if unknown:
+        raise PlanError(f"keep names players the report does not have: {', '.join(unknown)}",
+                        hint="Player ids look like L5 or L5.attn; see the report.")
+    reasons: dict[str, str] = {}
+    for c in candidates:
+        if c.layer < planner.keep_first:
+            reasons[c.name] = f"keep_first {planner.keep_first}"
+        elif c.layer >= num_blocks - planner.keep_last:
+            reasons[c.name] = f"keep_last {planner.keep_last}"
+        elif c.name in planner.keep or f"L{c.layer}" in planner.keep:
+            reasons[c.name] = "kept by the user"
+        elif c.cornerstone and planner.protect_cornerstones:
+            reasons[c.name] = "cornerstone"
+    return reasons
+
+
+class _Target:
+    """When enough is dropped: a number of players, or a share of the model's parameters."""
+
+    def __init__(self, planner: Planner, total_parameters: int) -> None:
+        self.players = planner.drop if isinstance(planner.drop, int) else None
+        share = planner.parameter_share()
+        self.parameters = None if share is None else share * total_parameters
+        self.text = (f"{self.players} players" if self.players is not None
+                     else f"{planner.drop} of {total_parameters:,} parameters")
+
+    def met(self, chosen: Sequence[_Candidate]) -> bool:
+        if self.players is not None:
+            return len(chosen) >= self.players
+        return sum(c.parameters for c in chosen) >= self.parameters  # type: ignore[operator]
+
+    def unreachable(self, allowed: Sequence[_Candidate]) -> PlanError:
+        return PlanError(f"cannot drop {self.text}: only {len(allowed)} players "
+                         f"({sum(c.parameters for c in allowed):,} parameters) are not protected")
+
+
+def _lowest(allowed: list[_Candidate], target: _Target) -> list[_Candidate]:
+    chosen: list[_Candidate] = []
+    for candidate in sorted(allowed, key=_least_important_first):
+        if target.met(chosen):
+            break
+        chosen.append(candidate)
+    if not target.met(chosen):
+        raise target.unreachable(allowed)
+    return chosen
+
+
+def _contiguous(candidates: list[_Candidate], protected: dict[str, str], target: _Target) -> list[_Candidate]:
+    best: list[_Candidate] | None = None
+    for start in range(len(candidates)):
+        span: list[_Candidate] = []
+        for candidate in candidates[start:]:
+            if candidate.name in protected:
+                break
+            span.append(candidate)
+            if target.met(span):
+                break
+        if not target.met(span):
+            continue
+        # ties go to the later span
+        if best is None or sum(c.importance for c in span) <= sum(c.importance for c in best):
+            best = span
+    if best is None:
+        raise PlanError(f"no run of consecutive unprotected players reaches {target.text}",
+                        hint="Lower --drop, relax --keep-first/--keep-last/--no-protect, or use --policy lowest.")
+    return best
+
+
+def _greedy(allowed: list[_Candidate], target: _Target, value: Any, progress: Progress | None
+            ) -> tuple[list[_Candidate], list[float]]:
+    from .players import parse_players
+
+    model = value.loaded.model
+    players = {c.name: parse_players(model, [c.name])[0] for c in allowed}
+    chosen: list[_Candidate] = []
+    scores: list[float] = []
+    done = 0
+    while not target.met(chosen):
+        left = [c for c in allowed if c not in chosen]
+        if not left:
+            raise target.unreachable(allowed)
+        base = [players[c.name] for c in chosen]
+        steps_left = (target.players - len(chosen)) if target.players is not None else 1
+        total = done + sum(len(left) - k for k in range(steps_left))
+
+        def tick(_evaluation: Any) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total, f"greedy step {len(chosen) + 1}")
+
+        results = value.evaluate_many([base + [players[c.name]] for c in left], on_done=tick)
+        best_score, best = max(zip((r.score for r in results), left),
+                               key=lambda pair: (pair[0], -pair[1].importance, pair[1].layer))
+        chosen.append(best)
+        scores.append(best_score)
+    return chosen, scores
+
+
+def _parameter_counts(report: ScoreReport, loaded: Any) -> dict[str, int]:
+    """Per-player parameters from the report, or counted on the model for reports written before they were kept."""
+    if all(p.parameters is not None for p in report.players.values()):
+        return {name: p.parameters for name, p in report.players.items()}  # type: ignore[misc]
+    from .loading import load_model
+    from .players import parse_players, player_parameters
+
+    if loaded is None:
+        loaded = load_model(report.model["spec"])
+    return {name: player_parameters(loaded.model, parse_players(loaded.model, [name])[0]) for name in report.players}
+
+
+def make_plan(
+    report: ScoreReport | str | Path,
+    planner: Planner,
+    *,
+    loaded: Any = None,
+    value: Any = None,
+    store: str | Path | None = None,
+    progress: Progress | None = None,
+) -> Plan:
+    """Choose the players to drop from ``report`` with ``planner``'s policy and constraints.
+
+    ``greedy`` measures as it goes: it uses ``value`` (a :class:`~cornerstone.value.ValueFunction`)
+    or builds one on ``loaded`` (or on the report's model) with the report's tasks and documents.
+    The other policies read the report only. ``predicted_score`` is measured for ``greedy`` and, for
+    the others, the additive estimate ``v(N) - sum_i importance_i`` (exact only when removals do
+    not interact, which is why ``cornerstone eval`` measures the result).
+    """
+    report_path = None
+    if not isinstance(report, ScoreReport):
+        report_path = str(report)
+        report = ScoreReport.load(report)
+    if not report.players:
+        raise PlanError("the report scores no players", hint="Score the model first: `cornerstone score`.")
+    num_blocks = int(report.model.get("num_hidden_layers") or 1 + max(p.layer for p in report.players.values()))
+    total_parameters = int(report.model["parameters"])
+    counts = _parameter_counts(report, loaded)
+    candidates = _candidates(report, planner.granularity, counts)
+    protected = _protection(candidates, planner, num_blocks)
+    allowed = [c for c in candidates if c.name not in protected]
+    target = _Target(planner, total_parameters)
+    step_scores: list[float] = []
+    if planner.policy == "lowest":
+        chosen = _lowest(allowed, target)
+    elif planner.policy == "contiguous":
+        chosen = _contiguous(candidates, protected, target)
+    else:
+        if value is None:
+            value = _report_value_function(report, loaded, store)
+        chosen, step_scores = _greedy(allowed, target, value, progress)
+
+    removed_parameters = sum(c.parameters for c in chosen)
+    removals = []
+    for step, c in enumerate(chosen):
+        why = {"lowest": f"importance {c.importance:+.4f}{c.note}, rank {c.rank} of {len(candidates)}",
+               "contiguous": f"in the span with the lowest summed importance; importance {c.importance:+.4f}{c.note}",
+               "greedy": f"greedy step {step + 1}: its removal hurt least ({step_scores[step]:.4f} after)"
+               if step_scores else ""}[planner.policy]
+        removals.append(PlannedRemoval(name=c.name, layer=c.layer, kind=c.kind, importance=c.importance, rank=c.rank,
+                                       parameters=c.parameters, reason=why + "; not protected",
+                                       step=step + 1 if step_scores else None,
+                                       score_after=step_scores[step] if step_scores else None))
+    removed_blocks = {c.layer for c in chosen if c.kind == "block"}
+    by_layer: dict[int, int] = {}
+    for c in chosen:
+        if c.kind != "block":
+            by_layer[c.layer] = by_layer.get(c.layer, 0) + 1
+    removed_blocks |= {layer for layer, n in by_layer.items() if n == 2}
+    if len(removed_blocks) == num_blocks:
+        raise PlanError(f"dropping {target.text} would remove every block of the model")
+    if step_scores:
+        predicted, predicted_by = step_scores[-1], "measured by the greedy search on the report's tasks"
+    else:
+        predicted = report.base_score - sum(c.importance for c in chosen)
+        predicted_by = "additive estimate v(N) - sum of importances (removals assumed not to interact)"
+    return Plan(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model={key: report.model.get(key) for key in ("spec", "fingerprint", "model_type", "architecture",
+                                                      "num_hidden_layers", "parameters")},
+        report={"path": report_path, "method": report.method, "granularity": report.granularity,
+                "tasks": report.settings.get("tasks"), "base_score": report.base_score, "chance": report.chance,
+                "cornerstones": report.cornerstones},
+        planner=planner,
+        granularity=planner.granularity,
+        removed=sorted(removals, key=lambda r: (r.layer, r.kind != "attn")),
+        protected=[ProtectedPlayer(name=c.name, importance=c.importance, reason=protected[c.name])
+                   for c in candidates if c.name in protected],
+        parameters=ParameterCount(original=total_parameters, removed=removed_parameters,
+                                  remaining=total_parameters - removed_parameters,
+                                  removed_fraction=removed_parameters / total_parameters),
+        blocks={"original": num_blocks, "remaining": num_blocks - len(removed_blocks)},
+        predicted_score=predicted,
+        predicted_by=predicted_by,
+    )
+
+
+def _report_value_function(report: ScoreReport, loaded: Any, store: str | Path | None) -> Any:
+    """The value function the report was scored with: same model, tasks, documents and engine."""
+    from . import harness
+    from .loading import load_model
+    from .value import ValueFunction
+
+    settings = report.settings
+    if loaded is None:
+        loaded = load_model(report.model["spec"], dtype=report.model.get("dtype") or "float32")
+    if loaded.fingerprint != report.model.get("fingerprint"):
+        raise PlanError(f"the model given is not the one the report scored ({report.model.get('spec')})",
+                        hint="Pass the report's model, or score this model first.")
+    try:
+        specs = harness.load_tasks(settings["tasks"], include_paths=settings.get("include_paths") or [],
+                                   limit=settings.get("limit"), seed=settings.get("seed"))
+    except KeyError as exc:
+        raise ConfigError(f"the report lacks the setting {exc} needed to re-measure", hint="Re-score the model.") from None
+    return ValueFunction(loaded, specs, batch_size=settings.get("batch_size", 32),
+                         engine=settings.get("engine", "fast"), store=store)

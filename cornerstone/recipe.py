@@ -1,0 +1,184 @@
+"""Recipes: one YAML file that runs the whole pipeline, score -> plan -> export -> eval.
+
+:func:`run_recipe` is the Python API behind ``cornerstone run``. Recipes are validated strictly: a
+misspelt or unknown key is an error that names it (every section forbids extra keys). The exact
+recipe is saved next to the exported weights, with the plan, so a checkpoint says how it was made.
+Paths in a recipe (``out``, ``report``, ``include_paths``) are relative to the directory you run from.
+
+.. code-block:: yaml
+
+    name: smollm2-135m-drop8
+    model: smollm2-135m
+    tasks: {names: [cornerstone_bundled], limit: 25, seed: 0}
+    score: {method: ablation, granularity: block}
+    plan: {policy: lowest, granularity: block, drop: 8}
+    export: {out: exports/smollm2-135m-drop8}
+    eval: {tasks: {names: [cornerstone_real], limit: 200}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+from .planner import Planner
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskSelection(_Section):
+    """lm-eval task names, groups or tags, and which documents to use."""
+
+    names: list[str] = Field(default_factory=lambda: ["cornerstone_bundled"])
+    include_paths: list[str] = Field(default_factory=list)
+    limit: int | None = Field(25, ge=1, description="Documents per task (seeded random); null for all.")
+    seed: int = 0
+
+
+class ScoreStep(_Section):
+    """How to score; ``report`` reuses a saved report instead of scoring again."""
+
+    method: Literal["ablation", "shapley"] = "ablation"
+    estimator: Literal["kernel", "permutation", "proximity", "exact"] = "kernel"
+    granularity: Literal["block", "sublayer"] = "block"
+    budget: int = Field(600, ge=4)
+    target_stderr: float | None = None
+    window: int = Field(3, ge=1)
+    engine: Literal["fast", "lm-eval"] = "fast"
+    batch_size: int = Field(32, ge=1)
+    margin: float = Field(0.2, ge=0.0, le=1.0)
+    store: bool = True
+    report: str | None = None
+
+
+class ExportStep(_Section):
+    out: str
+    overwrite: bool = False
+    max_shard_size: str = "2GB"
+    verify: bool = True
+
+
+class EvalStep(_Section):
+    tasks: TaskSelection = Field(default_factory=TaskSelection)
+    batch_size: int = Field(16, ge=1)
+
+
+class Recipe(_Section):
+    """The whole pipeline in one document; every section forbids unknown keys."""
+
+    name: str
+    description: str = ""
+    model: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str | None = None
+    revision: str | None = None
+    tasks: TaskSelection = Field(default_factory=TaskSelection)
+    score: ScoreStep = Field(default_factory=ScoreStep)
+    plan: Planner
+    export: ExportStep
+    eval: EvalStep | None = None
+    reports: str = Field("reports", description="Folder for the score report, plan and evaluation.")
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
+    where = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section: Any = model
+        for part in error["loc"][:-1]:
+            field = section.model_fields.get(str(part)) if isinstance(part, str) else None
+            annotation = getattr(field, "annotation", None)
+            candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            section = candidates[0] if candidates else section
+        return f"unknown key '{where}'", "Allowed there: " + ", ".join(section.model_fields) + "."
+    return f"'{where}': {error['msg']}", "See the example recipes in recipes/."
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; an unknown or invalid key is a :class:`ConfigError` that names it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"recipe '{path}' does not exist", hint="See the example recipes in recipes/.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{path}' is not a mapping of sections", hint="See the example recipes in recipes/.")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        message, hint = _describe(exc.errors()[0], Recipe)
+        raise ConfigError(f"recipe '{path}': {message}", hint=hint) from None
+
+
+class RunResult(BaseModel):
+    """Where a recipe run put its results."""
+
+    report: str
+    plan: str
+    export: dict[str, Any]
+    evaluation: dict[str, Any] | None = None
+    evaluation_files: list[str] = []
+
+
+def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
+               progress: Callable[[int, int, str], None] | None = None) -> RunResult:
+    """Run every step of ``recipe`` in order; the model is loaded once and shared by scoring, planning and export."""
+    from . import evaluate as evaluate_module
+    from . import report as report_module
+    from .estimators import make_estimator
+    from .export import export
+    from .harness import load_tasks
+    from .loading import load_model
+    from .planner import make_plan
+    from .scores import CornerstoneRule, ScoreReport, score
+    from .store import default_store_root
+
+    reports = Path(recipe.reports)
+    loaded = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, revision=recipe.revision)
+    log(f"loaded {recipe.model} in {loaded.load_seconds:.1f} s")
+    step = recipe.score
+    if step.report is not None:
+        report = ScoreReport.load(step.report)
+        report_path = Path(step.report)
+        log(f"score: reusing {report_path}")
+    else:
+        estimator = make_estimator(step.method, step.estimator, granularity=step.granularity, budget=step.budget,
+                                   target_stderr=step.target_stderr, window=step.window, seed=recipe.tasks.seed)
+        specs = load_tasks(recipe.tasks.names, include_paths=recipe.tasks.include_paths,
+                           limit=recipe.tasks.limit, seed=recipe.tasks.seed)
+        report = score(loaded, specs, estimator=estimator, include_paths=recipe.tasks.include_paths,
+                       limit=recipe.tasks.limit, seed=recipe.tasks.seed, batch_size=step.batch_size, engine=step.engine,
+                       store=default_store_root() if step.store else None, rule=CornerstoneRule(margin=step.margin),
+                       progress=progress)
+        report_path, _ = report_module.save(report, reports / f"{recipe.name}-scores.json")
+        log(f"score: {report.evaluations} evaluations, cornerstones {', '.join(report.cornerstones) or 'none'} -> {report_path}")
+    plan = make_plan(report, recipe.plan, loaded=loaded, store=default_store_root() if step.store else None,
+                     progress=progress)
+    plan.report["path"] = str(report_path)
+    plan_path = plan.save(reports / f"{recipe.name}-plan.yaml")
+    log(f"plan: drop {', '.join(plan.player_names)} ({plan.parameters.removed_fraction:.1%} of parameters) -> {plan_path}")
+    exported = export(loaded, plan, recipe.export.out, recipe=recipe.model_dump(mode="json"),
+                      overwrite=recipe.export.overwrite, max_shard_size=recipe.export.max_shard_size,
+                      verify=recipe.export.verify)
+    log(f"export: {exported.format} checkpoint, {exported.parameters:,} parameters, max logit difference "
+        f"{exported.max_abs_logit_diff} -> {exported.path}")
+    result = RunResult(report=str(report_path), plan=str(plan_path), export=exported.model_dump())
+    if recipe.eval is not None:
+        del loaded  # the evaluation loads both models from disk, as lm-eval users will
+        tasks = recipe.eval.tasks
+        comparison = evaluate_module.compare(recipe.model, exported.path, tasks.names, include_paths=tasks.include_paths,
+                                             limit=tasks.limit, seed=tasks.seed, batch_size=recipe.eval.batch_size,
+                                             device=recipe.device, dtype=recipe.dtype)
+        files = evaluate_module.save(comparison, reports / f"{recipe.name}-eval.json")
+        log(f"eval: mean retention {comparison.mean_retention:.1%}, speed-up {comparison.speedup:.2f}x -> {files[0]}")
+        result.evaluation = comparison.model_dump()
+        result.evaluation_files = [str(f) for f in files]
+    return result

@@ -1,0 +1,145 @@
+"""The planner: policies, protection, targets, and the greedy search against the value function it re-measures with."""
+
+from __future__ import annotations
+
+import pytest
+
+from cornerstone.errors import PlanError
+from cornerstone.loading import load_model
+from cornerstone.planner import Plan, Planner, make_plan
+from cornerstone.scores import CornerstoneRule, PlayerScore, ScoreReport, TaskScore
+from cornerstone.value import ValueFunction
+
+from .tasks import toy_docs, write_task
+
+
+def report_with(importances: dict[str, float], parameters: dict[str, int] | None = None, cornerstones=(),
+                granularity="block", total=None) -> ScoreReport:
+    """A score report holding the given importances (the planner's only input besides its options)."""
+    parameters = parameters or {name: 100 for name in importances}
+    players = {}
+    for name, importance in importances.items():
+        layer = int(name[1:].split(".")[0])
+        kind = name.split(".")[1] if "." in name else "block"
+        players[name] = PlayerScore(layer=layer, kind=kind, importance=importance, share=0.0, score_removed=0.7 - importance,
+                                    cornerstone=name in cornerstones, parameters=parameters[name])
+    layers = 1 + max(p.layer for p in players.values())
+    return ScoreReport(
+        created="2026-01-01T00:00:00+00:00", method="ablation", granularity=granularity,
+        model={"spec": "toy", "fingerprint": "toy", "num_hidden_layers": layers,
+               "parameters": total or sum(parameters.values()) + 1000},
+        tasks=[TaskScore(name="t", metric="acc", num_docs=10, total_docs=10, chance=0.25, base_score=0.7)],
+        settings={"tasks": ["t"]}, base_score=0.7, chance=0.25, players=players, cornerstones=list(cornerstones),
+        rule=CornerstoneRule(), evaluations=layers + 1, timing={}, versions={},
+    )
+
+
+EIGHT = {"L0": 0.40, "L1": 0.02, "L2": 0.05, "L3": -0.01, "L4": 0.03, "L5": 0.00, "L6": 0.10, "L7": 0.30}
+
+
+def test_lowest_drops_the_least_important_and_explains_each():
+    plan = make_plan(report_with(EIGHT), Planner(drop=3))
+    assert plan.player_names == ["L1", "L3", "L5"]
+    assert [r.rank for r in plan.removed] == [3, 1, 2]
+    assert all("rank" in r.reason and "not protected" in r.reason for r in plan.removed)
+    assert plan.parameters.removed == 300 and plan.parameters.remaining == plan.parameters.original - 300
+    assert plan.blocks == {"original": 8, "remaining": 5}
+    assert plan.predicted_score == pytest.approx(0.7 - (0.02 - 0.01 + 0.0))
+    assert {p.name: p.reason for p in plan.protected} == {"L0": "keep_first 1", "L7": "keep_last 1"}
+
+
+def test_cornerstones_are_protected_unless_the_user_lets_them_go():
+    report = report_with({**EIGHT, "L3": -0.5}, cornerstones=["L3"])
+    assert "L3" not in make_plan(report, Planner(drop=2)).player_names
+    assert any(p.name == "L3" and p.reason == "cornerstone" for p in make_plan(report, Planner(drop=2)).protected)
+    assert "L3" in make_plan(report, Planner(drop=2, protect_cornerstones=False)).player_names
+
+
+def test_keep_first_last_and_named_players():
+    plan = make_plan(report_with(EIGHT), Planner(drop=2, keep_first=2, keep_last=3, keep=["L3"]))
+    assert plan.player_names == ["L2", "L4"]
+    with pytest.raises(PlanError, match="cannot drop 3 players: only 2"):
+        make_plan(report_with(EIGHT), Planner(drop=3, keep_first=2, keep_last=3, keep=["L3"]))
+    with pytest.raises(PlanError, match="L9"):
+        make_plan(report_with(EIGHT), Planner(drop=1, keep=["L9"]))
+
+
+def test_parameter_share_target_removes_at_least_that_share():
+    sizes = {name: 100 * (i + 1) for i, name in enumerate(EIGHT)}
+    report = report_with(EIGHT, sizes, total=10_000)
+    plan = make_plan(report, Planner(drop="9%"))
+    assert plan.parameters.removed >= 900
+    assert plan.parameters.removed - plan.removed[-1].parameters < 900 or len(plan.removed) == 1
+    assert plan.player_names == ["L3", "L5"]  # 400 + 600 parameters, the two least important
+
+
+def test_contiguous_takes_the_span_with_the_lowest_summed_importance():
+    plan = make_plan(report_with(EIGHT), Planner(policy="contiguous", drop=3))
+    assert plan.player_names == ["L3", "L4", "L5"]  # -0.01 + 0.03 + 0.00 beats every other run of three
+    blocked = report_with({**EIGHT, "L4": -0.9}, cornerstones=["L4"])
+    assert make_plan(blocked, Planner(policy="contiguous", drop=3)).player_names == ["L1", "L2", "L3"]
+    with pytest.raises(PlanError, match="consecutive"):
+        make_plan(blocked, Planner(policy="contiguous", drop=4))
+
+
+def test_block_plan_from_a_sublayer_report_sums_the_halves():
+    halves = {}
+    for layer, value in enumerate([0.5, 0.01, 0.2, 0.02]):
+        halves[f"L{layer}.attn"] = value / 2
+        halves[f"L{layer}.mlp"] = value / 2
+    report = report_with(halves, cornerstones=["L2.mlp"], granularity="sublayer")
+    plan = make_plan(report, Planner(drop=1, keep_first=0, keep_last=0))
+    assert plan.player_names == ["L1"] and plan.removed[0].parameters == 200
+    assert "sum of L1.attn + L1.mlp" in plan.removed[0].reason
+    assert any(p.name == "L2" and p.reason == "cornerstone" for p in plan.protected)
+    sublayers = make_plan(report, Planner(drop=3, granularity="sublayer", keep_first=0, keep_last=0))
+    assert sublayers.player_names == ["L1.attn", "L1.mlp", "L3.attn"] and sublayers.blocks["remaining"] == 3
+    with pytest.raises(PlanError, match="block report"):
+        make_plan(report_with(EIGHT), Planner(drop=1, granularity="sublayer"))
+
+
+def test_a_plan_never_removes_every_block_and_drop_is_validated():
+    with pytest.raises(PlanError, match="every block"):
+        make_plan(report_with({"L0": 0.1, "L1": 0.1}), Planner(drop=2, keep_first=0, keep_last=0))
+    for bad in ("0", "150%", "lots", 0):
+        with pytest.raises(ValueError):
+            Planner(drop=bad)
+    assert Planner(drop="25 %").drop == "25%" and Planner(drop="8").drop == 8
+
+
+def test_plan_yaml_round_trips_and_bad_files_are_clear(tmp_path):
+    plan = make_plan(report_with(EIGHT), Planner(drop=2))
+    path = plan.save(tmp_path / "plan.yaml")
+    assert path.read_text().startswith("# cornerstone plan: drop 2 block players")
+    assert Plan.load(path) == plan
+    (tmp_path / "bad.yaml").write_text("removed: 3\n")
+    with pytest.raises(PlanError, match="not a cornerstone plan"):
+        Plan.load(tmp_path / "bad.yaml")
+    with pytest.raises(PlanError, match="does not exist"):
+        Plan.load(tmp_path / "missing.yaml")
+
+
+def test_greedy_removes_what_hurts_least_as_measured_step_by_step(tiny_llama_dir, tmp_path):
+    folder = write_task(tmp_path / "tasks", "toy_greedy", toy_docs(10))
+    from cornerstone import harness
+    from cornerstone.players import parse_players
+    from cornerstone.scores import score
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    specs = harness.load_tasks(["toy_greedy"], include_paths=[folder])
+    from cornerstone.estimators import Ablation
+
+    report = score(loaded, specs, estimator=Ablation(granularity="sublayer"), include_paths=[folder])
+    planner = Planner(policy="greedy", granularity="sublayer", drop=2, keep_first=0, keep_last=0)
+    plan = make_plan(report, planner, loaded=loaded)
+    value = ValueFunction(loaded, specs)
+    steps = sorted(plan.removed, key=lambda r: r.step)
+    assert [r.step for r in steps] == [1, 2]
+    first, second = steps[0].name, steps[1].name
+    singles = {name: value.evaluate(parse_players(loaded.model, [name])).score for name in report.players}
+    assert steps[0].score_after == pytest.approx(max(singles.values()))
+    assert singles[first] == pytest.approx(max(singles.values()))
+    assert steps[1].score_after == pytest.approx(value.evaluate(parse_players(loaded.model, [first, second])).score)
+    pairs = [value.evaluate(parse_players(loaded.model, [first, other])).score for other in report.players if other != first]
+    assert steps[1].score_after == pytest.approx(max(pairs))
+    assert plan.predicted_score == pytest.approx(steps[1].score_after)
