@@ -410,15 +410,19 @@ def _progress_bar(console: Any, label: str) -> Iterator[Callable[[int, int, str]
 
 @app.command("tasks")
 def list_tasks_command(include_path: IncludePathOption = None, as_json: JsonOption = False) -> None:
-    """List the bundled offline tasks (and those under --include-path)."""
-    from .harness import BUNDLED_TASK_GROUP, list_tasks
+    """List the bundled offline tasks, the real benchmarks read from ../shared/data, and tasks under --include-path."""
+    from .harness import BUNDLED_TASK_GROUP, REAL_TASK_GROUP, list_tasks
 
     names = list_tasks(include_path or [], bundled_only=not include_path)
+    real = list_tasks(real=True)
     if as_json:
-        _print_json({"group": BUNDLED_TASK_GROUP, "tasks": names})
+        _print_json({"group": BUNDLED_TASK_GROUP, "tasks": names, "real_group": REAL_TASK_GROUP, "real_tasks": real})
         return
     typer.echo(f"{BUNDLED_TASK_GROUP} (all bundled tasks)")
     for name in names:
+        typer.echo(f"  {name}")
+    typer.echo(f"{REAL_TASK_GROUP} (real benchmarks read from ../shared/data or $CORNERSTONE_SHARED_DATA)")
+    for name in real:
         typer.echo(f"  {name}")
 
 

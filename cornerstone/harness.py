@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import json
 import logging
 import os
 import random
@@ -22,6 +24,7 @@ from .errors import ConfigError, EvaluationError, TaskError
 
 PREFERRED_METRICS = ("acc_norm", "acc")
 BUNDLED_TASK_GROUP = "cornerstone_bundled"
+REAL_TASK_GROUP = "cornerstone_real"
 
 
 def recipes_dir() -> Path:
@@ -32,6 +35,11 @@ def recipes_dir() -> Path:
 
 def bundled_tasks_dir() -> Path:
     return recipes_dir() / "tasks"
+
+
+def real_tasks_dir() -> Path:
+    """Real benchmarks (``cornerstone_real``) that read ../shared/data where it lies."""
+    return bundled_tasks_dir() / "shared"
 
 
 @dataclass
@@ -49,6 +57,22 @@ class TaskSpec:
     total_docs: int
     chance: float
     output_type: str
+
+    @functools.cached_property
+    def content_hash(self) -> str:
+        """sha256 of what the model is asked: each chosen document's prompt, choices and target.
+
+        A task's name and version do not change when its data or template do (a local JSON file
+        edited, a label column fixed); values stored for the old content must not be reused.
+        """
+        docs = self.task.eval_docs
+        digest = hashlib.sha256()
+        for index in self.doc_indices:
+            doc = docs[index]
+            choices = self.task.doc_to_choice(doc) if self.output_type == "multiple_choice" else None
+            digest.update(json.dumps([self.task.doc_to_text(doc), choices, self.task.doc_to_target(doc)],
+                                     default=str).encode())
+        return digest.hexdigest()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -192,17 +216,19 @@ def load_tasks(
     return specs
 
 
-def list_tasks(include_paths: Sequence[str | Path] = (), bundled_only: bool = True) -> list[str]:
-    """Task names the registry knows; by default only the bundled ones."""
+def list_tasks(include_paths: Sequence[str | Path] = (), bundled_only: bool = True, *, real: bool = False) -> list[str]:
+    """Task names the registry knows; by default only the bundled offline ones, with ``real`` only the
+    ``cornerstone_real`` tasks that read ../shared/data."""
     manager = task_manager(include_paths, include_defaults=not bundled_only)
     if not bundled_only:
         return sorted(manager.all_tasks)
-    folder = str(bundled_tasks_dir())
-    return sorted(
-        name
-        for name, entry in manager.task_index.items()
-        if str(entry.get("yaml_path", "") if isinstance(entry, dict) else getattr(entry, "yaml_path", "")).startswith(folder)
-    )
+    folder, shared = str(bundled_tasks_dir()), str(real_tasks_dir())
+
+    def where(entry: Any) -> str:
+        return str(entry.get("yaml_path", "") if isinstance(entry, dict) else getattr(entry, "yaml_path", ""))
+
+    return sorted(name for name, entry in manager.task_index.items()
+                  if where(entry).startswith(folder) and where(entry).startswith(shared) == real)
 
 
 def make_lm(model: Any, tokenizer: Any, batch_size: int = 16) -> Any:

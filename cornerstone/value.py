@@ -80,7 +80,7 @@ class ValueFunction:
     def game(self) -> dict:
         """The key of this value function's values in a :class:`~cornerstone.store.ValueStore`."""
         tasks = [{"name": s.name, "metric": s.metric, "doc_indices": s.doc_indices,
-                  "version": s.describe()["version"]} for s in self.tasks]
+                  "version": s.describe()["version"], "content": s.content_hash} for s in self.tasks]
         return game_key(self.loaded.describe(), tasks)
 
     @property

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cornerstone.cli import app
-from cornerstone.errors import ModelNotFoundError, ReportError, TaskError
+from cornerstone.errors import ModelNotFoundError, OutputError, PlanError, ReportError, TaskError
 
 from .tasks import toy_docs, write_task
 
@@ -107,3 +107,47 @@ def test_shapley_from_the_cli_reports_values_intervals_and_the_efficiency_check(
 def test_unknown_shapley_estimator_is_a_one_line_error(tiny_llama_dir):
     result = runner.invoke(app, ["score", str(tiny_llama_dir), "--method", "shapley", "--estimator", "magic"])
     assert result.exit_code == 2 and "unknown Shapley estimator 'magic'" in result.output and "Traceback" not in result.output
+
+
+def test_plan_export_eval_from_the_cli(scored, tiny_llama_dir, toy_folder, tmp_path):
+    out, _ = scored
+    plan_path = tmp_path / "plan.yaml"
+    planned = runner.invoke(app, ["plan", str(out), "--drop", "1", "--keep-first", "0", "--keep-last", "0",
+                                  "--out", str(plan_path), "--json"])
+    assert planned.exit_code == 0, planned.output
+    plan = json.loads(planned.stdout)
+    assert plan["path"] == str(plan_path) and len(plan["removed"]) == 1 and plan["granularity"] == "block"
+    shown = runner.invoke(app, ["plan", str(out), "--drop", "1", "--keep-first", "0", "--keep-last", "0",
+                                "--out", str(tmp_path / "again.yaml")])
+    assert plan["removed"][0]["name"] in shown.stdout and "predicted score" in shown.stdout
+
+    exported = runner.invoke(app, ["export", str(tiny_llama_dir), str(plan_path), "--out", str(tmp_path / "slim"), "--json"])
+    assert exported.exit_code == 0, exported.output
+    result = json.loads(exported.stdout)
+    assert result["format"] == "stock" and result["parameters"] == plan["parameters"]["remaining"]
+    again = runner.invoke(app, ["export", str(tiny_llama_dir), str(plan_path), "--out", str(tmp_path / "slim")])
+    assert again.exit_code == OutputError.exit_code and "already exists" in again.stderr
+
+    evaluated = runner.invoke(app, ["eval", str(tiny_llama_dir), str(tmp_path / "slim"), "--tasks", "toy_cli",
+                                    "--include-path", str(toy_folder), "--out", str(tmp_path / "eval.json"), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    comparison = json.loads(evaluated.stdout)
+    assert comparison["pruned"]["parameters"] == result["parameters"] and set(comparison["retention"]) == {"toy_cli"}
+    assert (tmp_path / "eval.md").read_text().startswith("# ")
+
+
+def test_impossible_plans_and_foreign_plans_exit_with_their_codes(scored, tmp_path, tokenizer):
+    out, _ = scored
+    impossible = runner.invoke(app, ["plan", str(out), "--drop", "3", "--out", str(tmp_path / "p.yaml")])
+    assert impossible.exit_code == PlanError.exit_code and "cannot drop 3 players" in impossible.stderr
+    bad_drop = runner.invoke(app, ["plan", str(out), "--drop", "lots"])
+    assert bad_drop.exit_code == 2 and "--drop" in bad_drop.stderr
+    runner.invoke(app, ["plan", str(out), "--drop", "1", "--keep-first", "0", "--out", str(tmp_path / "p.yaml")])
+    other = tmp_path / "other"
+    from .conftest import tiny_model
+
+    tiny_model("llama", seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    foreign = runner.invoke(app, ["export", str(other), str(tmp_path / "p.yaml"), "--out", str(tmp_path / "x")])
+    assert foreign.exit_code == PlanError.exit_code and "plan was made for" in foreign.stderr
+    assert not (tmp_path / "x").exists()

@@ -51,3 +51,59 @@ def test_full_model_score_matches_lm_eval_directly(smollm2):
         tasks=["cs_arithmetic"], task_manager=harness.task_manager(include_defaults=False), limit=30, bootstrap_iters=0,
     )
     assert ours.score == pytest.approx(direct["results"]["cs_arithmetic"]["acc_norm,none"], abs=1e-12)
+
+
+def test_real_benchmarks_read_shared_data_where_it_lies(shared_data):
+    assert harness.list_tasks(real=True) == ["cs_real_arc_challenge", "cs_real_arc_easy", "cs_real_boolq", "cs_real_piqa"]
+    specs = {s.name: s for s in harness.load_tasks(["cornerstone_real"], limit=50, seed=0)}
+    assert {name: s.total_docs for name, s in specs.items()} == {
+        "cs_real_arc_challenge": 1172, "cs_real_arc_easy": 2376, "cs_real_boolq": 3270, "cs_real_piqa": 1838}
+    for name in ("cs_real_boolq", "cs_real_piqa"):  # labels come from true/false strings and a separate .lst file
+        task = specs[name].task
+        assert {task.doc_to_target(task.eval_docs[i]) for i in specs[name].doc_indices} == {0, 1}
+    assert specs["cs_real_piqa"].chance == pytest.approx(0.5) and specs["cs_real_arc_easy"].metric == "acc_norm"
+
+
+FRESH_PROCESS = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=sys.argv[4] == "1")
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
+print(type(model).__name__, model.config.num_hidden_layers, sum(p.numel() for p in model.parameters()))
+"""
+
+
+@pytest.mark.parametrize("granularity, drop, layout", [("block", 8, "stock"), ("sublayer", 16, "decilm")])
+def test_smollm2_export_reloads_in_a_fresh_process_with_the_masked_logits(smollm2, granularity, drop, layout, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from cornerstone.export import export, probe_ids
+    from cornerstone.masking import removed
+    from cornerstone.planner import Planner, make_plan
+    from cornerstone.players import parse_players
+
+    committed = Path(__file__).resolve().parents[1] / "reports" / "smollm2-135m-ablation-sublayer.json"
+    plan = make_plan(committed, Planner(granularity=granularity, drop=drop), loaded=smollm2)
+    assert len(plan.removed) == drop and not {f"L{r.layer}" for r in plan.removed} & {"L0", "L29"}
+    cornerstone_layers = {int(name[1:].split(".")[0]) for name in plan.report["cornerstones"]}
+    assert cornerstone_layers and not {r.layer for r in plan.removed} & cornerstone_layers
+    result = export(smollm2, plan, tmp_path / "slim")
+    assert result.format == layout
+    ids = probe_ids(smollm2.model.config.vocab_size)
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad(), removed(smollm2.model, parse_players(smollm2.model, plan.player_names)):
+        expected = smollm2.model(ids).logits
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "slim"), str(tmp_path / "ids.pt"),
+                          str(tmp_path / "logits.pt"), "1" if layout == "decilm" else "0"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    name, layers, parameters = run.stdout.split()[-3:]
+    assert name == ("LlamaForCausalLM" if layout == "stock" else "DeciLMForCausalLM")
+    assert int(layers) == (30 - drop if layout == "stock" else 30)
+    assert int(parameters) == plan.parameters.remaining
+    assert (torch.load(tmp_path / "logits.pt") - expected).abs().max() <= 1e-5

@@ -152,3 +152,15 @@ def test_an_export_works_with_the_unchanged_lm_eval_command_line(toy, tokenizer,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert "toy_export" in run.stdout and "acc_norm" in run.stdout
+
+
+def test_large_exports_are_sharded_and_reload_whole(toy, tokenizer, tmp_path):
+    loaded = saved(tiny_model("llama"), tokenizer, tmp_path / "base")
+    plan = scored_plan(loaded, toy, "block", keep=["L0", "L2"], drop=1)
+    result = export(loaded, plan, tmp_path / "slim", max_shard_size="40KB")
+    shards = sorted(name for name in result.files if name.endswith(".safetensors"))
+    assert len(shards) > 1 and "model.safetensors.index.json" in result.files
+    index = json.loads((tmp_path / "slim" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    reloaded = load_exported(tmp_path / "slim", dtype=torch.float32)
+    assert max_logit_difference(loaded.model, parse_players(loaded.model, ["L1"]), reloaded) <= 1e-5

@@ -70,6 +70,22 @@ def test_values_are_computed_once_across_value_functions(tiny_llama_dir, toy_fol
     assert again[0].per_doc == computed[2].per_doc and again[1].score == computed[0].score
 
 
+def test_values_of_edited_task_data_are_not_reused(tiny_llama_dir, tmp_path):
+    loaded = load_model(str(tiny_llama_dir))
+    docs = toy_docs(12)
+    folder = write_task(tmp_path / "tasks", "toy_edited", docs)
+    before = ValueFunction(loaded, harness.load_tasks(["toy_edited"], include_paths=[folder]), store=tmp_path / "v")
+    old = before.evaluate().per_doc["toy_edited"]
+    # same task name, version and documents, but the labels fixed: a real case (string labels read as wrong)
+    flipped = [{**doc, "label": (doc["label"] + 1) % len(doc["choices"])} for doc in docs]
+    write_task(tmp_path / "tasks", "toy_edited", flipped)
+    harness._cached_manager.cache_clear()
+    after = ValueFunction(loaded, harness.load_tasks(["toy_edited"], include_paths=[folder]), store=tmp_path / "v")
+    new = after.evaluate().per_doc["toy_edited"]
+    assert (after.evaluations, after.reused) == (1, 0)
+    assert after.game() != before.game() and new != old
+
+
 def test_exact_shapley_of_a_model_sums_to_the_full_minus_empty_and_matches_enumeration(tiny_llama_dir, toy_folder):
     loaded = load_model(str(tiny_llama_dir))
     specs = harness.load_tasks(["toy_store"], include_paths=[toy_folder])

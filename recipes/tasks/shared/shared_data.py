@@ -35,8 +35,8 @@ def load(data_files=None, labels=None, **_metadata):
                 raise ValueError(f"{labels[split]} has {len(values)} labels for {len(rows)} rows of {path}")
             for row, value in zip(rows, values):
                 row["label"] = int(value)
-        for row in rows:
-            if isinstance(row.get("label"), bool):
-                row["label"] = int(row["label"])
+        for row in rows:  # SuperGLUE writes labels as true/false (booleans or strings)
+            if isinstance(row.get("label"), bool) or row.get("label") in ("true", "false"):
+                row["label"] = int(row["label"] in (True, "true"))
         splits[split] = datasets.Dataset.from_list(rows)
     return datasets.DatasetDict(splits)
