@@ -18,7 +18,6 @@ import argparse
 import time
 
 import torch
-from real_tasks import arc_task_folder
 
 from cornerstone import harness
 from cornerstone.estimators import Ablation, spearman
@@ -57,8 +56,7 @@ def main() -> None:
     parser.add_argument("--skip-growth", action="store_true", help="skip timing single evaluations at 25/50/100 docs")
     args = parser.parse_args()
 
-    folder, name = arc_task_folder(args.task)
-    specs = harness.load_tasks([name], include_paths=[folder], limit=args.docs, seed=0)
+    specs = harness.load_tasks([f"cs_real_{args.task}"], limit=args.docs, seed=0)
     rule = CornerstoneRule()
     print(f"task {args.task}: {len(specs[0].doc_indices)} docs (seed 0), chance {specs[0].chance:.3f}, "
           f"{torch.get_num_threads()} threads")

@@ -19,7 +19,6 @@ import argparse
 import time
 
 import numpy as np
-from real_tasks import arc_task_folder
 
 from cornerstone import harness
 from cornerstone.estimators import ExactShapley, Game, KernelShapley, PermutationShapley, Proximity
@@ -48,8 +47,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     args = parser.parse_args()
 
-    folder, name = arc_task_folder("arc_easy")
-    specs = harness.load_tasks([name], include_paths=[folder], limit=args.docs, seed=0)
+    specs = harness.load_tasks(["cs_real_arc_easy"], limit=args.docs, seed=0)
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     players = parse_players(loaded.model, args.players)
     n = len(players)

@@ -288,8 +288,8 @@ def plan(
         return
     from rich.table import Table
 
-    table = Table(title=f"plan: drop {len(made.removed)} of {made.blocks['original']} blocks' {made.granularity} players "
-                        f"({made.parameters.removed_fraction:.1%} of {made.parameters.original:,} parameters), policy {made.planner.policy}")
+    table = Table(title=f"plan: drop {made.what} ({made.parameters.removed_fraction:.1%} of {made.parameters.original:,} "
+                        f"parameters; {made.blocks['remaining']} of {made.blocks['original']} blocks left), policy {made.planner.policy}")
     for column in ("player", "importance", "rank", "parameters", "reason"):
         table.add_column(column, justify="right" if column in ("importance", "rank", "parameters") else "left")
     for removal in made.removed:

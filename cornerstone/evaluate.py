@@ -47,17 +47,21 @@ class Comparison(BaseModel):
     pruned: ModelSummary
     retention: dict[str, float]
     mean_retention: float
+    above_chance_kept: dict[str, float | None]
+    mean_above_chance_kept: float | None
     speedup: float
     versions: dict[str, str]
 
     def to_markdown(self) -> str:
-        rows = ["| task | metric | docs | chance | base | pruned | retention |", "|---|---|---|---|---|---|---|"]
+        rows = ["| task | metric | docs | chance | base | pruned | retention | above chance kept |",
+                "|---|---|---|---|---|---|---|---|"]
         for task in self.tasks:
             name = task["name"]
             rows.append(f"| {name} | {task['metric']} | {task['num_docs']} | {task['chance']:.3f} | "
-                        f"{_with_error(self.base, name)} | {_with_error(self.pruned, name)} | {self.retention[name]:.1%} |")
+                        f"{_with_error(self.base, name)} | {_with_error(self.pruned, name)} | {self.retention[name]:.1%} | "
+                        f"{_share(self.above_chance_kept[name])} |")
         rows.append(f"| **mean** | | | | {self.base.mean_score:.4f} | {self.pruned.mean_score:.4f} | "
-                    f"**{self.mean_retention:.1%}** |")
+                    f"**{self.mean_retention:.1%}** | **{_share(self.mean_above_chance_kept)}** |")
         size = ["", "| | base | pruned | ratio |", "|---|---|---|---|",
                 f"| parameters | {self.base.parameters:,} | {self.pruned.parameters:,} | "
                 f"{self.pruned.parameters / self.base.parameters:.1%} |",
@@ -69,6 +73,15 @@ class Comparison(BaseModel):
                 f"lm-eval {self.versions.get('lm_eval')} (`--model hf`), {self.settings['dtype']}, "
                 f"device {self.settings['device']}, {self.created}.", ""]
         return "\n".join(head + rows + size) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "n/a (base at or below chance)" if value is None else f"{value:.1%}"
+
+
+def _above_chance_kept(base: float, pruned: float, chance: float) -> float | None:
+    """(pruned - chance) / (base - chance): the share of the base model's above-chance score that is left."""
+    return (pruned - chance) / (base - chance) if base > chance else None
 
 
 def _with_error(summary: ModelSummary, task: str) -> str:
@@ -148,7 +161,9 @@ def compare(
     """Evaluate ``base`` and ``pruned`` on the same documents of ``tasks`` and put them side by side.
 
     ``retention_t = score_pruned(t) / score_base(t)``; ``mean_retention`` is the ratio of the mean
-    scores. ``speedup`` is the ratio of forward tokens/s (batch 4 x 256 tokens, prefill), the two
+    scores. ``above_chance_kept_t = (pruned - chance) / (base - chance)`` is the share of the base
+    model's above-chance score that is left (None where the base is not above chance): a task a small
+    model answers near chance can show high retention while the pruned model knows nothing. ``speedup`` is the ratio of forward tokens/s (batch 4 x 256 tokens, prefill), the two
     models taking turns in this run (:func:`tokens_per_second`).
     """
     from .loading import resolve_device
@@ -160,6 +175,8 @@ def compare(
                                               device=device, dtype=dtype)
     retention = {spec.name: pruned_summary.scores[spec.name] / base_summary.scores[spec.name]
                  if base_summary.scores[spec.name] else 0.0 for spec in specs}
+    chance = {spec.name: spec.chance for spec in specs}
+    mean_chance = sum(chance.values()) / len(chance)
     return Comparison(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         tasks=[spec.describe() for spec in specs],
@@ -170,6 +187,9 @@ def compare(
         pruned=pruned_summary,
         retention=retention,
         mean_retention=pruned_summary.mean_score / base_summary.mean_score if base_summary.mean_score else 0.0,
+        above_chance_kept={name: _above_chance_kept(base_summary.scores[name], pruned_summary.scores[name], chance[name])
+                           for name in chance},
+        mean_above_chance_kept=_above_chance_kept(base_summary.mean_score, pruned_summary.mean_score, mean_chance),
         speedup=pruned_summary.tokens_per_second / base_summary.tokens_per_second,
         versions=package_versions(),
     )

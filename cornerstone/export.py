@@ -155,7 +155,8 @@ def serving_notes(config: Any) -> list[str]:
                      "and fails; serve it with transformers, or protect L0.attn when planning.")
     half = [i for i, block in enumerate(blocks) if block["ffn"]["no_op"] and not block["attention"]["no_op"]]
     if half:
-        notes.append(f"Layers {', '.join(map(str, half))} keep attention without an FFN: llama.cpp's DeciLM graph "
+        which = f"Layer {half[0]} keeps" if len(half) == 1 else f"Layers {', '.join(map(str, half))} keep"
+        notes.append(f"{which} attention without an FFN: llama.cpp's DeciLM graph "
                      "skips such a layer whole (its attention output is dropped), so a GGUF of this checkpoint is "
                      "not this model; vLLM and transformers compute it correctly.")
     return notes
@@ -198,13 +199,13 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def load_exported(folder: str | Path, dtype: torch.dtype | None = None) -> Any:
-    """Load an exported folder the way a user would: stock transformers, remote code only for the DeciLM format."""
+    """Load an exported folder the way a user would: stock transformers, and remote code only when the
+    config maps to a bundled modeling file (the DeciLM layout)."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    manifest = json.loads((folder / EXPORT_MANIFEST).read_text()) if (folder / EXPORT_MANIFEST).exists() else {}
-    return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype or "auto", trust_remote_code=manifest.get("format") == "decilm").eval()
+    remote = "auto_map" in json.loads((folder / "config.json").read_text())
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", trust_remote_code=remote).eval()
 
 
 def export(
@@ -264,7 +265,7 @@ def export(
         difference = None
         if verify:
             with _no_progress_bars():
-                reloaded = load_exported(staging, dtype=slim.dtype) if layout == "stock" else _load_decilm(staging, slim.dtype)
+                reloaded = load_exported(staging, dtype=slim.dtype)
             difference = max_logit_difference(loaded.model, players, reloaded)
             del reloaded
             if not difference <= _tolerance(slim.dtype):
@@ -273,20 +274,13 @@ def export(
         files = sorted(p.name for p in staging.iterdir())
         size = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         result = ExportResult(path=str(out), format=layout, parameters=parameters,
-                              planned_parameters=int(plan.parameters.remaining), bytes_on_disk=size,
+                              planned_parameters=plan.parameters.remaining, bytes_on_disk=size,
                               files=files + ["README.md", EXPORT_MANIFEST], max_abs_logit_diff=difference,
-                              seconds=time.perf_counter() - started)
+                              seconds=time.perf_counter() - started, notes=notes)
         (staging / "README.md").write_text(model_card(loaded, plan, result))
         (staging / EXPORT_MANIFEST).write_text(json.dumps(
             {**result.model_dump(), "base_model": loaded.describe(), "players_removed": plan.player_names}, indent=2))
     return result
-
-
-def _load_decilm(folder: Path, dtype: torch.dtype) -> Any:
-    # The staging folder is loaded with remote code exactly as users will load the final one.
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=True).eval()
 
 
 def model_card(loaded: LoadedModel, plan: Plan, result: ExportResult) -> str:
@@ -298,7 +292,7 @@ def model_card(loaded: LoadedModel, plan: Plan, result: ExportResult) -> str:
     lines = ["---", "library_name: transformers", "tags: [cornerstone, pruned, layer-pruning]"]
     if hub_id:
         lines.append(f"base_model: {hub_id}")
-    lines += ["---", "", f"# {loaded.spec}, {len(plan.removed)} {plan.granularity} players removed", "",
+    lines += ["---", "", f"# {loaded.spec}, {plan.what} removed", "",
               f"Made with cornerstone {package_versions()['cornerstone']} from `{loaded.spec}` "
               f"({base['model_type']}, {base['num_hidden_layers']} layers, {base['parameters']:,} parameters; "
               f"fingerprint `{loaded.fingerprint}`).", "",

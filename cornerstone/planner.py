@@ -131,8 +131,15 @@ class Plan(BaseModel):
     def player_names(self) -> list[str]:
         return [removal.name for removal in self.removed]
 
+    @property
+    def what(self) -> str:
+        """``8 blocks`` or ``16 sublayers``: what the plan removes, in words."""
+        count = len(self.removed)
+        unit = "block" if self.granularity == "block" else "sublayer"
+        return f"{count} {unit}{'s' if count != 1 else ''}"
+
     def to_yaml(self) -> str:
-        header = (f"# cornerstone plan: drop {len(self.removed)} {self.granularity} players of {self.model.get('spec')}"
+        header = (f"# cornerstone plan: drop {self.what} of {self.model.get('spec')}"
                   f" ({self.parameters.removed_fraction:.1%} of parameters), policy {self.planner.policy}.\n"
                   "# Apply it with: cornerstone export MODEL THIS_FILE --out DIR\n")
         return header + yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, width=110)

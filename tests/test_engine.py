@@ -12,26 +12,6 @@ from cornerstone.players import enumerate_players
 from .conftest import ARCHITECTURE_NAMES, tiny_model
 from .tasks import toy_docs, write_task
 
-ARC_YAML = """task: arc_easy_shared
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "Question: {{{{question.stem}}}}\\nAnswer:"
-doc_to_choice: "{{{{question.choices | map(attribute='text') | list}}}}"
-doc_to_target: "{{{{(question.choices | map(attribute='label') | list).index(answerKey)}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +129,7 @@ def test_masks_in_one_call_share_prefixes_and_equal_lm_eval(model_type, toy_fold
 
 @pytest.mark.slow
 def test_engine_equals_lm_eval_on_smollm2_with_real_and_bundled_tasks(smollm2, shared_data, tmp_path):
-    arc = shared_data / "arc_easy" / "ARC-Easy-Test.jsonl"
-    (tmp_path / "arc_easy_shared.yaml").write_text(ARC_YAML.format(path=arc))
-    specs = harness.load_tasks(["arc_easy_shared", "cs_capitals", "cs_antonyms"], include_paths=[tmp_path],
-                               limit=12, seed=3)
+    specs = harness.load_tasks(["cs_real_arc_easy", "cs_capitals", "cs_antonyms"], limit=12, seed=3)
     lm = harness.make_lm(smollm2.model, smollm2.tokenizer, batch_size=8)
     # a float32 tie between two choices would be the only licence to differ; none occurs on these docs
     assert_engine_matches_lm_eval(smollm2.model, lm, specs, masks_for(smollm2.model, 2, seed=1))

@@ -110,7 +110,7 @@ def test_a_plan_never_removes_every_block_and_drop_is_validated():
 def test_plan_yaml_round_trips_and_bad_files_are_clear(tmp_path):
     plan = make_plan(report_with(EIGHT), Planner(drop=2))
     path = plan.save(tmp_path / "plan.yaml")
-    assert path.read_text().startswith("# cornerstone plan: drop 2 block players")
+    assert path.read_text().startswith("# cornerstone plan: drop 2 blocks of toy")
     assert Plan.load(path) == plan
     (tmp_path / "bad.yaml").write_text("removed: 3\n")
     with pytest.raises(PlanError, match="not a cornerstone plan"):
