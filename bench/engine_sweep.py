@@ -104,7 +104,7 @@ def main() -> None:
         return
     print("\ncost of one engine evaluation (float32, full model and one mask in the middle):")
     for docs in (25, 50, 100):
-        subset = harness.load_tasks([name], include_paths=[folder], limit=docs, seed=0)
+        subset = harness.load_tasks([f"cs_real_{args.task}"], limit=docs, seed=0)
         loaded = load_model(args.model, dtype="float32", device="cpu")
         value = ValueFunction(loaded, subset, batch_size=32)
         players = enumerate_players(loaded.model)

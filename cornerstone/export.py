@@ -37,6 +37,7 @@ from .files import staged_directory
 from .loading import LoadedModel, load_model
 from .masking import removed
 from .planner import Plan
+from .quiet import no_progress_bars
 from .players import architecture, decoder_layers, model_type, owned_modules, parse_players, text_config
 
 EXPORT_MANIFEST = "cornerstone-export.json"
@@ -247,9 +248,7 @@ def export(
                           hint="The plan was made from a report of a different model; re-plan from this model's report.")
     out = Path(out)
     with staged_directory(out, if_exists="replace" if overwrite else "error") as staging:
-        from .loading import _no_progress_bars
-
-        with _no_progress_bars():
+        with no_progress_bars():
             slim.save_pretrained(staging, max_shard_size=max_shard_size)
             loaded.tokenizer.save_pretrained(staging)
         if layout == "decilm":
@@ -264,7 +263,7 @@ def export(
             (staging / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
         difference = None
         if verify:
-            with _no_progress_bars():
+            with no_progress_bars():
                 reloaded = load_exported(staging, dtype=slim.dtype)
             difference = max_logit_difference(loaded.model, players, reloaded)
             del reloaded

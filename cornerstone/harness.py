@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, EvaluationError, TaskError
+from .quiet import no_tqdm
 
 PREFERRED_METRICS = ("acc_norm", "acc")
 BUNDLED_TASK_GROUP = "cornerstone_bundled"
@@ -247,7 +248,7 @@ def evaluate(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
     """
     from lm_eval import evaluator
 
-    with _quiet(), _no_tqdm():
+    with _quiet(), no_tqdm():
         output = evaluator.evaluate(
             lm=lm,
             task_dict={spec.name: spec.task for spec in tasks},
@@ -289,7 +290,7 @@ def evaluate_pretrained(
         manager = task_manager(include_paths)
     model_args = {"pretrained": pretrained, "dtype": dtype, "trust_remote_code": trust_remote_code}
     try:
-        with _quiet(), _no_tqdm(), _no_dataset_progress():
+        with _quiet(), no_tqdm(), _no_dataset_progress():
             output = lm_eval.simple_evaluate(
                 model="hf", model_args=model_args, tasks=names, batch_size=batch_size, device=device,
                 samples={spec.name: spec.doc_indices for spec in tasks}, task_manager=manager,
@@ -337,28 +338,6 @@ def _no_dataset_progress() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-@contextmanager
-def _no_tqdm() -> Iterator[None]:
-    """Silence the tqdm bar lm-eval's model loop draws on every call (60 bars per sweep).
-
-    HFLM creates ``tqdm(...)`` without a way to pass ``disable`` through ``evaluate``, so the class
-    default is switched for the duration of the call and restored afterwards.
-    """
-    import tqdm
-
-    original_init = tqdm.tqdm.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs["disable"] = True
-        original_init(self, *args, **kwargs)
-
-    tqdm.tqdm.__init__ = init  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        tqdm.tqdm.__init__ = original_init  # type: ignore[method-assign]
-
-
 @dataclass
 class EncodedDoc:
     """One document's loglikelihood requests, tokenised exactly as lm-eval's HFLM tokenises them."""
@@ -374,7 +353,7 @@ def encode_requests(lm: Any, spec: TaskSpec) -> list[EncodedDoc]:
     Context/continuation splitting (trailing spaces move to the continuation, an empty context becomes
     the prefix token) is HFLM's, so the engine scores the very token sequences lm-eval scores.
     """
-    with _quiet(), _no_tqdm():
+    with _quiet(), no_tqdm():
         spec.task.build_all_requests(samples=spec.doc_indices, rank=0, world_size=1)
     by_doc: dict[int, list[Any]] = {}
     for instance in spec.task.instances:

@@ -14,8 +14,6 @@ import importlib.util
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 
 from .errors import ConfigError, ModelLoadError, ModelNotFoundError
 from .files import staged_directory
+from .quiet import no_progress_bars
 
 
 @dataclass(frozen=True)
@@ -163,24 +162,10 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         raise ConfigError(f"unknown dtype '{dtype}'", hint="Use one of: " + ", ".join(DTYPES)) from None
 
 
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """transformers draws a tqdm bar per load; cornerstone's CLI shows one status line instead."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _from_pretrained(location: str, torch_dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _no_progress_bars():
+    with no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     return model, tokenizer
@@ -198,7 +183,7 @@ def dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with _no_progress_bars():
+        with no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (ValueError, RuntimeError, KeyError, NotImplementedError) as exc:
@@ -212,7 +197,7 @@ def dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     with staged_directory(target, if_exists="keep") as staging:  # a concurrent run may finish first
-        with _no_progress_bars():
+        with no_progress_bars():
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
         (staging / "cornerstone-cache.json").write_text(
