@@ -8,9 +8,14 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
-from .errors import OutputError
+from pydantic import BaseModel, ValidationError
+
+from .errors import CornerstoneError, OutputError
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -59,3 +64,22 @@ def staged_directory(target: Path, if_exists: Literal["error", "replace", "keep"
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def read_validated(model: type[Model], path: str | Path, parse: Callable[[str], Any], fmt: str,
+                   error: type[CornerstoneError], kind: str, hint: str | None = None) -> Model:
+    """Read ``path``, parse it (``fmt`` names the format in messages) and validate it as ``model``;
+    a missing file, a parse failure or a schema mismatch is one ``error`` naming the first bad field."""
+    path = Path(path)
+    try:
+        data = parse(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{kind} '{path}' does not exist", hint=hint) from None
+    except Exception as exc:  # json and yaml parsers raise their own error classes
+        raise error(f"{kind} '{path}' is not valid {fmt} ({exc})", hint=hint) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise error(f"{kind} '{path}' is not a cornerstone {kind}: {where}: {first['msg']}", hint=hint) from None

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ConfigError, PlanError
 from .estimators import Progress
-from .files import atomic_write
+from .files import atomic_write, read_validated
 from .scores import ScoreReport
 
 PLAN_SCHEMA_VERSION = 1
@@ -151,18 +151,8 @@ class Plan(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        path = Path(path)
-        try:
-            return cls.model_validate(yaml.safe_load(path.read_text()))
-        except FileNotFoundError:
-            raise PlanError(f"plan '{path}' does not exist", hint="Write one with `cornerstone plan REPORT`.") from None
-        except yaml.YAMLError as exc:
-            raise PlanError(f"plan '{path}' is not valid YAML ({exc})", hint="") from None
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise PlanError(f"plan '{path}' is not a cornerstone plan: {where}: {first['msg']}",
-                            hint="Write one with `cornerstone plan REPORT`.") from None
+        return read_validated(cls, path, yaml.safe_load, "YAML", PlanError, "plan",
+                              hint="Write one with `cornerstone plan REPORT`.")
 
 
 @dataclass

@@ -14,10 +14,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import harness
 from .errors import ReportError
+from .files import read_validated
 from .estimators import Ablation, Progress, _Shapley
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .players import enumerate_players, parse_players, player_parameters
@@ -105,17 +106,7 @@ class ScoreReport(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "ScoreReport":
-        path = Path(path)
-        try:
-            return cls.model_validate(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise ReportError(f"report '{path}' does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ReportError(f"report '{path}' is not valid JSON ({exc})") from None
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise ReportError(f"report '{path}' is not a cornerstone score report: {where}: {first['msg']}") from None
+        return read_validated(cls, path, json.loads, "JSON", ReportError, "score report")
 
     def top_share(self, k: int = 4) -> float:
         """The share of the k players with the largest shares (the paper's "top-4 share")."""
