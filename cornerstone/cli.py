@@ -96,7 +96,8 @@ IncludePathOption = Annotated[
 @app.command()
 def score(
     model: ModelArgument = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="ablation (leave one out) or shapley.")] = "ablation",
+    method: Annotated[str, typer.Option(help="ablation (leave one out), shapley, or a one-pass proxy: avss (activation "
+                                        "variance/sparsity), bi (block influence), angular (angular distance) or cosine (sublayer cosine).")] = "ablation",
     estimator: Annotated[
         str, typer.Option(help="Shapley estimator: kernel (KernelSHAP regression, paired, exact border), permutation "
                           "(antithetic, truncated), proximity (the paper's) or exact.")
@@ -113,10 +114,27 @@ def score(
         Optional[Path], typer.Option(help="Folder keeping every v(S) on disk, so a killed run resumes. Default: ~/.cache/cornerstone/values.")
     ] = None,
     no_store: Annotated[bool, typer.Option("--no-store", help="Keep no values on disk (recompute everything).")] = False,
-    granularity: Annotated[str, typer.Option(help="sublayer (Lk.attn, Lk.mlp) or block (Lk).")] = "sublayer",
+    granularity: Annotated[
+        Optional[str], typer.Option(help="sublayer (Lk.attn, Lk.mlp) or block (Lk). Default: sublayer; block for bi, angular and avss.")
+    ] = None,
     tasks: Annotated[
         str, typer.Option(help="Comma-separated lm-eval task names, groups or tags.")
     ] = "cornerstone_bundled",
+    calibration: Annotated[
+        str, typer.Option(help="Proxies: the text read in the one pass: tasks (the --tasks documents), bundled, or a "
+                          ".txt/.jsonl/.json file.")
+    ] = "tasks",
+    calibration_samples: Annotated[int, typer.Option("--calibration-samples", min=1, help="Proxies: most calibration texts.")] = 128,
+    max_length: Annotated[int, typer.Option("--max-length", min=2, help="Proxies: tokens per calibration text.")] = 256,
+    avss_threshold: Annotated[
+        float, typer.Option("--avss-threshold", min=0.0, help="AVSS: an entry is near zero below this share of its token's RMS.")
+    ] = 0.01,
+    avss_absolute: Annotated[bool, typer.Option("--avss-absolute", help="AVSS: the threshold is absolute, not relative to the RMS.")] = False,
+    avss_epsilon: Annotated[float, typer.Option("--avss-epsilon", min=0.0, help="AVSS: added to the sparsity before dividing.")] = 1e-3,
+    avss_share: Annotated[float, typer.Option("--avss-share", min=0.0, max=1.0, help="AVSS: cumulative share of the pruning candidates.")] = 0.25,
+    outlier: Annotated[
+        float, typer.Option(min=1.0, help="Proxies' cornerstone rule: importance at least this many times the median of its kind.")
+    ] = 3.0,
     include_path: IncludePathOption = None,
     limit: Annotated[
         int,
@@ -149,10 +167,15 @@ def score(
     from .scores import CornerstoneRule
     from .scores import score as run_score
 
-    chosen = make_estimator(method, estimator, granularity=granularity, budget=budget, target_stderr=target_stderr,
-                            window=window, seed=seed)
-    if granularity not in ("sublayer", "block"):
+    from .calibration import Calibration
+
+    if granularity not in (None, "sublayer", "block"):
         raise ConfigError(f"unknown granularity '{granularity}'", hint="Use sublayer or block.")
+    proxy_options = dict(calibration=Calibration(source=calibration, samples=calibration_samples, max_length=max_length,
+                                                 seed=seed),
+                         threshold=avss_threshold, relative=not avss_absolute, epsilon=avss_epsilon, prune_share=avss_share)
+    chosen = make_estimator(method, estimator, granularity=granularity, budget=budget, target_stderr=target_stderr,
+                            window=window, seed=seed, proxy_options=proxy_options)
     if engine not in ("fast", "lm-eval"):
         raise ConfigError(f"unknown engine '{engine}'", hint="Use fast or lm-eval.")
     console = Console(stderr=as_json)
@@ -174,7 +197,7 @@ def score(
             store=None if no_store else (store or default_store_root()),
             batch_size=batch_size,
             engine=engine,
-            rule=CornerstoneRule(margin=margin),
+            rule=CornerstoneRule(margin=margin, outlier=outlier),
             progress=progress,
         )
     json_path, plot_paths = report_module.save(result, out or report_module.default_report_path(result))
@@ -202,6 +225,58 @@ def report(
         _print_json(loaded.to_json())
         return
     report_module.render(loaded)
+
+
+def _share_between_0_and_1(value: float) -> float:
+    if not 0.0 < value < 1.0:
+        raise typer.BadParameter(f"{value} is not a share strictly between 0 and 1.")
+    return value
+
+
+@app.command()
+def compare(
+    reports: Annotated[list[Path], typer.Argument(help="Two or more JSON score reports of the same model (any methods).")],
+    bottom: Annotated[
+        float, typer.Option(callback=_share_between_0_and_1, help="Share of players in the bottom set whose overlap is compared.")
+    ] = 0.25,
+    out: Annotated[Optional[Path], typer.Option(help="Also save the comparison here (JSON; Markdown beside it).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """How much do importance methods agree? Rank correlations and bottom-set overlap of score reports."""
+    from . import compare as compare_module
+
+    comparison = compare_module.compare_reports(reports, bottom=bottom)
+    saved = compare_module.save(comparison, out) if out is not None else None
+    if as_json:
+        _print_json(comparison.model_dump_json(indent=2))
+        if saved:
+            typer.echo(f"saved: {saved[0]}, {saved[1]}", err=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"agreement on {comparison.model}: {len(comparison.players)} {comparison.granularity} players, "
+                        f"bottom set of {comparison.bottom_k}")
+    for column in ("a", "b", "spearman", "kendall tau-b", f"bottom-{comparison.bottom_k} overlap"):
+        table.add_column(column, justify="left" if column in ("a", "b") else "right")
+    for pair in comparison.pairs:
+        table.add_row(pair.a, pair.b, f"{pair.spearman:+.3f}", f"{pair.kendall:+.3f}", f"{pair.bottom_overlap:.0%}")
+    console.print(table)
+    for entry in comparison.methods:
+        console.print(f"bottom set of {entry.label}: {', '.join(entry.bottom_set)}", highlight=False)
+    if comparison.cornerstone_ranks:
+        ranks = Table(title="cornerstone ranks (1 = most important)")
+        ranks.add_column("player")
+        for label in comparison.labels:
+            ranks.add_column(label, justify="right")
+        for name, by_label in comparison.cornerstone_ranks.items():
+            ranks.add_row(name, *(str(by_label[label]) for label in comparison.labels))
+        console.print(ranks)
+    for note in comparison.notes:
+        typer.echo(f"note: {note}")
+    if saved:
+        typer.echo(f"saved: {saved[0]}, {saved[1]}")
 
 
 @app.command()

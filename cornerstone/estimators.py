@@ -309,6 +309,35 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def kendall(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's rank correlation tau-b, which corrects for ties; 0 when either side is constant.
+
+    Over all pairs i < j, P counts the concordant pairs (a and b order i, j the same way), Q the
+    discordant ones, T_a the pairs tied in a only and T_b those tied in b only (pairs tied on both
+    sides count nowhere):
+
+        tau_b = (P - Q) / sqrt((P + Q + T_a)(P + Q + T_b))
+
+    It equals ``scipy.stats.kendalltau(a, b, variant="b")``. O(n^2) in time and memory, which is
+    nothing for the few hundred players of a model.
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"kendall needs two sequences of the same length, got {x.shape} and {y.shape}")
+    upper = np.triu_indices(len(x), k=1)
+    order_a = np.sign(x[:, None] - x[None, :])[upper]
+    order_b = np.sign(y[:, None] - y[None, :])[upper]
+    agreement = order_a * order_b
+    concordant = int(np.count_nonzero(agreement > 0))
+    discordant = int(np.count_nonzero(agreement < 0))
+    tied_a_only = int(np.count_nonzero((order_a == 0) & (order_b != 0)))
+    tied_b_only = int(np.count_nonzero((order_b == 0) & (order_a != 0)))
+    denominator = math.sqrt((concordant + discordant + tied_a_only) * (concordant + discordant + tied_b_only))
+    if denominator == 0:  # one side is constant: no ordering to agree with
+        return 0.0
+    return (concordant - discordant) / denominator
+
+
 def _stderr(samples: list[np.ndarray]) -> np.ndarray:
     stacked = np.stack(samples)
     return stacked.std(axis=0, ddof=1) / math.sqrt(len(samples))
@@ -525,14 +554,20 @@ DEFAULT_SHAPLEY_ESTIMATOR = "kernel"
 
 
 def make_estimator(method: str = "ablation", estimator: str = DEFAULT_SHAPLEY_ESTIMATOR, *,
-                   granularity: str = "sublayer", budget: int = 600, target_stderr: float | None = None,
-                   window: int = 3, seed: int = 0) -> Ablation | _Shapley:
+                   granularity: str | None = None, budget: int = 600, target_stderr: float | None = None,
+                   window: int = 3, seed: int = 0, proxy_options: dict[str, Any] | None = None) -> Ablation | _Shapley:
     """The estimator named by ``method`` (ablation or shapley) and, for Shapley, ``estimator``, with
-    only the options that estimator takes (the CLI and recipes pass all of them)."""
+    only the options that estimator takes (the CLI and recipes pass all of them). The one-pass
+    proxies (avss, bi, angular, cosine) take ``proxy_options`` (see :func:`cornerstone.proxies.make_proxy`)."""
+    from .proxies import PROXIES, make_proxy
+
+    if method in PROXIES:
+        return make_proxy(method, granularity=granularity, **(proxy_options or {}))  # type: ignore[return-value]
+    granularity = granularity or "sublayer"
     if method == "ablation":
         return Ablation(granularity=granularity)  # type: ignore[arg-type]
     if method != "shapley":
-        raise ConfigError(f"unknown method '{method}'", hint="Available: ablation, shapley.")
+        raise ConfigError(f"unknown method '{method}'", hint="Available: ablation, shapley, " + ", ".join(PROXIES) + ".")
     if estimator not in SHAPLEY_ESTIMATORS:
         raise ConfigError(f"unknown Shapley estimator '{estimator}'", hint="Available: " + ", ".join(SHAPLEY_ESTIMATORS) + ".")
     options = {"permutation": dict(budget=budget, target_stderr=target_stderr, seed=seed),

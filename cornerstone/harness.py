@@ -217,6 +217,24 @@ def load_tasks(
     return specs
 
 
+def document_texts(spec: TaskSpec) -> list[str]:
+    """Each chosen document of ``spec`` as the text a model reads when it answers right: the prompt,
+    the task's target delimiter and the gold answer (lm-eval's own templates; used as calibration text)."""
+    docs = spec.task.eval_docs
+    delimiter = getattr(spec.task.config, "target_delimiter", " ")
+    texts = []
+    for index in spec.doc_indices:
+        doc = docs[index]
+        choices = spec.task.doc_to_choice(doc) if spec.output_type == "multiple_choice" else None
+        context, target = spec.task.doc_to_text(doc), spec.task.doc_to_target(doc)
+        if choices is not None:
+            # lm-eval lets either side be an index into the choices (winogrande-style tasks index the context)
+            context = choices[context] if isinstance(context, int) else context
+            target = choices[target[0] if isinstance(target, list) else target] if not isinstance(target, str) else target
+        texts.append(f"{context}{delimiter}{target}")
+    return texts
+
+
 def list_tasks(include_paths: Sequence[str | Path] = (), bundled_only: bool = True, *, real: bool = False) -> list[str]:
     """Task names the registry knows; by default only the bundled offline ones, with ``real`` only the
     ``cornerstone_real`` tasks that read ../shared/data."""

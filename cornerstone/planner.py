@@ -13,7 +13,13 @@ Policies
   at sublayer granularity). It costs about ``candidates x steps`` evaluations and sees interactions
   that single-player scores miss.
 - ``contiguous``: drop the consecutive span with the lowest summed importance (the span choice of
-  angular-distance pruning, Gromov et al. 2024, https://arxiv.org/abs/2403.17887).
+  angular-distance pruning, Gromov et al. 2024, https://arxiv.org/abs/2403.17887). With an
+  ``angular`` report and a block plan, the span with the smallest measured distance d(l, n) between
+  its two ends, as in that paper.
+
+Any method's report can be planned from, one-pass proxies included: every method ranks players
+with higher importance meaning more important. A proxy's importances are not task-score
+differences, so its plans carry no predicted score.
 
 Cornerstones are protected unless ``protect_cornerstones`` is off, and so are the first and last
 ``keep_first``/``keep_last`` blocks and any player named in ``keep``.
@@ -22,7 +28,7 @@ Cornerstones are protected unless ``protect_cornerstones`` is off, and so are th
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -246,7 +252,23 @@ def _lowest(allowed: list[_Candidate], target: _Target) -> list[_Candidate]:
     return chosen
 
 
-def _contiguous(candidates: list[_Candidate], protected: dict[str, str], target: _Target) -> list[_Candidate]:
+def _span_distance(report: ScoreReport, planner: Planner) -> Callable[[list[_Candidate]], float] | None:
+    """For an angular-distance report planned by blocks: a span's cost is the measured distance
+    d(l, n) between the input of its first block and the input of the block after it (Gromov et al.
+    2024), not the sum of its blocks' one-step distances."""
+    spans = report.diagnostics.get("spans") if report.method == "angular" else None
+    if not spans or planner.granularity != "block":
+        return None
+
+    def distance(span: list[_Candidate]) -> float:
+        return spans[str(len(span))][span[0].layer]
+
+    return distance
+
+
+def _contiguous(candidates: list[_Candidate], protected: dict[str, str], target: _Target,
+                cost: Callable[[list[_Candidate]], float] | None = None) -> list[_Candidate]:
+    cost = cost or (lambda span: sum(c.importance for c in span))
     best: list[_Candidate] | None = None
     for start in range(len(candidates)):
         span: list[_Candidate] = []
@@ -259,7 +281,7 @@ def _contiguous(candidates: list[_Candidate], protected: dict[str, str], target:
         if not target.met(span):
             continue
         # ties go to the later span
-        if best is None or sum(c.importance for c in span) <= sum(c.importance for c in best):
+        if best is None or cost(span) <= cost(best):
             best = span
     if best is None:
         raise PlanError(f"no run of consecutive unprotected players reaches {target.text}",
@@ -344,7 +366,10 @@ def make_plan(
     if planner.policy == "lowest":
         chosen = _lowest(allowed, target)
     elif planner.policy == "contiguous":
-        chosen = _contiguous(candidates, protected, target)
+        span_distance = _span_distance(report, planner)
+        chosen = _contiguous(candidates, protected, target, span_distance)
+        span_reason = (f"in the span with the smallest angular distance between its ends, d = {span_distance(chosen):.4f}"
+                       if span_distance else "in the span with the lowest summed importance")
     else:
         if value is None:
             value = _report_value_function(report, loaded, store)
@@ -354,7 +379,7 @@ def make_plan(
     removals = []
     for step, c in enumerate(chosen):
         why = {"lowest": f"importance {c.importance:+.4f}{c.note}, rank {c.rank} of {len(candidates)}",
-               "contiguous": f"in the span with the lowest summed importance; importance {c.importance:+.4f}{c.note}",
+               "contiguous": f"{span_reason if planner.policy == 'contiguous' else ''}; importance {c.importance:+.4f}{c.note}",
                "greedy": f"greedy step {step + 1}: its removal hurt least ({step_scores[step]:.4f} after)"
                if step_scores else ""}[planner.policy]
         removals.append(PlannedRemoval(name=c.name, layer=c.layer, kind=c.kind, importance=c.importance, rank=c.rank,
@@ -371,6 +396,9 @@ def make_plan(
         raise PlanError(f"dropping {target.text} would remove every block of the model")
     if step_scores:
         predicted, predicted_by = step_scores[-1], "measured by the greedy search on the report's tasks"
+    elif not report.measures_scores:
+        predicted, predicted_by = None, (f"none: {report.method} importances are not in task-score units; "
+                                         "measure the export with `cornerstone eval`")
     else:
         predicted = report.base_score - sum(c.importance for c in chosen)
         predicted_by = "additive estimate v(N) - sum of importances (removals assumed not to interact)"

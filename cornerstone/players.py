@@ -42,12 +42,18 @@ class ArchSpec:
     mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
     # Whether a sublayer plan can be written as DeciLM/Nemotron-NAS ``block_configs`` (a Llama format).
     decilm: bool = False
+    # The module whose output the residual stream adds for attention, when it is not the attention
+    # itself (a post-attention norm in Gemma 2/3 and OLMo 2); the one-pass proxies hook it.
+    attn_residual: str | None = None
+    # The config flag that makes attention and FFN read the same input in parallel (GPT-NeoX).
+    parallel_residual: str | None = None
 
 
 _DECODER = ("model.layers", "model.language_model.layers", "model.model.layers")
 
 _GEMMA_NORMS = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
-                    mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"))
+                    mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                    attn_residual="post_attention_layernorm")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(_DECODER, "self_attn", ("mlp",), decilm=True),
@@ -60,12 +66,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3_text": ArchSpec(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
     "phi3": ArchSpec(_DECODER, "self_attn", ("mlp",)),
     "olmo2": ArchSpec(_DECODER, "self_attn", ("mlp",), attn_norms=("post_attention_layernorm",),
-                      mlp_norms=("post_feedforward_layernorm",)),
+                      mlp_norms=("post_feedforward_layernorm",), attn_residual="post_attention_layernorm"),
     "mixtral": ArchSpec(_DECODER, "self_attn", ("mlp", "block_sparse_moe"), moe=True),
     "qwen2_moe": ArchSpec(_DECODER, "self_attn", ("mlp",), moe=True),
     "qwen3_moe": ArchSpec(_DECODER, "self_attn", ("mlp",), moe=True),
     "gpt2": ArchSpec(("transformer.h",), "attn", ("mlp",), attn_norms=("ln_1",), mlp_norms=("ln_2",)),
-    "gpt_neox": ArchSpec(("gpt_neox.layers",), "attention", ("mlp",)),
+    "gpt_neox": ArchSpec(("gpt_neox.layers",), "attention", ("mlp",), parallel_residual="use_parallel_residual"),
 }
 
 

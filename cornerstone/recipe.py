@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .calibration import Calibration
 from .errors import ConfigError
 from .planner import Planner
 
@@ -45,9 +46,23 @@ class TaskSelection(_Section):
 class ScoreStep(_Section):
     """How to score; ``report`` reuses a saved report instead of scoring again."""
 
-    method: Literal["ablation", "shapley"] = "ablation"
+    method: Literal["ablation", "shapley", "avss", "bi", "angular", "cosine"] = "ablation"
     estimator: Literal["kernel", "permutation", "proximity", "exact"] = "kernel"
-    granularity: Literal["block", "sublayer"] = "block"
+    granularity: Literal["block", "sublayer"] | None = Field(
+        None, description="Default: block, or sublayer for cosine (the only granularity it scores).")
+    calibration: Calibration = Field(default_factory=Calibration, description="Proxies: the text of the one pass.")
+    avss: dict[str, Any] = Field(default_factory=dict, description="AVSS options: threshold, relative, epsilon, prune_share.")
+
+    @field_validator("avss")
+    @classmethod
+    def _check_avss(cls, options: dict[str, Any]) -> dict[str, Any]:
+        from .proxies import AVSS
+
+        unknown = sorted(set(options) - {"threshold", "relative", "epsilon", "prune_share"})
+        if unknown:
+            raise ValueError(f"unknown AVSS option {', '.join(unknown)}; allowed: threshold, relative, epsilon, prune_share")
+        AVSS(**options)
+        return options
     budget: int = Field(600, ge=4)
     target_stderr: float | None = None
     window: int = Field(3, ge=1)
@@ -150,8 +165,10 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
         report_path = Path(step.report)
         log(f"score: reusing {report_path}")
     else:
-        estimator = make_estimator(step.method, step.estimator, granularity=step.granularity, budget=step.budget,
-                                   target_stderr=step.target_stderr, window=step.window, seed=recipe.tasks.seed)
+        estimator = make_estimator(step.method, step.estimator, budget=step.budget, target_stderr=step.target_stderr,
+                                   granularity=step.granularity or ("sublayer" if step.method == "cosine" else "block"),
+                                   window=step.window, seed=recipe.tasks.seed,
+                                   proxy_options=dict(calibration=step.calibration, **step.avss))
         specs = load_tasks(recipe.tasks.names, include_paths=recipe.tasks.include_paths,
                            limit=recipe.tasks.limit, seed=recipe.tasks.seed)
         report = score(loaded, specs, estimator=estimator, include_paths=recipe.tasks.include_paths,

@@ -34,6 +34,8 @@ def save(report: ScoreReport, path: str | Path) -> tuple[Path, list[Path]]:
     the shares per layer (``-shares.png``); return the paths."""
     path = Path(path)
     atomic_write(path, report.to_json().encode())
+    if not report.measures_scores:
+        return path, [plot_importance(report, path.with_suffix(".png"))]
     plots = [plot_sweep(report, path.with_suffix(".png"))]
     if report.method == "shapley":
         plots.append(plot_shares(report, path.with_name(path.stem + "-shares.png")))
@@ -58,22 +60,10 @@ def _save_figure(figure: Any, path: Path) -> Path:
 def plot_shares(report: ScoreReport, path: str | Path) -> Path:
     """The paper's Figure 2: each player's share of the (negative-clipped) Shapley mass, by layer,
     with 95% intervals (1.96 standard errors, scaled like the shares) where the estimator gives them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path = Path(path)
-    figure, axes = plt.subplots(figsize=(min(14.0, max(6.0, 0.2 * len(report.players) + 2)), 4.0), dpi=120)
     total = sum(max(p.importance, 0.0) for p in report.players.values()) or 1.0
-    offsets = {"attn": -0.2, "mlp": 0.2, "block": 0.0}
-    for kind in sorted({p.kind for p in report.players.values()}, key=list(KIND_COLOURS).index):
-        members = [p for p in report.players.values() if p.kind == kind]
-        errors = [1.96 * p.stderr / total if p.stderr is not None else 0.0 for p in members]
-        label = {"attn": "attention", "mlp": "FFN/MoE", "block": "block"}[kind]
-        axes.bar([p.layer + offsets[kind] for p in members], [p.share for p in members],
-                 width=0.4 if kind != "block" else 0.8, color=KIND_COLOURS[kind], label=label,
-                 yerr=errors if any(errors) else None, capsize=2, error_kw={"linewidth": 0.8})
+    figure, axes = _bars_by_layer(report, lambda p: p.share,
+                                  lambda p: 1.96 * p.stderr / total if p.stderr is not None else 0.0)
     estimator = report.settings.get("estimator", {}).get("estimator", "")
     axes.set_xlabel("layer")
     axes.set_ylabel("share of Shapley mass")
@@ -81,6 +71,40 @@ def plot_shares(report: ScoreReport, path: str | Path) -> Path:
                    f"{report.top_share(4):.0%}\n(negative values clipped to 0; bars: 95% intervals)", fontsize=9)
     axes.legend(fontsize=7, loc="upper right")
     return _save_figure(figure, path)
+
+
+def _bars_by_layer(report: ScoreReport, value: Any, error: Any = None) -> tuple[Any, Any]:
+    """A figure with one bar per player at its layer (attention left, FFN right), coloured by kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(min(14.0, max(6.0, 0.2 * len(report.players) + 2)), 4.0), dpi=120)
+    offsets = {"attn": -0.2, "mlp": 0.2, "block": 0.0}
+    for kind in sorted({p.kind for p in report.players.values()}, key=list(KIND_COLOURS).index):
+        members = [p for p in report.players.values() if p.kind == kind]
+        errors = [error(p) for p in members] if error else []
+        label = {"attn": "attention", "mlp": "FFN/MoE", "block": "block"}[kind]
+        axes.bar([p.layer + offsets[kind] for p in members], [value(p) for p in members],
+                 width=0.4 if kind != "block" else 0.8, color=KIND_COLOURS[kind], label=label,
+                 yerr=errors if any(errors) else None, capsize=2, error_kw={"linewidth": 0.8})
+        for p in members:
+            if p.cornerstone:
+                axes.annotate("*", (p.layer + offsets[kind], value(p)), ha="center", va="bottom", fontsize=12)
+    return figure, axes
+
+
+def plot_importance(report: ScoreReport, path: str | Path) -> Path:
+    """A one-pass proxy's importance per player, by layer (* = cornerstone by the proxy's outlier rule)."""
+    figure, axes = _bars_by_layer(report, lambda p: p.importance)
+    axes.set_xlabel("layer")
+    axes.set_ylabel(f"{report.method} importance")
+    source = report.diagnostics.get("calibration", {}).get("source", "")
+    axes.set_title(f"{report.model.get('spec')}: {report.method} ({report.granularity}), calibration text: {source}\n"
+                   "(* = cornerstone: an outlier of its kind)", fontsize=9)
+    axes.legend(fontsize=7, loc="upper right")
+    return _save_figure(figure, Path(path))
 
 
 def plot_sweep(report: ScoreReport, path: str | Path) -> Path:
@@ -133,7 +157,11 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
     header.add_row("model", f"{model.get('spec')}  ({model.get('architecture')}, {model.get('num_hidden_layers')} layers, "
                    f"{(model.get('parameters') or 0) / 1e6:.1f}M parameters, {model.get('dtype')} on {model.get('device')})")
     header.add_row("fingerprint", str(model.get("fingerprint")))
-    header.add_row("method", f"{report.method} ({report.granularity}), {report.evaluations} evaluations")
+    calibration = report.diagnostics.get("calibration")
+    header.add_row("method", f"{report.method} ({report.granularity}), {report.evaluations} evaluation"
+                   f"{'s' if report.evaluations != 1 else ''}" + (
+                       f" + one calibration pass over {calibration['texts']} texts ({calibration['tokens']} tokens, "
+                       f"source: {calibration['source']})" if calibration else ""))
     header.add_row("full model", f"{report.base_score:.4f}   chance {report.chance:.4f}")
     if report.method == "shapley":
         gap = report.diagnostics.get("efficiency_gap")
@@ -164,10 +192,6 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
         verdict = Text("◆ cornerstones: " + ", ".join(report.cornerstones), style="bold red")
     else:
         verdict = Text("no cornerstones: no single player's removal takes the model near chance", style="bold")
-    rule = Text(
-        f"rule: removing the player alone leaves at most {report.rule.margin:.0%} of the above-chance score "
-        f"(score <= {report.chance + report.rule.margin * (report.base_score - report.chance):.4f})",
-        style="dim",
-    )
+    rule = Text(report.rule.describe(report), style="dim")
     console.print(Panel(Group(header, Text(""), tasks, Text(""), players, Text(""), verdict, rule),
                         title="cornerstone report", title_align="left"))

@@ -7,22 +7,26 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import harness
 from .errors import ReportError
 from .files import read_validated
-from .estimators import Ablation, Progress, _Shapley
+from .estimators import Ablation, PlayerEstimate, Progress, _Shapley
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .players import enumerate_players, parse_players, player_parameters
 from .value import ValueFunction
+
+if TYPE_CHECKING:
+    from .proxies import _Proxy
 
 SCHEMA_VERSION = 1
 
@@ -39,16 +43,42 @@ class CornerstoneRule(BaseModel):
     i.e. removing it alone leaves at most ``margin`` of the model's above-chance performance. The
     default 0.2 tolerates the sampling noise of a few hundred documents while still demanding a fall
     to near chance. When the full model is not above chance, nothing is a cornerstone.
+
+    One-pass proxies (:mod:`cornerstone.proxies`) measure no score without the player. For them a
+    player is a cornerstone when it stands out: its importance is at least ``outlier`` times the
+    median importance of the players of its kind (attention, FFN or block). This is a heuristic of
+    cornerstone's, not the paper's; ``cornerstone compare`` shows how it matches the measured ones.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     margin: float = Field(0.2, ge=0.0, le=1.0)
+    outlier: float = Field(3.0, gt=1.0)
 
     def is_cornerstone(self, score_removed: float | None, base: float, chance: float) -> bool:
         if score_removed is None or base <= chance:
             return False
         return score_removed - chance <= self.margin * (base - chance)
+
+    def mark(self, estimates: dict[str, PlayerEstimate], kinds: dict[str, str], base: float, chance: float) -> set[str]:
+        """The cornerstones among ``estimates``: by the score rule where scores were measured, else as outliers."""
+        if any(e.score_removed is not None for e in estimates.values()):
+            return {name for name, e in estimates.items() if self.is_cornerstone(e.score_removed, base, chance)}
+        marked: set[str] = set()
+        for kind in set(kinds.values()):
+            names = [name for name in estimates if kinds[name] == kind]
+            median = statistics.median(estimates[name].importance for name in names)
+            if median > 0:
+                marked |= {name for name in names if estimates[name].importance >= self.outlier * median}
+        return marked
+
+    def describe(self, report: "ScoreReport") -> str:
+        """The rule as it applied to ``report``, in words."""
+        if not report.measures_scores:
+            return (f"rule: a one-pass proxy measures no score without the player; a cornerstone's importance is "
+                    f"at least {self.outlier:g}x the median of its kind")
+        return (f"rule: removing the player alone leaves at most {self.margin:.0%} of the above-chance score "
+                f"(score <= {report.chance + self.margin * (report.base_score - report.chance):.4f})")
 
 
 class PlayerScore(BaseModel):
@@ -112,6 +142,11 @@ class ScoreReport(BaseModel):
         """The share of the k players with the largest shares (the paper's "top-4 share")."""
         return sum(sorted((p.share for p in self.players.values()), reverse=True)[:k])
 
+    @property
+    def measures_scores(self) -> bool:
+        """Whether importances are task-score differences (ablation, Shapley), not a one-pass proxy's units."""
+        return any(p.score_removed is not None for p in self.players.values()) or self.method in ("ablation", "shapley")
+
     def ranking(self) -> list[str]:
         """Player names from least to most important."""
         return sorted(self.players, key=lambda name: self.players[name].importance)
@@ -131,7 +166,7 @@ def score(
     model: str | LoadedModel = DEFAULT_MODEL,
     tasks: Sequence[str] | Sequence[harness.TaskSpec] = (harness.BUNDLED_TASK_GROUP,),
     *,
-    estimator: Ablation | _Shapley | None = None,
+    estimator: Ablation | _Shapley | _Proxy | None = None,
     players: Sequence[str] | None = None,
     include_paths: Sequence[str | Path] = (),
     limit: int | None = None,
@@ -172,6 +207,7 @@ def score(
     full, estimates = result.full, result.players
 
     positive_total = sum(max(e.importance, 0.0) for e in estimates.values())
+    cornerstones = rule.mark(estimates, {p.name: p.kind for p in playing}, full.score, value.chance)
     player_scores = {
         p.name: PlayerScore(
             layer=p.layer,
@@ -181,7 +217,7 @@ def score(
             score_removed=estimates[p.name].score_removed,
             per_task_removed=estimates[p.name].per_task_removed,
             stderr=estimates[p.name].stderr,
-            cornerstone=rule.is_cornerstone(estimates[p.name].score_removed, full.score, value.chance),
+            cornerstone=p.name in cornerstones,
             parameters=player_parameters(loaded.model, p),
         )
         for p in playing
