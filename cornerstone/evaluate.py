@@ -79,7 +79,7 @@ def _share(value: float | None) -> str:
     return "n/a (base at or below chance)" if value is None else f"{value:.1%}"
 
 
-def _above_chance_kept(base: float, pruned: float, chance: float) -> float | None:
+def above_chance_kept(base: float, pruned: float, chance: float) -> float | None:
     """(pruned - chance) / (base - chance): the share of the base model's above-chance score that is left."""
     return (pruned - chance) / (base - chance) if base > chance else None
 
@@ -187,9 +187,9 @@ def compare(
         pruned=pruned_summary,
         retention=retention,
         mean_retention=pruned_summary.mean_score / base_summary.mean_score if base_summary.mean_score else 0.0,
-        above_chance_kept={name: _above_chance_kept(base_summary.scores[name], pruned_summary.scores[name], chance[name])
+        above_chance_kept={name: above_chance_kept(base_summary.scores[name], pruned_summary.scores[name], chance[name])
                            for name in chance},
-        mean_above_chance_kept=_above_chance_kept(base_summary.mean_score, pruned_summary.mean_score, mean_chance),
+        mean_above_chance_kept=above_chance_kept(base_summary.mean_score, pruned_summary.mean_score, mean_chance),
         speedup=pruned_summary.tokens_per_second / base_summary.tokens_per_second,
         versions=package_versions(),
     )

@@ -107,3 +107,23 @@ def test_smollm2_export_reloads_in_a_fresh_process_with_the_masked_logits(smollm
     assert int(layers) == (30 - drop if layout == "stock" else 30)
     assert int(parameters) == plan.parameters.remaining
     assert (torch.load(tmp_path / "logits.pt") - expected).abs().max() <= 1e-5
+
+
+def test_one_pass_proxies_on_smollm2_see_its_first_block_and_agree_with_each_other(smollm2, tmp_path):
+    """Block influence and angular distance from one calibration pass over bundled task documents:
+    SmolLM2's first block rewrites its input most (the block the ablation sweep finds indispensable),
+    and the two proxies, which read different statistics, rank blocks alike."""
+    from cornerstone.calibration import Calibration
+    from cornerstone.compare import compare_reports
+    from cornerstone.proxies import make_proxy
+
+    calibration = Calibration(source="bundled", samples=24)
+    specs = harness.load_tasks(["cs_capitals"], limit=10, seed=0)
+    influence = score(smollm2, specs, estimator=make_proxy("bi", calibration=calibration))
+    angular = score(smollm2, specs, estimator=make_proxy("angular", calibration=calibration))
+    assert influence.evaluations == 1 and influence.diagnostics["calibration"]["texts"] == 24
+    assert max(influence.players, key=lambda n: influence.players[n].importance) == "L0"
+    assert "L0" in influence.cornerstones
+    assert 0 < angular.players["L5"].importance < angular.players["L0"].importance < 1
+    agreement = compare_reports([influence, angular]).pair("bi", "angular")
+    assert agreement.spearman > 0.5
