@@ -236,16 +236,11 @@ def _at_granularity(report: ScoreReport, granularity: str, label: str, notes: li
     """The report's players at ``granularity`` (its own, or blocks made from its sublayers)."""
     if report.granularity == granularity:
         return {name: (p.layer, p.kind, p.importance, p.cornerstone) for name, p in report.players.items()}
-    by_layer: dict[int, list[str]] = {}
-    for name, p in report.players.items():
-        by_layer.setdefault(p.layer, []).append(name)
-    blocks = {}
-    for layer, names in sorted(by_layer.items()):
-        if len(names) < 2:
-            notes.append(f"{label} scored only {names[0]} of block L{layer}: that sublayer alone stands for the block")
-        blocks[f"L{layer}"] = (layer, "block", sum(report.players[n].importance for n in names),
-                               any(report.players[n].cornerstone for n in names))
-    return blocks
+    blocks = report.as_blocks()
+    for name, block in blocks.items():
+        if len(block.members) < 2:
+            notes.append(f"{label} scored only {block.members[0]} of block {name}: that sublayer alone stands for the block")
+    return {name: (block.layer, "block", block.importance, block.cornerstone) for name, block in blocks.items()}
 
 
 def _ranks(importance: dict[str, float], index: dict[str, int]) -> dict[str, int]:

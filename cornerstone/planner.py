@@ -180,14 +180,9 @@ def _candidates(report: ScoreReport, granularity: str, counts: dict[str, int]) -
         found = [_Candidate(name, p.layer, p.kind, p.importance, counts[name], p.cornerstone)
                  for name, p in report.players.items()]
     elif granularity == "block" and report.granularity == "sublayer":
-        blocks: dict[int, list[str]] = {}
-        for name, p in report.players.items():
-            blocks.setdefault(p.layer, []).append(name)
-        found = [_Candidate(f"L{layer}", layer, "block",
-                            sum(report.players[n].importance for n in names), sum(counts[n] for n in names),
-                            any(report.players[n].cornerstone for n in names),
-                            note=f" (sum of {' + '.join(names)})")
-                 for layer, names in blocks.items()]
+        found = [_Candidate(name, block.layer, "block", block.importance, sum(counts[n] for n in block.members),
+                            block.cornerstone, note=f" (sum of {' + '.join(block.members)})")
+                 for name, block in report.as_blocks().items()]
     else:
         raise PlanError("a block report cannot be planned at sublayer granularity",
                         hint="Score with --granularity sublayer, or plan with --granularity block.")

@@ -10,6 +10,7 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -147,9 +148,31 @@ class ScoreReport(BaseModel):
         """Whether importances are task-score differences (ablation, Shapley), not a one-pass proxy's units."""
         return any(p.score_removed is not None for p in self.players.values()) or self.method in ("ablation", "shapley")
 
+    def as_blocks(self) -> dict[str, "BlockSum"]:
+        """The players as whole blocks, in forward order. A sublayer report's block importance is the
+        sum of its sublayers' (the additive approximation: exact when their removals do not interact),
+        and the block is a cornerstone when either sublayer is. Block reports come back as they are."""
+        members: dict[int, list[str]] = {}
+        for name, player in self.players.items():
+            members.setdefault(player.layer, []).append(name)
+        return {f"L{layer}": BlockSum(layer=layer, members=names,
+                                      importance=sum(self.players[n].importance for n in names),
+                                      cornerstone=any(self.players[n].cornerstone for n in names))
+                for layer, names in sorted(members.items())}
+
     def ranking(self) -> list[str]:
         """Player names from least to most important."""
         return sorted(self.players, key=lambda name: self.players[name].importance)
+
+
+@dataclass(frozen=True)
+class BlockSum:
+    """One block of a report seen whole (:meth:`ScoreReport.as_blocks`): the players it sums."""
+
+    layer: int
+    members: list[str]
+    importance: float
+    cornerstone: bool
 
 
 def package_versions() -> dict[str, str]:
