@@ -14,15 +14,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import click
 import typer
 from typer.core import TyperGroup
 
 from .errors import ConfigError, CornerstoneError
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 # 25 documents x 4 bundled tasks x 61 evaluations: the README's main job takes ~3 minutes on 2 CPU cores.
 DEFAULT_LIMIT = 25
 _state = {"debug": False}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and staging clean-up runs before exit."""
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    raise Terminated()
 
 
 class _ErrorMappingGroup(TyperGroup):
@@ -38,11 +48,46 @@ class _ErrorMappingGroup(TyperGroup):
             if exc.hint:
                 typer.echo(f"hint: {exc.hint}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if _state["debug"]:
                 raise
-            typer.echo("error: interrupted", err=True)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            terminated = isinstance(exc, Terminated)
+            typer.echo(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", err=True)
+            typer.echo("hint: nothing half-written was left; re-run the same command to resume from the value store.",
+                       err=True)
+            raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
+        except _USAGE_ERRORS as exc:
+            _usage_error(exc)
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except _USAGE_ERRORS as exc:
+            _usage_error(exc)
+
+
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    found: list[type[Exception]] = [click.UsageError]
+    try:  # recent typer releases parse with their own vendored copy of click
+        from typer._click.exceptions import UsageError as VendoredUsageError
+    except ImportError:
+        pass
+    else:
+        found.append(VendoredUsageError)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _usage_error_types()
+
+
+def _usage_error(exc: Any) -> None:
+    """A bad option or argument: one line and a hint, like every other error, instead of click's usage box."""
+    if _state["debug"]:
+        raise exc
+    command = exc.ctx.command_path if exc.ctx is not None else "cornerstone"
+    typer.echo(f"error: {exc.format_message()}", err=True)
+    typer.echo(f"hint: see `{command} --help`", err=True)
+    raise typer.Exit(exc.exit_code)
 
 
 app = typer.Typer(
@@ -87,6 +132,11 @@ ModelArgument = Annotated[
     str,
     typer.Argument(help="Hub id, local transformers folder, .gguf file, or bundled alias (see `cornerstone models`)."),
 ]
+TrustRemoteCodeOption = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Let a model folder run its own modeling code (auto_map). Off by default: "
+                       "that code runs on this machine. cornerstone's own DeciLM exports need no flag.")]
+AllowPickleOption = Annotated[
+    bool, typer.Option("--allow-pickle", help="Load pickled .bin weights. Off by default: unpickling runs code from the file.")]
 IncludePathOption = Annotated[
     Optional[list[Path]],
     typer.Option("--include-path", help="Extra folder of lm-eval task YAMLs (repeatable), as in lm-eval."),
@@ -154,6 +204,8 @@ def score(
         float, typer.Option(min=0.0, max=1.0, help="Cornerstone rule: removal leaves at most this share of the above-chance score.")
     ] = 0.2,
     out: Annotated[Optional[Path], typer.Option(help="Report path (JSON; a PNG plot goes beside it). Default: reports/MODEL-METHOD-GRANULARITY.json.")] = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Score every layer/sublayer of MODEL on the tasks and print the cornerstone report."""
@@ -183,7 +235,8 @@ def score(
     with console.status("loading tasks"):
         specs = load_tasks(_split(tasks), include_paths=include_path or [], limit=None if all_docs else limit, seed=seed)
     with console.status(f"loading {model} ({dtype}; a GGUF file is dequantised once, then cached)"):
-        loaded = load_model(model, dtype=dtype, device=device, revision=revision)
+        loaded = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
+                            allow_pickle=allow_pickle)
     console.print(f"loaded {model} in {loaded.load_seconds:.1f} s" + (" (cached)" if loaded.from_cache else ""))
     with _progress_bar(console, "scoring") as progress:
         result = run_score(
@@ -283,6 +336,8 @@ def compare(
 def players(
     model: ModelArgument = "smollm2-135m",
     granularity: Annotated[str, typer.Option(help="sublayer or block.")] = "sublayer",
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """List the players (removable parts) of MODEL."""
@@ -291,7 +346,7 @@ def players(
 
     if granularity not in ("sublayer", "block"):
         raise ConfigError(f"unknown granularity '{granularity}'", hint="Use sublayer or block.")
-    loaded = load_model(model)
+    loaded = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     listed = [
         {"name": p.name, "layer": p.layer, "kind": p.kind, "module": p.module_path}
         for p in enumerate_players(loaded.model, granularity)  # type: ignore[arg-type]
@@ -388,6 +443,8 @@ def export(
     allow_other_model: Annotated[bool, typer.Option("--allow-other-model", help="Apply a plan made for another model.")] = False,
     dtype: Annotated[str, typer.Option(help="Weights' dtype in the export: float32, bfloat16 or float16.")] = "float32",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Cut a plan's players from MODEL and write a slim safetensors checkpoint, checked against the masked original."""
@@ -398,7 +455,7 @@ def export(
 
     console = Console(stderr=True)
     with console.status(f"loading {model}"):
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     with console.status(f"exporting to {out}"):
         result = run_export(loaded, plan_path, out, overwrite=overwrite, max_shard_size=max_shard_size,
                             verify=not no_verify, allow_other_model=allow_other_model)
@@ -425,6 +482,8 @@ def eval_command(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Comparison path (JSON; Markdown beside it). Default: reports/eval-PRUNED.json.")] = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Evaluate PRUNED against BASE with lm-eval's standard hf path; print a side-by-side table."""
@@ -435,7 +494,8 @@ def eval_command(
     console = Console(stderr=True)
     with console.status(f"evaluating {base} and {pruned} with lm-eval"):
         comparison = evaluate_module.compare(base, pruned, _split(tasks), include_paths=include_path or [], limit=limit,
-                                             seed=seed, batch_size=batch_size, device=device, dtype=dtype)
+                                             seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+                                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     json_path, markdown_path = evaluate_module.save(comparison, out or evaluate_module.default_eval_path(pruned))
     if as_json:
         _print_json(comparison.model_dump_json(indent=2))
@@ -502,6 +562,10 @@ def list_tasks_command(include_path: IncludePathOption = None, as_json: JsonOpti
 
 
 def main() -> None:
+    import signal
+
+    # pipelines stop jobs with SIGTERM; without a handler Python dies at once and skips every clean-up
+    signal.signal(signal.SIGTERM, _raise_terminated)
     app()
 
 

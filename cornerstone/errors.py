@@ -15,9 +15,11 @@ class CornerstoneError(Exception):
     default_hint: str = ""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
+        # one line, whatever a wrapped parser or library put in it: pipelines read the first line of stderr
+        message = " ".join(str(message).split())
         super().__init__(message)
         self.message = message
-        self.hint = hint if hint is not None else self.default_hint
+        self.hint = " ".join((hint if hint is not None else self.default_hint).split())
 
 
 class ModelNotFoundError(CornerstoneError):
@@ -93,3 +95,9 @@ class ExportError(CornerstoneError):
     """A plan cannot be written as a checkpoint in the requested format."""
 
     exit_code = 12
+
+
+class TrustError(CornerstoneError):
+    """Loading would run code from the model's files: pickled weights, or remote modeling code."""
+
+    exit_code = 13

@@ -8,7 +8,6 @@ machine, measured one after the other in one run.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -20,7 +19,7 @@ from pydantic import BaseModel
 
 from . import harness
 from .files import atomic_write
-from .loading import dequantised_folder, load_model, resolve
+from .loading import check_weights_format, dequantised_folder, load_model, remote_code_trusted, resolve
 from .players import text_config
 
 
@@ -89,9 +88,10 @@ def _with_error(summary: ModelSummary, task: str) -> str:
     return f"{summary.scores[task]:.4f}" + (f" ± {error:.4f}" if error is not None else "")
 
 
-def lm_eval_location(spec: str) -> tuple[str, bool, int]:
-    """What to hand lm-eval as ``pretrained=`` for a model spec, whether it needs remote code, and its
-    weights' size on disk. GGUF models are evaluated from their dequantised safetensors cache."""
+def lm_eval_location(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> tuple[str, bool, int]:
+    """What to hand lm-eval as ``pretrained=`` for a model spec, whether it may run its remote code
+    (:func:`~cornerstone.loading.remote_code_trusted`), and its weights' size on disk. GGUF models
+    are evaluated from their dequantised safetensors cache."""
     source, location = resolve(spec)
     if source in ("alias", "gguf"):
         folder: Path | None = dequantised_folder(Path(location))[0]
@@ -101,9 +101,9 @@ def lm_eval_location(spec: str) -> tuple[str, bool, int]:
         folder = None
     if folder is None:
         return str(location), False, 0
-    config = json.loads((folder / "config.json").read_text())
+    check_weights_format(folder, allow_pickle)
     size = sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern))
-    return str(folder), "auto_map" in config, size
+    return str(folder), remote_code_trusted(folder, trust_remote_code), size
 
 
 def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, length: int = 256, rounds: int = 3,
@@ -130,14 +130,15 @@ def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, leng
 
 
 def _summaries(models: Sequence[str], specs: Sequence[harness.TaskSpec], *, include_paths: Sequence[str | Path],
-               batch_size: int, device: str, dtype: str) -> list[ModelSummary]:
+               batch_size: int, device: str, dtype: str, trust_remote_code: bool, allow_pickle: bool) -> list[ModelSummary]:
     found = []
     for spec in models:
-        pretrained, remote, size = lm_eval_location(spec)
+        pretrained, remote, size = lm_eval_location(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         scores = harness.evaluate_pretrained(pretrained, specs, include_paths=include_paths, batch_size=batch_size,
                                              device=device, dtype=dtype, trust_remote_code=remote)
         found.append((spec, pretrained, remote, size, scores))
-    loaded = [load_model(spec, dtype=dtype, device=device, trust_remote_code=remote) for spec, _, remote, _, _ in found]
+    loaded = [load_model(spec, dtype=dtype, device=device, trust_remote_code=remote, allow_pickle=allow_pickle)
+              for spec, _, remote, _, _ in found]
     speeds = tokens_per_second([model.model for model in loaded])
     return [ModelSummary(spec=spec, pretrained=pretrained, parameters=model.num_parameters, bytes_on_disk=size,
                          tokens_per_second=speed, scores={k: v["score"] for k, v in scores.items()},  # type: ignore[misc]
@@ -157,6 +158,8 @@ def compare(
     batch_size: int = 16,
     device: str | None = None,
     dtype: str = "float32",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> Comparison:
     """Evaluate ``base`` and ``pruned`` on the same documents of ``tasks`` and put them side by side.
 
@@ -172,7 +175,8 @@ def compare(
     device = resolve_device(device)
     specs = harness.load_tasks(list(tasks), include_paths=include_paths, limit=limit, seed=seed)
     base_summary, pruned_summary = _summaries([base, pruned], specs, include_paths=include_paths, batch_size=batch_size,
-                                              device=device, dtype=dtype)
+                                              device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                              allow_pickle=allow_pickle)
     retention = {spec.name: pruned_summary.scores[spec.name] / base_summary.scores[spec.name]
                  if base_summary.scores[spec.name] else 0.0 for spec in specs}
     chance = {spec.name: spec.chance for spec in specs}

@@ -201,12 +201,14 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 def load_exported(folder: str | Path, dtype: torch.dtype | None = None) -> Any:
     """Load an exported folder the way a user would: stock transformers, and remote code only when the
-    config maps to a bundled modeling file (the DeciLM layout)."""
+    config maps to cornerstone's own modeling files, unchanged (the DeciLM layout)."""
     from transformers import AutoModelForCausalLM
 
+    from .loading import remote_code_trusted
+
     folder = Path(folder)
-    remote = "auto_map" in json.loads((folder / "config.json").read_text())
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", trust_remote_code=remote).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto",
+                                                trust_remote_code=remote_code_trusted(folder)).eval()
 
 
 def export(

@@ -61,8 +61,11 @@ def staged_directory(target: Path, if_exists: Literal["error", "replace", "keep"
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk or a revoked permission half way through
+            raise OutputError(f"cannot write '{target}': {exc.strerror or exc}",
+                              hint="Nothing was left behind; free space or choose another --out.") from exc
         raise
 
 

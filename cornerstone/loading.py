@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, ModelLoadError, ModelNotFoundError
+from .errors import ConfigError, ModelLoadError, ModelNotFoundError, TrustError
 from .files import staged_directory
 from .quiet import no_progress_bars
 
@@ -162,12 +162,64 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         raise ConfigError(f"unknown dtype '{dtype}'", hint="Use one of: " + ", ".join(DTYPES)) from None
 
 
-def _from_pretrained(location: str, torch_dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_format(folder: Path, allow_pickle: bool = False) -> None:
+    """Refuse a folder whose weights are pickles: unpickling runs code stored in the file.
+
+    safetensors (and GGUF) hold tensors only. ``allow_pickle`` is the user saying they trust the file.
+    """
+    if allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for suffix in PICKLE_SUFFIXES for p in folder.glob(f"*{suffix}"))
+    if pickled:
+        raise TrustError(f"'{folder}' holds pickled weights ({', '.join(pickled[:3])}) and no safetensors",
+                         hint="Unpickling runs code from the file. If you trust it pass --allow-pickle; better, "
+                              "convert it once to safetensors.")
+
+
+def remote_code_trusted(folder: Path, trust_remote_code: bool = False) -> bool:
+    """Whether loading ``folder`` may run its own Python files (``auto_map`` in its config).
+
+    Yes when the user said so (``trust_remote_code``), or when every file the config maps to is
+    byte-identical to the modeling code cornerstone ships (the DeciLM layout of its sublayer exports).
+    A folder without ``auto_map`` needs no remote code (False). A folder that maps to other code is
+    refused with a :class:`TrustError`.
+    """
+    config = json.loads((folder / "config.json").read_text())
+    auto_map = config.get("auto_map")
+    if not auto_map:
+        return False
+    if trust_remote_code:
+        return True
+    from . import decilm
+
+    modules = {str(ref).split("--")[-1].split(".")[0] + ".py"
+               for value in auto_map.values() for ref in (value if isinstance(value, list) else [value]) if ref}
+    shipped = {name: sha256_file(decilm.source_dir() / name) for name in decilm.MODELING_FILES}
+    if modules and all(name in shipped and (folder / name).is_file() and sha256_file(folder / name) == shipped[name]
+                       for name in modules):
+        return True
+    raise TrustError(f"'{folder}' needs its own modeling code to load ({', '.join(sorted(modules))})",
+                     hint="That code runs on this machine. Read it; if you trust it pass --trust-remote-code.")
+
+
+def _from_pretrained(location: str, torch_dtype: torch.dtype, *, allow_pickle: bool = False,
+                     **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with no_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    try:
+        with no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype,
+                                                         use_safetensors=None if allow_pickle else True, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except OSError:
+        raise  # a missing file: the caller knows whether that means "not found" (hub) or "incomplete" (folder)
+    except Exception as exc:  # safetensors, torch and transformers each raise their own types for a bad file
+        raise ModelLoadError(f"cannot load '{location}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                             hint="The files may be corrupt or truncated (re-download or re-export them), or made "
+                                  "by a newer transformers.") from exc
     return model, tokenizer
 
 
@@ -244,11 +296,15 @@ def load_model(
     device: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load ``spec`` for scoring, in eval mode on ``device``.
 
     ``spec`` is a bundled alias (see :data:`BUNDLED_MODELS`), a ``.gguf`` file, a local transformers
-    folder, or a hub id (``org/name``; needs network or a filled Hugging Face cache).
+    folder, or a hub id (``org/name``; needs network or a filled Hugging Face cache). Nothing from
+    the model's files is executed unless asked: weights load from safetensors or GGUF (pickled
+    ``.bin`` files only with ``allow_pickle``), and a folder's own modeling code runs only with
+    ``trust_remote_code`` or when it is cornerstone's own (see :func:`remote_code_trusted`).
     """
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
@@ -261,13 +317,20 @@ def load_model(
         model, tokenizer = _from_pretrained(str(folder), torch_dtype)
         extra = {"gguf": str(location), "dequantised_cache": str(folder)}
     elif source == "folder":
-        model, tokenizer = _from_pretrained(str(location), torch_dtype, trust_remote_code=trust_remote_code)
+        check_weights_format(Path(location), allow_pickle)
+        try:
+            model, tokenizer = _from_pretrained(str(location), torch_dtype, allow_pickle=allow_pickle,
+                                                trust_remote_code=remote_code_trusted(Path(location), trust_remote_code))
+        except OSError as exc:
+            raise ModelLoadError(f"cannot load the folder '{spec}': {str(exc).splitlines()[0]}",
+                                 hint="It has a config.json but not everything a model needs (weights, tokenizer); "
+                                      "re-download or re-export it.") from exc
         fingerprint = fingerprint_folder(Path(location))
         extra = {}
     else:
         try:
             model, tokenizer = _from_pretrained(
-                str(location), torch_dtype, revision=revision, trust_remote_code=trust_remote_code
+                str(location), torch_dtype, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
             )
         except OSError as exc:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -94,6 +94,8 @@ class Recipe(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = None
     revision: str | None = None
+    trust_remote_code: bool = Field(False, description="Let the model folder run its own modeling code.")
+    allow_pickle: bool = Field(False, description="Load pickled .bin weights.")
     tasks: TaskSelection = Field(default_factory=TaskSelection)
     score: ScoreStep = Field(default_factory=ScoreStep)
     plan: Planner
@@ -122,8 +124,10 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"recipe '{path}' does not exist", hint="See the example recipes in recipes/.") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"recipe '{path}' is not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe '{path}': {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{path}' is not a mapping of sections", hint="See the example recipes in recipes/.")
     try:
@@ -157,7 +161,8 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
     from .store import default_store_root
 
     reports = Path(recipe.reports)
-    loaded = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, revision=recipe.revision)
+    loaded = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, revision=recipe.revision,
+                        trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
     log(f"loaded {recipe.model} in {loaded.load_seconds:.1f} s")
     step = recipe.score
     if step.report is not None:
@@ -193,7 +198,8 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
         tasks = recipe.eval.tasks
         comparison = evaluate_module.compare(recipe.model, exported.path, tasks.names, include_paths=tasks.include_paths,
                                              limit=tasks.limit, seed=tasks.seed, batch_size=recipe.eval.batch_size,
-                                             device=recipe.device, dtype=recipe.dtype)
+                                             device=recipe.device, dtype=recipe.dtype,
+                                             trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
         files = evaluate_module.save(comparison, reports / f"{recipe.name}-eval.json")
         log(f"eval: mean retention {comparison.mean_retention:.1%}, speed-up {comparison.speedup:.2f}x -> {files[0]}")
         result.evaluation = comparison.model_dump()
