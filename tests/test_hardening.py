@@ -279,6 +279,8 @@ def test_killed_scoring_resumes_and_gives_the_same_report(deep_model, tmp_path):
                              capture_output=True, text=True, env=_environment(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     final = json.loads((tmp_path / "resumed.json").read_text())
+    print(f"stored after each kill: {kills}; resumed run reused {before}, computed "
+          f"{final['diagnostics']['computed_evaluations']} of {expected['evaluations']}")
     # every value stored before a kill is reused; only what was in flight is computed again
     assert final["diagnostics"]["reused_evaluations"] == before
     assert final["diagnostics"]["computed_evaluations"] == expected["evaluations"] - before
