@@ -30,13 +30,16 @@ def default_report_path(report: ScoreReport, folder: str | Path = "reports") -> 
 
 
 def save(report: ScoreReport, path: str | Path) -> tuple[Path, list[Path]]:
-    """Write the JSON report and, beside it, the PNG plots: the removal sweep, and for Shapley runs
-    the shares per layer (``-shares.png``); return the paths."""
+    """Write the JSON report and, beside it, the PNG plots: the removal sweep, the sweep per task
+    (``-tasks.png``, with more than one task), and for Shapley runs the shares per layer
+    (``-shares.png``); return the paths."""
     path = Path(path)
     atomic_write(path, report.to_json().encode())
     if not report.measures_scores:
         return path, [plot_importance(report, path.with_suffix(".png"))]
     plots = [plot_sweep(report, path.with_suffix(".png"))]
+    if len(report.tasks) > 1 and any(p.per_task_removed for p in report.players.values()):
+        plots.append(plot_sweep_by_task(report, path.with_name(path.stem + "-tasks.png")))
     if report.method == "shapley":
         plots.append(plot_shares(report, path.with_name(path.stem + "-shares.png")))
     return path, plots
@@ -139,6 +142,42 @@ def plot_sweep(report: ScoreReport, path: str | Path) -> Path:
     axes.set_ylim(0, min(1.0, max(report.base_score, max((s.score_removed or 0) for s in report.players.values())) + 0.1))
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
     return _save_figure(figure, path)
+
+
+def plot_sweep_by_task(report: ScoreReport, path: str | Path) -> Path:
+    """The sweep of :func:`plot_sweep` once per task (the paper's Figures 3-5 are per task): the task's
+    score after removing each player, its full-model and chance lines, * on the task's own cornerstones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(report.tasks))
+    rows = -(-len(report.tasks) // columns)
+    width = min(18.0, max(6.0, 0.12 * len(report.players) + 2) * columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(width, 2.6 * rows), dpi=110, squeeze=False)
+    offsets = {"attn": -0.2, "mlp": 0.2, "block": 0.0}
+    for axes, task in zip(grid.flat, report.tasks):
+        cornerstones = set(report.task_cornerstones(task.name))
+        for kind in sorted({p.kind for p in report.players.values()}, key=list(KIND_COLOURS).index):
+            members = [p for n, p in report.players.items() if p.kind == kind and task.name in p.per_task_removed]
+            axes.bar([p.layer + offsets[kind] for p in members], [p.per_task_removed[task.name] for p in members],
+                     width=0.4 if kind != "block" else 0.8, color=KIND_COLOURS[kind],
+                     label={"attn": "attention removed", "mlp": "FFN/MoE removed", "block": "block removed"}[kind])
+        for name in cornerstones:
+            player = report.players[name]
+            axes.annotate("*", (player.layer + offsets[player.kind], player.per_task_removed[task.name]),
+                          ha="center", va="bottom", fontsize=11)
+        axes.axhline(task.base_score, color="black", linewidth=1.0, label="full model")
+        axes.axhline(task.chance, color="grey", linestyle="--", linewidth=1.0, label="chance")
+        axes.set_title(f"{task.name} ({task.metric}, {task.num_docs} docs)", fontsize=8)
+        axes.set_ylim(0, min(1.05, max(task.base_score, *(p.per_task_removed.get(task.name, 0) for p in report.players.values())) + 0.1))
+        axes.tick_params(labelsize=7)
+    for axes in list(grid.flat)[len(report.tasks):]:
+        axes.axis("off")
+    grid.flat[0].legend(fontsize=6, loc="lower right")
+    figure.suptitle(f"{report.model.get('spec')}: {report.method} sweep per task (* = cornerstone for that task)", fontsize=9)
+    return _save_figure(figure, Path(path))
 
 
 def _bar(fraction: float, style: str) -> Text:

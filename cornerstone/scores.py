@@ -160,6 +160,16 @@ class ScoreReport(BaseModel):
                                       cornerstone=any(self.players[n].cornerstone for n in names))
                 for layer, names in sorted(members.items())}
 
+    def task_cornerstones(self, task: str) -> list[str]:
+        """The players whose removal alone takes ``task`` to near chance: the cornerstone rule applied to
+        that task's own full-model score, chance and per-task score without the player (measured
+        methods only; a one-pass proxy has no per-task scores)."""
+        entry = next((t for t in self.tasks if t.name == task), None)
+        if entry is None:
+            raise ReportError(f"the report has no task '{task}'", hint=f"Its tasks: {', '.join(t.name for t in self.tasks)}.")
+        return [name for name, player in self.players.items()
+                if self.rule.is_cornerstone(player.per_task_removed.get(task), entry.base_score, entry.chance)]
+
     def ranking(self) -> list[str]:
         """Player names from least to most important."""
         return sorted(self.players, key=lambda name: self.players[name].importance)

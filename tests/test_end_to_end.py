@@ -54,14 +54,31 @@ def test_full_model_score_matches_lm_eval_directly(smollm2):
 
 
 def test_real_benchmarks_read_shared_data_where_it_lies(shared_data):
-    assert harness.list_tasks(real=True) == ["cs_real_arc_challenge", "cs_real_arc_easy", "cs_real_boolq", "cs_real_piqa"]
-    specs = {s.name: s for s in harness.load_tasks(["cornerstone_real"], limit=50, seed=0)}
-    assert {name: s.total_docs for name, s in specs.items()} == {
-        "cs_real_arc_challenge": 1172, "cs_real_arc_easy": 2376, "cs_real_boolq": 3270, "cs_real_piqa": 1838}
-    for name in ("cs_real_boolq", "cs_real_piqa"):  # labels come from true/false strings and a separate .lst file
+    sizes = {"cs_real_arc_challenge": 1172, "cs_real_arc_easy": 2376, "cs_real_boolq": 3270, "cs_real_piqa": 1838}
+    assert [s.name for s in harness.load_tasks(["cornerstone_real"], limit=2)] == sorted(sizes)
+    sizes |= {"cs_real_copa": 100, "cs_real_hellaswag": 10042, "cs_real_lambada_openai": 5153, "cs_real_openbookqa": 500,
+              "cs_real_sst2": 872, "cs_real_truthfulqa_mc1": 817, "cs_real_winogrande": 1267}
+    assert harness.list_tasks(real=True) == sorted(sizes)
+    specs = {s.name: s for s in harness.load_tasks(["cornerstone_real_all"], limit=50, seed=0)}
+    assert {name: s.total_docs for name, s in specs.items()} == sizes
+    assert sorted(s.name for s in harness.load_tasks(["cornerstone_paper"], limit=2)) == [
+        "cs_real_arc_challenge", "cs_real_arc_easy", "cs_real_boolq", "cs_real_openbookqa", "cs_real_piqa", "cs_real_winogrande"]
+    # labels come from true/false strings, a separate .lst file, a tsv column, a bz2 text and a JSON map
+    for name, labels in {"cs_real_boolq": {0, 1}, "cs_real_piqa": {0, 1}, "cs_real_sst2": {0, 1},
+                         "cs_real_hellaswag": {0, 1, 2, 3}, "cs_real_openbookqa": {0, 1, 2, 3}}.items():
         task = specs[name].task
-        assert {task.doc_to_target(task.eval_docs[i]) for i in specs[name].doc_indices} == {0, 1}
+        assert {task.doc_to_target(task.eval_docs[i]) for i in specs[name].doc_indices} == labels, name
+    copa = specs["cs_real_copa"]
+    assert {copa.task.eval_docs[i]["label"] for i in copa.doc_indices} == {0, 1}
+    truthful = specs["cs_real_truthfulqa_mc1"].task.eval_docs[0]
+    assert truthful["mc1_targets"]["labels"][0] == 1 and sum(truthful["mc1_targets"]["labels"]) == 1
+    winogrande = specs["cs_real_winogrande"].task
+    doc = winogrande.eval_docs[0]  # "Sarah was a much better surgeon than Maria so _ always got the easier cases."
+    assert winogrande.doc_to_choice(doc) == ["Sarah was a much better surgeon than Maria so Sarah",
+                                             "Sarah was a much better surgeon than Maria so Maria"]
+    assert winogrande.doc_to_target(doc) == "always got the easier cases." and winogrande.doc_to_text(doc) == 1
     assert specs["cs_real_piqa"].chance == pytest.approx(0.5) and specs["cs_real_arc_easy"].metric == "acc_norm"
+    assert specs["cs_real_lambada_openai"].chance == 0.0 and specs["cs_real_lambada_openai"].output_type == "loglikelihood"
 
 
 FRESH_PROCESS = """

@@ -130,6 +130,8 @@ def test_masks_in_one_call_share_prefixes_and_equal_lm_eval(model_type, toy_fold
 @pytest.mark.slow
 def test_engine_equals_lm_eval_on_smollm2_with_real_and_bundled_tasks(smollm2, shared_data, tmp_path):
     specs = harness.load_tasks(["cs_real_arc_easy", "cs_capitals", "cs_antonyms"], limit=12, seed=3)
+    # partial scoring (one context per choice) and greedy-continuation accuracy take other paths through lm-eval
+    specs += harness.load_tasks(["cs_real_winogrande", "cs_real_lambada_openai", "cs_real_copa"], limit=4, seed=3)
     lm = harness.make_lm(smollm2.model, smollm2.tokenizer, batch_size=8)
     # a float32 tie between two choices would be the only licence to differ; none occurs on these docs
     assert_engine_matches_lm_eval(smollm2.model, lm, specs, masks_for(smollm2.model, 2, seed=1))
