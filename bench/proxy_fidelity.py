@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=100)
     parser.add_argument("--eval-seed", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size.")
+    parser.add_argument("--eval-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="dtype of the lm-eval runs (base and every cut alike).")
     parser.add_argument("--prefix", default=None, help="Report file prefix. Default: reports/proxy-fidelity-MODEL.")
     args = parser.parse_args()
     prefix = Path(args.prefix or f"reports/proxy-fidelity-{args.model}")
@@ -86,7 +88,8 @@ def main() -> None:
     eval_specs = harness.load_tasks(settings["tasks"], limit=args.eval_limit, seed=args.eval_seed)
 
     def evaluate(pretrained: str, remote: bool = False) -> dict[str, float]:
-        found = harness.evaluate_pretrained(pretrained, eval_specs, batch_size=args.batch_size, trust_remote_code=remote)
+        found = harness.evaluate_pretrained(pretrained, eval_specs, batch_size=args.batch_size, dtype=args.eval_dtype,
+                                            trust_remote_code=remote)
         return {name: value["score"] for name, value in found.items()}  # type: ignore[misc]
 
     base_folder, remote, _ = lm_eval_location(args.model)
@@ -108,12 +111,12 @@ def main() -> None:
               f"retention {mean / base_mean:.1%}")
     result = {"model": args.model, "truth": args.truth, "proxy_reports": {m: str(p) for m, p in reports.items()},
               "drop": drop, "blocks": blocks, "eval": {"tasks": settings["tasks"], "limit": args.eval_limit,
-                                                         "seed": args.eval_seed, "chance": chance},
+                                                         "seed": args.eval_seed, "chance": chance, "dtype": args.eval_dtype},
               "base": {"scores": base, "mean_score": base_mean}, "cuts": rows,
               "seconds": time.perf_counter() - started}
     atomic_write(prefix.with_name(f"{prefix.name}-retention.json"), json.dumps(result, indent=2).encode())
     lines = [f"# {args.model}: retention when each method's bottom {drop} of {blocks} blocks are dropped", "",
-             f"lm-eval on {args.eval_limit} held-out documents per task (seed {args.eval_seed}) of "
+             f"lm-eval ({args.eval_dtype}) on {args.eval_limit} held-out documents per task (seed {args.eval_seed}) of "
              f"{', '.join(spec.name for spec in eval_specs)}; base mean {base_mean:.4f}, chance {chance:.4f}. "
              "No block protected.", "",
              "| methods | dropped | parameters removed | mean score | retention | above chance kept |", "|---|---|---|---|---|---|"]
