@@ -470,6 +470,59 @@ def export(
         typer.echo(f"note: {note}")
 
 
+@app.command()
+def heal(
+    pruned: Annotated[str, typer.Argument(metavar="PRUNED", help="An exported folder (`cornerstone export --out`).")],
+    data: Annotated[str, typer.Option(help="Training text: a .txt/.jsonl/.json file, or comma-separated lm-eval tasks not used for evaluation.")],
+    out: Annotated[Path, typer.Option(help="Folder for the healed checkpoint (must not exist unless --overwrite).")],
+    method: Annotated[str, typer.Option(help="lora (adapter merged into the weights) or full.")] = "lora",
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is alpha/rank * B A).")] = 32.0,
+    target_modules: Annotated[str, typer.Option("--target-modules", help="Comma-separated module names, or all-linear.")] = "all-linear",
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="Default 2e-4 (LoRA) or 2e-5 (full).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 100,
+    sequence_length: Annotated[int, typer.Option("--sequence-length", min=8, help="Tokens per training window.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per step.")] = 8,
+    samples: Annotated[Optional[int], typer.Option(min=1, help="Most training texts (seeded draw); default all.")] = None,
+    distill: Annotated[float, typer.Option(help="Weight of the distillation loss against --teacher's logits (0 = none).")] = 0.0,
+    teacher: Annotated[Optional[str], typer.Option(help="The unpruned model, teacher for --distill.")] = None,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 2.0,
+    compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="float32, or bfloat16 autocast (faster on CPUs with bf16).")] = "float32",
+    seed: Annotated[int, typer.Option(help="Seed of the LoRA init and the batch order.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between resumable checkpoints.")] = 25,
+    not_on: Annotated[Optional[str], typer.Option("--not-on", help="Comma-separated tasks you will evaluate on: refuse to train on them.")] = None,
+    include_path: IncludePathOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fine-tune a pruned model briefly (LoRA by default) to win back what pruning cost; write it merged."""
+    from rich.console import Console
+
+    from .heal import Healing, heal as run_heal
+
+    try:
+        healing = Healing(data=data, method=method, rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
+                          target_modules=target_modules if target_modules == "all-linear" else _split(target_modules),
+                          sequence_length=sequence_length, batch_size=batch_size, samples=samples, distill=distill,
+                          teacher=teacher, temperature=temperature, compute_dtype=compute_dtype, seed=seed,
+                          checkpoint_every=checkpoint_every)
+    except ValueError as exc:
+        raise ConfigError(f"invalid healing option: {str(exc).splitlines()[-1].strip()}",
+                          hint="See `cornerstone heal --help`.") from None
+    console = Console(stderr=True)
+    with _progress_bar(console, "healing") as progress:
+        result = run_heal(pruned, out, healing, include_paths=include_path or [], evaluation_tasks=_split(not_on),
+                          overwrite=overwrite, device=device, progress=progress)
+    if as_json:
+        _print_json(result.model_dump(exclude={"history"}))
+        return
+    resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
+    typer.echo(f"healed {result.source} -> {result.path}: {result.steps} steps of {result.method} "
+               f"({result.trained_parameters:,} of {result.parameters:,} parameters trained{resumed}), loss "
+               f"{result.first_loss:.3f} -> {result.last_loss:.3f} in {result.seconds:.0f} s")
+
+
 @app.command("eval")
 def eval_command(
     base: Annotated[str, typer.Argument(help="The original model (alias, folder, .gguf or hub id).")],
@@ -482,11 +535,12 @@ def eval_command(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Comparison path (JSON; Markdown beside it). Default: reports/eval-PRUNED.json.")] = None,
+    healed: Annotated[Optional[str], typer.Option(help="Also evaluate this `cornerstone heal` output, as a third column.")] = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Evaluate PRUNED against BASE with lm-eval's standard hf path; print a side-by-side table."""
+    """Evaluate PRUNED (and --healed) against BASE with lm-eval's standard hf path; print a side-by-side table."""
     from rich.console import Console
 
     from . import evaluate as evaluate_module
@@ -495,7 +549,8 @@ def eval_command(
     with console.status(f"evaluating {base} and {pruned} with lm-eval"):
         comparison = evaluate_module.compare(base, pruned, _split(tasks), include_paths=include_path or [], limit=limit,
                                              seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-                                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                             healed=healed)
     json_path, markdown_path = evaluate_module.save(comparison, out or evaluate_module.default_eval_path(pruned))
     if as_json:
         _print_json(comparison.model_dump_json(indent=2))

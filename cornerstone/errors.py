@@ -101,3 +101,9 @@ class TrustError(CornerstoneError):
     """Loading would run code from the model's files: pickled weights, or remote modeling code."""
 
     exit_code = 13
+
+
+class HealError(CornerstoneError):
+    """A healing run cannot start, diverged, or its checkpoint does not fit."""
+
+    exit_code = 14

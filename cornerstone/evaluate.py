@@ -36,8 +36,27 @@ class ModelSummary(BaseModel):
     mean_score: float
 
 
+class Retention(BaseModel):
+    """One model's scores relative to the base: per task and of the mean."""
+
+    retention: dict[str, float]
+    mean_retention: float
+    above_chance_kept: dict[str, float | None]
+    mean_above_chance_kept: float | None
+
+    @classmethod
+    def of(cls, base: ModelSummary, other: ModelSummary, chance: dict[str, float]) -> "Retention":
+        mean_chance = sum(chance.values()) / len(chance)
+        return cls(retention={name: other.scores[name] / base.scores[name] if base.scores[name] else 0.0 for name in chance},
+                   mean_retention=other.mean_score / base.mean_score if base.mean_score else 0.0,
+                   above_chance_kept={name: above_chance_kept(base.scores[name], other.scores[name], chance[name])
+                                      for name in chance},
+                   mean_above_chance_kept=above_chance_kept(base.mean_score, other.mean_score, mean_chance))
+
+
 class Comparison(BaseModel):
-    """Base and pruned model on the same tasks: scores, retention (pruned / base) and speed-up."""
+    """Base and pruned model (and, after ``cornerstone heal``, the healed one) on the same tasks:
+    scores, retention (model / base) and speed-up."""
 
     created: str
     tasks: list[dict[str, Any]]
@@ -50,17 +69,29 @@ class Comparison(BaseModel):
     mean_above_chance_kept: float | None
     speedup: float
     versions: dict[str, str]
+    healed: ModelSummary | None = None
+    healed_retention: Retention | None = None
 
     def to_markdown(self) -> str:
-        rows = ["| task | metric | docs | chance | base | pruned | retention | above chance kept |",
-                "|---|---|---|---|---|---|---|---|"]
+        healed = self.healed is not None and self.healed_retention is not None
+        extra = " healed | healed retention | healed above chance kept |" if healed else ""
+        rows = ["| task | metric | docs | chance | base | pruned | retention | above chance kept |" + extra,
+                "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if healed else "")]
         for task in self.tasks:
             name = task["name"]
-            rows.append(f"| {name} | {task['metric']} | {task['num_docs']} | {task['chance']:.3f} | "
-                        f"{_with_error(self.base, name)} | {_with_error(self.pruned, name)} | {self.retention[name]:.1%} | "
-                        f"{_share(self.above_chance_kept[name])} |")
-        rows.append(f"| **mean** | | | | {self.base.mean_score:.4f} | {self.pruned.mean_score:.4f} | "
-                    f"**{self.mean_retention:.1%}** | **{_share(self.mean_above_chance_kept)}** |")
+            row = (f"| {name} | {task['metric']} | {task['num_docs']} | {task['chance']:.3f} | "
+                   f"{_with_error(self.base, name)} | {_with_error(self.pruned, name)} | {self.retention[name]:.1%} | "
+                   f"{_share(self.above_chance_kept[name])} |")
+            if healed:
+                row += (f" {_with_error(self.healed, name)} | {self.healed_retention.retention[name]:.1%} | "
+                        f"{_share(self.healed_retention.above_chance_kept[name])} |")
+            rows.append(row)
+        mean = (f"| **mean** | | | | {self.base.mean_score:.4f} | {self.pruned.mean_score:.4f} | "
+                f"**{self.mean_retention:.1%}** | **{_share(self.mean_above_chance_kept)}** |")
+        if healed:
+            mean += (f" {self.healed.mean_score:.4f} | **{self.healed_retention.mean_retention:.1%}** | "
+                     f"**{_share(self.healed_retention.mean_above_chance_kept)}** |")
+        rows.append(mean)
         size = ["", "| | base | pruned | ratio |", "|---|---|---|---|",
                 f"| parameters | {self.base.parameters:,} | {self.pruned.parameters:,} | "
                 f"{self.pruned.parameters / self.base.parameters:.1%} |",
@@ -160,8 +191,10 @@ def compare(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    healed: str | None = None,
 ) -> Comparison:
-    """Evaluate ``base`` and ``pruned`` on the same documents of ``tasks`` and put them side by side.
+    """Evaluate ``base`` and ``pruned`` (and ``healed``, a ``cornerstone heal`` output) on the same
+    documents of ``tasks`` and put them side by side.
 
     ``retention_t = score_pruned(t) / score_base(t)``; ``mean_retention`` is the ratio of the mean
     scores. ``above_chance_kept_t = (pruned - chance) / (base - chance)`` is the share of the base
@@ -174,13 +207,12 @@ def compare(
 
     device = resolve_device(device)
     specs = harness.load_tasks(list(tasks), include_paths=include_paths, limit=limit, seed=seed)
-    base_summary, pruned_summary = _summaries([base, pruned], specs, include_paths=include_paths, batch_size=batch_size,
-                                              device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                              allow_pickle=allow_pickle)
-    retention = {spec.name: pruned_summary.scores[spec.name] / base_summary.scores[spec.name]
-                 if base_summary.scores[spec.name] else 0.0 for spec in specs}
+    summaries = _summaries([base, pruned, *([healed] if healed else [])], specs, include_paths=include_paths,
+                           batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                           allow_pickle=allow_pickle)
+    base_summary, pruned_summary = summaries[:2]
     chance = {spec.name: spec.chance for spec in specs}
-    mean_chance = sum(chance.values()) / len(chance)
+    pruned_retention = Retention.of(base_summary, pruned_summary, chance)
     return Comparison(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         tasks=[spec.describe() for spec in specs],
@@ -189,13 +221,11 @@ def compare(
                   "torch_threads": torch.get_num_threads()},
         base=base_summary,
         pruned=pruned_summary,
-        retention=retention,
-        mean_retention=pruned_summary.mean_score / base_summary.mean_score if base_summary.mean_score else 0.0,
-        above_chance_kept={name: above_chance_kept(base_summary.scores[name], pruned_summary.scores[name], chance[name])
-                           for name in chance},
-        mean_above_chance_kept=above_chance_kept(base_summary.mean_score, pruned_summary.mean_score, mean_chance),
+        **pruned_retention.model_dump(),
         speedup=pruned_summary.tokens_per_second / base_summary.tokens_per_second,
         versions=package_versions(),
+        healed=summaries[2] if healed else None,
+        healed_retention=Retention.of(base_summary, summaries[2], chance) if healed else None,
     )
 
 

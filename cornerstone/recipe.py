@@ -1,4 +1,4 @@
-"""Recipes: one YAML file that runs the whole pipeline, score -> plan -> export -> eval.
+"""Recipes: one YAML file that runs the whole pipeline, score -> plan -> export -> (heal ->) eval.
 
 :func:`run_recipe` is the Python API behind ``cornerstone run``. Recipes are validated strictly: a
 misspelt or unknown key is an error that names it (every section forbids extra keys). The exact
@@ -13,6 +13,7 @@ Paths in a recipe (``out``, ``report``, ``include_paths``) are relative to the d
     score: {method: ablation, granularity: block}
     plan: {policy: lowest, granularity: block, drop: 8}
     export: {out: exports/smollm2-135m-drop8}
+    heal: {data: cs_capitals, out: exports/smollm2-135m-drop8-healed, steps: 100}   # optional
     eval: {tasks: {names: [cornerstone_real], limit: 200}}
 """
 
@@ -26,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .calibration import Calibration
+from .heal import Healing
 from .errors import ConfigError
 from .planner import Planner
 
@@ -80,6 +82,14 @@ class ExportStep(_Section):
     verify: bool = True
 
 
+class HealStep(Healing):
+    """``heal:`` in a recipe: the healing settings (:class:`~cornerstone.heal.Healing`) and where the healed
+    model goes. Training on a task the recipe evaluates on is refused."""
+
+    out: str
+    overwrite: bool = False
+
+
 class EvalStep(_Section):
     tasks: TaskSelection = Field(default_factory=TaskSelection)
     batch_size: int = Field(16, ge=1)
@@ -100,6 +110,7 @@ class Recipe(_Section):
     score: ScoreStep = Field(default_factory=ScoreStep)
     plan: Planner
     export: ExportStep
+    heal: HealStep | None = None
     eval: EvalStep | None = None
     reports: str = Field("reports", description="Folder for the score report, plan and evaluation.")
 
@@ -143,6 +154,7 @@ class RunResult(BaseModel):
     report: str
     plan: str
     export: dict[str, Any]
+    heal: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
     evaluation_files: list[str] = []
 
@@ -193,15 +205,27 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
     log(f"export: {exported.format} checkpoint, {exported.parameters:,} parameters, max logit difference "
         f"{exported.max_abs_logit_diff} -> {exported.path}")
     result = RunResult(report=str(report_path), plan=str(plan_path), export=exported.model_dump())
+    del loaded  # healing and evaluation load the models from disk, as users of the checkpoints will
+    if recipe.heal is not None:
+        from .heal import heal
+
+        healing = Healing(**recipe.heal.model_dump(exclude={"out", "overwrite"}))
+        healed = heal(exported.path, recipe.heal.out, healing, include_paths=recipe.tasks.include_paths,
+                      evaluation_tasks=recipe.eval.tasks.names if recipe.eval else (), overwrite=recipe.heal.overwrite,
+                      device=recipe.device, progress=progress)
+        log(f"heal: {healed.steps} steps, loss {healed.first_loss:.3f} -> {healed.last_loss:.3f} -> {healed.path}")
+        result.heal = healed.model_dump(exclude={"history"})
     if recipe.eval is not None:
-        del loaded  # the evaluation loads both models from disk, as lm-eval users will
         tasks = recipe.eval.tasks
         comparison = evaluate_module.compare(recipe.model, exported.path, tasks.names, include_paths=tasks.include_paths,
                                              limit=tasks.limit, seed=tasks.seed, batch_size=recipe.eval.batch_size,
                                              device=recipe.device, dtype=recipe.dtype,
-                                             trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
+                                             trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle,
+                                             healed=recipe.heal.out if recipe.heal else None)
         files = evaluate_module.save(comparison, reports / f"{recipe.name}-eval.json")
-        log(f"eval: mean retention {comparison.mean_retention:.1%}, speed-up {comparison.speedup:.2f}x -> {files[0]}")
+        healed_text = (f", healed {comparison.healed_retention.mean_retention:.1%}"
+                       if comparison.healed_retention is not None else "")
+        log(f"eval: mean retention {comparison.mean_retention:.1%}{healed_text}, speed-up {comparison.speedup:.2f}x -> {files[0]}")
         result.evaluation = comparison.model_dump()
         result.evaluation_files = [str(f) for f in files]
     return result

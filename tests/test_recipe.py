@@ -67,8 +67,11 @@ def test_cornerstone_run_does_the_whole_pipeline(tiny_llama_dir, tmp_path, monke
         "score": {"method": "ablation", "granularity": "sublayer", "batch_size": 4},
         "plan": {"policy": "greedy", "granularity": "block", "drop": 1, "keep_first": 0, "keep_last": 0},
         "export": {"out": "exports/tiny"},
+        "heal": {"data": "corpus.txt", "out": "exports/tiny-healed", "steps": 3, "sequence_length": 16, "batch_size": 2,
+                 "rank": 2},
         "eval": {"tasks": {"names": ["toy_recipe"], "include_paths": [str(folder)], "limit": None}, "batch_size": 4},
     }
+    (tmp_path / "corpus.txt").write_text("\n\n".join(["Question: What is the capital of France? Answer: Paris"] * 8))
     path = write(tmp_path, recipe)
     result = CliRunner().invoke(app, ["run", str(path), "--json"])
     assert result.exit_code == 0, result.output
@@ -84,5 +87,9 @@ def test_cornerstone_run_does_the_whole_pipeline(tiny_llama_dir, tmp_path, monke
     assert comparison.pruned.parameters == plan["parameters"]["remaining"]
     assert comparison.tasks[0]["num_docs"] == 8
     assert all(Path(p).exists() for p in summary["evaluation_files"])
+    # healed after export, evaluated as a third column: same size, same layer count
+    assert summary["heal"]["layers"] == plan["blocks"]["remaining"] and summary["heal"]["steps"] == 3
+    assert comparison.healed is not None and comparison.healed.parameters == comparison.pruned.parameters
+    assert "| healed |" in comparison.to_markdown() and set(comparison.healed_retention.retention) == {"toy_recipe"}
     failed = CliRunner().invoke(app, ["run", str(write(tmp_path, {**MINIMAL, "modle": "x"}))])
     assert failed.exit_code == 2 and "unknown key 'modle'" in failed.output
