@@ -611,7 +611,8 @@ def list_tasks_command(include_path: IncludePathOption = None, as_json: JsonOpti
     typer.echo(f"{BUNDLED_TASK_GROUP} (all bundled tasks)")
     for name in names:
         typer.echo(f"  {name}")
-    typer.echo(f"{REAL_TASK_GROUP} (real benchmarks read from ../shared/data or $CORNERSTONE_SHARED_DATA)")
+    typer.echo(f"real benchmarks read from ../shared/data or $CORNERSTONE_SHARED_DATA (tags {REAL_TASK_GROUP}: "
+               "arc, boolq, piqa; cornerstone_paper: the paper's six; cornerstone_real_all: all)")
     for name in real:
         typer.echo(f"  {name}")
 
