@@ -123,6 +123,19 @@ def _split(values: Optional[str]) -> list[str]:
     return [part.strip() for part in (values or "").split(",") if part.strip()]
 
 
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--option N`` or ``--option=N``)."""
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == option:
+            skip = True
+        elif not argument.startswith(option + "="):
+            kept.append(argument)
+    return kept
+
+
 def _print_json(payload: Any) -> None:
     typer.echo(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
 
@@ -204,11 +217,20 @@ def score(
         float, typer.Option(min=0.0, max=1.0, help="Cornerstone rule: removal leaves at most this share of the above-chance score.")
     ] = 0.2,
     out: Annotated[Optional[Path], typer.Option(help="Report path (JSON; a PNG plot goes beside it). Default: reports/MODEL-METHOD-GRANULARITY.json.")] = None,
+    num_processes: Annotated[
+        int, typer.Option("--num-processes", min=1, help="Split the evaluations over this many processes (torch.distributed; "
+                          "one model replica each, one GPU each on a GPU machine).")
+    ] = 1,
     trust_remote_code: TrustRemoteCodeOption = False,
     allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Score every layer/sublayer of MODEL on the tasks and print the cornerstone report."""
+    from . import distributed
+
+    ranks = distributed.from_environment()
+    if num_processes > 1 and ranks is None:
+        raise typer.Exit(distributed.launch(num_processes, _without_option(sys.argv[1:], "--num-processes")))
     from rich.console import Console
 
     from . import report as report_module
@@ -230,7 +252,8 @@ def score(
                             window=window, seed=seed, proxy_options=proxy_options)
     if engine not in ("fast", "lm-eval"):
         raise ConfigError(f"unknown engine '{engine}'", hint="Use fast or lm-eval.")
-    console = Console(stderr=as_json)
+    console = Console(stderr=as_json, quiet=ranks is not None and not ranks.main)
+    device = distributed.rank_device(ranks, device)
     resolve(model)  # a mistyped model path fails here, before the slower task loading
     with console.status("loading tasks"):
         specs = load_tasks(_split(tasks), include_paths=include_path or [], limit=None if all_docs else limit, seed=seed)
@@ -252,7 +275,10 @@ def score(
             engine=engine,
             rule=CornerstoneRule(margin=margin, outlier=outlier),
             progress=progress,
+            ranks=ranks,
         )
+    if ranks is not None and not ranks.main:
+        return  # every rank holds the same report; rank 0 writes and prints it
     json_path, plot_paths = report_module.save(result, out or report_module.default_report_path(result))
     if as_json:
         _print_json(result.to_json())

@@ -27,6 +27,7 @@ from .players import enumerate_players, parse_players, player_parameters
 from .value import ValueFunction
 
 if TYPE_CHECKING:
+    from .distributed import Ranks
     from .proxies import _Proxy
 
 SCHEMA_VERSION = 1
@@ -211,6 +212,7 @@ def score(
     store: str | Path | None = None,
     rule: CornerstoneRule | None = None,
     progress: Progress | None = None,
+    ranks: Ranks | None = None,
 ) -> ScoreReport:
     """Score the players of ``model`` on ``tasks`` and mark its cornerstones.
 
@@ -221,7 +223,9 @@ def score(
     ``importance_i`` is the estimator's value for player i (ablation: ``v(N) - v(N \\ {i})``;
     Shapley estimators: phi_i) and ``share_i = max(importance_i, 0) / sum_j max(importance_j, 0)``:
     negative values are clipped to zero for shares, as the paper does. ``store`` is a folder that
-    keeps every v(S) on disk (see :mod:`cornerstone.store`): a killed run resumes from it.
+    keeps every v(S) on disk (see :mod:`cornerstone.store`): a killed run resumes from it. ``ranks``
+    (:func:`cornerstone.distributed.from_environment`) splits the evaluations across the processes of
+    a torchrun / ``accelerate launch`` job; every rank returns the same report.
     """
     started = time.perf_counter()
     estimator = estimator or Ablation()
@@ -233,7 +237,8 @@ def score(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     playing = (parse_players(loaded.model, list(players)) if players
                else enumerate_players(loaded.model, estimator.granularity))
-    value = ValueFunction(loaded, specs, batch_size=batch_size, engine=engine, store=store)  # type: ignore[arg-type]
+    value = ValueFunction(loaded, specs, batch_size=batch_size, engine=engine, store=store,  # type: ignore[arg-type]
+                          ranks=ranks)
     scoring_started = time.perf_counter()
     result = estimator.estimate(value, playing, progress)
     scoring_seconds = time.perf_counter() - scoring_started
@@ -270,6 +275,7 @@ def score(
             "engine": engine,
             "players": list(players) if players else None,
             "estimator": estimator.model_dump(),
+            "processes": ranks.world if ranks else 1,
         },
         base_score=full.score,
         chance=value.chance,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from . import harness
 from .errors import ConfigError
@@ -20,6 +20,9 @@ from .loading import LoadedModel
 from .masking import removed as removed_players
 from .players import Player
 from .store import ValueStore, game_key
+
+if TYPE_CHECKING:
+    from .distributed import Ranks
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class ValueFunction:
     With a ``store`` folder (see :mod:`cornerstone.store`), every value is also kept on disk as it is computed
     and read back instead of computed again (see :meth:`evaluate_many`).
 
+    With ``ranks`` (a multi-process job, :mod:`cornerstone.distributed`) each batch of unknown values
+    is split across the processes and gathered, so every process ends each call with every value.
+
     ``engine="fast"`` (default) computes with :class:`~cornerstone.engine.Engine`, which reuses work
     across masks and gives lm-eval's per-document results; ``engine="lm-eval"`` runs lm-eval's own
     evaluation loop for every coalition (the reference).
@@ -56,8 +62,10 @@ class ValueFunction:
         engine: Literal["fast", "lm-eval"] = "fast",
         cache_bytes: int = 2 << 30,
         store: str | Path | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
         self.loaded = loaded
+        self.ranks = ranks
         self.tasks = list(tasks)
         self.batch_size = batch_size
         self.engine = engine
@@ -104,19 +112,22 @@ class ValueFunction:
         keys = [frozenset(p.name for p in mask) for mask in masks]
         todo: dict[frozenset[str], list[Player]] = {}
         for mask, key in zip(masks, keys):
-            if key in self._memo or key in todo:
-                continue
-            record = self.store.get(tuple(sorted(key))) if self.store is not None else None
-            if record is not None:
-                self._memo[key] = Evaluation(removed=tuple(record["removed"]), score=record["score"],
-                                             per_task=record["per_task"], per_doc=record["per_doc"],
-                                             seconds=record["seconds"])
-                self.reused += 1
-            else:
+            if key not in self._memo and key not in todo and not self._from_store(key):
                 todo[key] = mask
+        if self.ranks is not None:
+            # rank 0's view decides, so every rank computes and gathers the same list
+            names = self.ranks.broadcast([sorted(key) for key in todo])
+            by_key = dict(zip(keys, masks))
+            todo = {frozenset(name): by_key[frozenset(name)] for name in names}
+            for key in keys:  # known to rank 0 from the store, which this rank may have read earlier
+                if key not in self._memo and key not in todo and not self._from_store(key):
+                    raise RuntimeError(f"rank {self.ranks.rank} cannot find the stored value of {sorted(key)}")
         pending = list(todo.items())
+        mine = [index for index in range(len(pending)) if self.ranks is None or self.ranks.owns(index)]
+        computed: list[Evaluation] = []
         started = time.perf_counter()
-        for index, results in self._compute([mask for _, mask in pending]):
+        for position, results in self._compute([pending[index][1] for index in mine]):
+            index = mine[position]
             finished = time.perf_counter()
             evaluation = Evaluation(
                 removed=tuple(sorted(pending[index][0])),
@@ -126,16 +137,36 @@ class ValueFunction:
                 seconds=finished - started,
             )
             started = finished
-            self._memo[pending[index][0]] = evaluation
-            self.evaluations += 1
-            self.seconds += evaluation.seconds
+            computed.append(evaluation)
+            self._record(evaluation, on_done)
             if self.store is not None:
                 self.store.put({"removed": list(evaluation.removed), "score": evaluation.score,
                                 "per_task": evaluation.per_task, "per_doc": evaluation.per_doc,
                                 "seconds": evaluation.seconds})
-            if on_done is not None:
-                on_done(evaluation)
+        if self.ranks is not None and pending:
+            for share in self.ranks.gather(computed):
+                for evaluation in share:
+                    if frozenset(evaluation.removed) not in self._memo:
+                        self._record(evaluation, on_done)
         return [self._memo[key] for key in keys]
+
+    def _from_store(self, key: frozenset[str]) -> bool:
+        """Take ``key``'s value from the on-disk store into memory; whether it was there."""
+        record = self.store.get(tuple(sorted(key))) if self.store is not None else None
+        if record is None:
+            return False
+        self._memo[key] = Evaluation(removed=tuple(record["removed"]), score=record["score"], per_task=record["per_task"],
+                                     per_doc=record["per_doc"], seconds=record["seconds"])
+        self.reused += 1
+        return True
+
+    def _record(self, evaluation: Evaluation, on_done: Callable[[Evaluation], None] | None) -> None:
+        """A value computed in this job (by this process or, gathered, by another)."""
+        self._memo[frozenset(evaluation.removed)] = evaluation
+        self.evaluations += 1
+        self.seconds += evaluation.seconds
+        if on_done is not None:
+            on_done(evaluation)
 
     def _compute(self, masks: list[list[Player]]) -> Iterator[tuple[int, dict[str, harness.TaskResult]]]:
         if self._engine is not None:

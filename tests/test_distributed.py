@@ -1,0 +1,129 @@
+"""Multi-process scoring (torch.distributed, gloo on CPU): a 2-process job gives exactly the report of one
+process, on a tiny model and on SmolLM2, for ablation and for a sampling Shapley estimator; a killed
+2-process job resumes from the shared store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cornerstone.cli import _without_option
+from cornerstone.distributed import Ranks, launch_command
+
+from .tasks import toy_docs, write_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def six_blocks(tmp_path_factory):
+    """A tiny Llama with 6 blocks (12 sublayers) and a 12-document task."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .conftest import TINY, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("six")
+    torch.manual_seed(1)
+    config = AutoConfig.for_model("llama", vocab_size=300, bos_token_id=1, eos_token_id=2, **{**TINY, "num_hidden_layers": 6})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder, write_task(folder / "tasks", "toy_split", toy_docs(12))
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _score(model: str, out: Path, store: Path | None, extra: list[str], processes: int = 1) -> dict:
+    command = [sys.executable, "-m", "cornerstone", "score", model, "--out", str(out), "--json", *extra,
+               *(["--store", str(store)] if store else ["--no-store"]), "--num-processes", str(processes)]
+    done = subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _same_scores(a: dict, b: dict) -> None:
+    assert a["base_score"] == b["base_score"] and a["cornerstones"] == b["cornerstones"]
+    for name, player in a["players"].items():
+        other = b["players"][name]
+        assert (player["importance"], player["score_removed"], player["per_task_removed"]) == \
+            (other["importance"], other["score_removed"], other["per_task_removed"]), name
+
+
+@pytest.mark.parametrize("method", [["--method", "ablation"], ["--method", "shapley", "--estimator", "permutation",
+                                                                  "--budget", "24", "--granularity", "block"]])
+def test_two_processes_give_the_single_process_report(six_blocks, method, tmp_path):
+    folder, tasks = six_blocks
+    extra = ["--tasks", "toy_split", "--include-path", str(tasks), "--batch-size", "4", *method]
+    single = _score(str(folder), tmp_path / "one.json", None, extra)
+    store = tmp_path / "store"
+    split = _score(str(folder), tmp_path / "two.json", store, extra, processes=2)
+    _same_scores(single, split)
+    assert split["settings"]["processes"] == 2 and single["settings"]["processes"] == 1
+    assert split["evaluations"] == single["evaluations"]
+    # every value was computed once, by one of the two ranks, and stored for the next run
+    stored = [json.loads(line) for path in store.glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert len(stored) == len({tuple(r["removed"]) for r in stored}) == split["diagnostics"]["computed_evaluations"]
+    again = _score(str(folder), tmp_path / "again.json", store, extra, processes=2)
+    _same_scores(single, again)
+    assert again["diagnostics"]["computed_evaluations"] == 0
+
+
+def _stored_lines(store: Path) -> int:
+    return sum(1 for path in store.glob("*.jsonl") for line in path.read_text().splitlines() if line.endswith("}"))
+
+
+def test_a_killed_two_process_job_resumes_from_the_shared_store(six_blocks, tmp_path):
+    folder, tasks = six_blocks
+    extra = ["--tasks", "toy_split", "--include-path", str(tasks), "--batch-size", "4", "--method", "shapley",
+             "--estimator", "exact", "--granularity", "block"]
+    reference = _score(str(folder), tmp_path / "ref.json", None, extra)
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "cornerstone", "score", str(folder), "--out", str(tmp_path / "killed.json"),
+               "--store", str(store), "--num-processes", "2", *extra]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_environment())
+    while job.poll() is None and _stored_lines(store) < 12:
+        time.sleep(0.05)
+    import psutil
+
+    launcher = psutil.Process(job.pid)
+    ranks = launcher.children(recursive=True)  # torchrun starts each rank in a session of its own
+    for process in [*ranks, launcher]:
+        process.send_signal(signal.SIGKILL)
+    job.wait()
+    psutil.wait_procs(ranks, timeout=10)
+    killed_at = _stored_lines(store)
+    assert 12 <= killed_at < reference["evaluations"], "the job finished before it could be killed"
+    resumed = _score(str(folder), tmp_path / "resumed.json", store, extra, processes=2)
+    print(f"killed with {killed_at} of {reference['evaluations']} values stored; the resumed job computed "
+          f"{resumed['diagnostics']['computed_evaluations']}")
+    assert resumed["diagnostics"]["computed_evaluations"] == reference["evaluations"] - killed_at
+    _same_scores(reference, resumed)
+
+
+@pytest.mark.slow
+def test_two_processes_on_smollm2_equal_one(smollm2, tmp_path):
+    extra = ["--tasks", "cs_capitals,cs_antonyms", "--limit", "12", "--players", "L0.attn,L0.mlp,L1.attn,L14.mlp,L29.mlp",
+             "--batch-size", "8"]
+    single = _score("smollm2-135m", tmp_path / "one.json", None, extra)
+    split = _score("smollm2-135m", tmp_path / "two.json", None, extra, processes=2)
+    _same_scores(single, split)
+    assert single["cornerstones"]  # the early sublayers are cornerstones here, so the comparison has teeth
+
+
+def test_launch_command_and_argument_handling():
+    command = launch_command(3, ["score", "m", "--json"])
+    assert command[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=3" in command
+    assert command[-4:] == ["cornerstone", "score", "m", "--json"]
+    assert _without_option(["score", "--num-processes", "2", "--json"], "--num-processes") == ["score", "--json"]
+    assert _without_option(["score", "--num-processes=2", "m"], "--num-processes") == ["score", "m"]
+    ranks = Ranks(rank=1, world=3, local_rank=1)
+    assert [i for i in range(7) if ranks.owns(i)] == [1, 4] and not ranks.main
