@@ -221,6 +221,7 @@ def score(
         int, typer.Option("--num-processes", min=1, help="Split the evaluations over this many processes (torch.distributed; "
                           "one model replica each, one GPU each on a GPU machine).")
     ] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Run even when the estimate says the memory will not suffice.")] = False,
     trust_remote_code: TrustRemoteCodeOption = False,
     allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
@@ -276,6 +277,8 @@ def score(
             rule=CornerstoneRule(margin=margin, outlier=outlier),
             progress=progress,
             ranks=ranks,
+            force=force,
+            on_estimate=lambda estimate: console.print(estimate.describe()),
         )
     if ranks is not None and not ranks.main:
         return  # every rank holds the same report; rank 0 writes and prints it

@@ -9,7 +9,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -24,6 +24,7 @@ from .files import read_validated
 from .estimators import Ablation, PlayerEstimate, Progress, _Shapley
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .players import enumerate_players, parse_players, player_parameters
+from .sizing import RunEstimate, check_fits, estimate_run
 from .value import ValueFunction
 
 if TYPE_CHECKING:
@@ -176,6 +177,15 @@ class ScoreReport(BaseModel):
         return sorted(self.players, key=lambda name: self.players[name].importance)
 
 
+def _evaluations_needed(estimator: Ablation | _Shapley | _Proxy, players: int) -> int:
+    """The most coalitions ``estimator`` evaluates on ``players`` players, v(N) included."""
+    if isinstance(estimator, Ablation):
+        return players + 1
+    if isinstance(estimator, _Shapley):
+        return estimator.planned_evaluations(players) + players + 1
+    return 1  # a one-pass proxy evaluates only the full model
+
+
 @dataclass(frozen=True)
 class BlockSum:
     """One block of a report seen whole (:meth:`ScoreReport.as_blocks`): the players it sums."""
@@ -213,6 +223,8 @@ def score(
     rule: CornerstoneRule | None = None,
     progress: Progress | None = None,
     ranks: Ranks | None = None,
+    force: bool = False,
+    on_estimate: Callable[[RunEstimate], None] | None = None,
 ) -> ScoreReport:
     """Score the players of ``model`` on ``tasks`` and mark its cornerstones.
 
@@ -225,7 +237,9 @@ def score(
     negative values are clipped to zero for shares, as the paper does. ``store`` is a folder that
     keeps every v(S) on disk (see :mod:`cornerstone.store`): a killed run resumes from it. ``ranks``
     (:func:`cornerstone.distributed.from_environment`) splits the evaluations across the processes of
-    a torchrun / ``accelerate launch`` job; every rank returns the same report.
+    a torchrun / ``accelerate launch`` job; every rank returns the same report. Once the full model is
+    evaluated the run is sized (:func:`cornerstone.sizing.estimate_run`), ``on_estimate`` is called
+    with the estimate, and a run that will not fit in memory is refused unless ``force``.
     """
     started = time.perf_counter()
     estimator = estimator or Ablation()
@@ -240,6 +254,14 @@ def score(
     value = ValueFunction(loaded, specs, batch_size=batch_size, engine=engine, store=store,  # type: ignore[arg-type]
                           ranks=ranks)
     scoring_started = time.perf_counter()
+    full_model = value.evaluate([])  # every method starts from v(N); timing it sizes the run
+    longest, cache_bytes = value.footprint()
+    estimate = estimate_run(loaded.model, evaluations=_evaluations_needed(estimator, len(playing)),
+                            seconds_per_evaluation=full_model.seconds, batch_size=batch_size, longest_request=longest,
+                            cache_bytes=cache_bytes, processes=ranks.world if ranks else 1)
+    if on_estimate is not None:
+        on_estimate(estimate)
+    check_fits(estimate, force=force)
     result = estimator.estimate(value, playing, progress)
     scoring_seconds = time.perf_counter() - scoring_started
     full, estimates = result.full, result.players
@@ -283,7 +305,7 @@ def score(
         cornerstones=[name for name, s in player_scores.items() if s.cornerstone],
         rule=rule,
         evaluations=value.evaluations + value.reused,
-        diagnostics={**result.diagnostics, "computed_evaluations": value.evaluations,
+        diagnostics={**result.diagnostics, "estimate": estimate.model_dump(), "computed_evaluations": value.evaluations,
                      "reused_evaluations": value.reused, "store": str(value.store.path) if value.store else None},
         timing={
             "load_seconds": loaded.load_seconds,

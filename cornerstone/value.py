@@ -91,6 +91,12 @@ class ValueFunction:
                   "version": s.describe()["version"], "content": s.content_hash} for s in self.tasks]
         return game_key(self.loaded.describe(), tasks)
 
+    def footprint(self) -> tuple[int, int]:
+        """(longest sequence in tokens, prefix-cache bytes) of this value function's evaluations."""
+        if self._engine is not None:
+            return max(b.inputs.shape[1] for b in self._engine._batches), self._engine.cache_size_bytes
+        return int(self._lm.max_length), 0
+
     @property
     def chance(self) -> float:
         return sum(spec.chance for spec in self.tasks) / len(self.tasks)
