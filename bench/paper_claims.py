@@ -3,8 +3,9 @@
     python bench/paper_claims.py smollm2-135m --folder reports/paper
 
 Reads, from FOLDER, the sublayer ablation sweep ``MODEL-ablation.json``, the Shapley run
-``MODEL-shapley.json``, the float32 check ``MODEL-fp32-check.json`` and, from
-``bench/proxy_fidelity.py``, ``MODEL-compare.json`` and ``MODEL-retention.json``. Writes
+``MODEL-shapley.json`` and, from ``bench/proxy_fidelity.py``, ``MODEL-compare.json``,
+``MODEL-retention.json`` and a float32 proxy report (its full-model scores are the reference for a
+bf16 sweep). Writes
 ``MODEL-claims.md`` and ``MODEL-claims.json`` beside them. Every number is computed here from those
 reports; nothing is typed in.
 
@@ -79,6 +80,9 @@ def verdict(holds: bool, partly: bool = False) -> str:
     return "confirmed" if holds else ("partly" if partly else "not confirmed")
 
 
+NO_CORNERSTONE = "n/a: no cornerstone"
+
+
 def check_claims(model: str, folder: Path) -> dict:
     sweep = ScoreReport.load(folder / f"{model}-ablation.json")
     shapley = ScoreReport.load(folder / f"{model}-shapley.json")
@@ -109,15 +113,15 @@ def check_claims(model: str, folder: Path) -> dict:
         early_ones = [p for p in g.cornerstones if sweep.players[p].layer < early]
         claims.append({"claim": 1, "group": g.name, "cornerstones": g.cornerstones, "early": early_ones,
                        "early_layers": early,
-                       "verdict": verdict(bool(g.cornerstones) and len(early_ones) == len(g.cornerstones),
-                                          partly=bool(early_ones))})
+                       "verdict": verdict(len(early_ones) == len(g.cornerstones), partly=bool(early_ones))
+                       if g.cornerstones else NO_CORNERSTONE})
         at_chance = [p for p in g.cornerstones if g.removed[p] - g.chance <= SIGNIFICANT * g.stderr]
         claims.append({"claim": 2, "group": g.name,
                        "removed": {p: g.removed[p] for p in g.cornerstones},
                        "kept": {p: kept(g.removed[p], g.base, g.chance) for p in g.cornerstones},
                        "within_2se_of_chance": at_chance,
-                       "verdict": verdict(bool(g.cornerstones) and len(at_chance) == len(g.cornerstones),
-                                          partly=bool(g.cornerstones))})
+                       "verdict": verdict(len(at_chance) == len(g.cornerstones), partly=True)
+                       if g.cornerstones else NO_CORNERSTONE})
         unchanged = [p for p in others if g.base - g.removed[p] <= SIGNIFICANT * g.stderr]
         worst = min(others, key=g.removed.get)
         claims.append({"claim": 3, "group": g.name, "non_cornerstones": len(others), "unchanged": len(unchanged),
@@ -141,8 +145,10 @@ def check_claims(model: str, folder: Path) -> dict:
                        "above_chance_kept": avss["above_chance_kept"], "verdict": verdict(avss["retention"] > AVSS_RETENTION)})
     compare_path = folder / f"{model}-compare.json"
     agreement = json.loads(compare_path.read_text()) if compare_path.exists() else None
-    fp32_path = folder / f"{model}-fp32-check.json"
-    fp32 = ScoreReport.load(fp32_path) if fp32_path.exists() else None
+    # the proxies ran in float32 on the sweep's documents and evaluated the full model there
+    fp32_paths = [folder / f"{model}-{proxy}.json" for proxy in ("bi", "angular", "avss", "cosine")]
+    fp32 = next((report for report in (ScoreReport.load(p) for p in fp32_paths if p.exists())
+                 if report.model.get("dtype") == "float32"), None)
     return {"model": model, "layers": layers, "sweep": str(folder / f"{model}-ablation.json"),
             "settings": {"sweep": {**{k: sweep.settings.get(k) for k in ("tasks", "limit", "seed")},
                                    "dtype": sweep.model.get("dtype")},
@@ -209,7 +215,8 @@ def to_markdown(result: dict) -> str:
         reference = f"{fp32[row['task']]:.4f}" if row["task"] in fp32 else "-"
         lines.append(f"| {row['task']} | {row['metric']} | {row['docs']} | {row['chance']:.3f} | {row['base']:.4f} ± "
                      f"{row['stderr']:.3f} | {reference} | {'yes' if row['informative'] else 'no'} | "
-                     f"{', '.join(row['cornerstones']) or 'none'} | {row['lowest']} {row['lowest_score']:.3f} |")
+                     f"{(', '.join(row['cornerstones']) or 'none') if row['informative'] else '(noise)'} | "
+                     f"{row['lowest']} {row['lowest_score']:.3f} |")
     agreement = result["agreement"]
     if agreement:
         lines += ["", "## Agreement with the measured ranking (blocks)", "",
