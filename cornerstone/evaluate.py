@@ -99,7 +99,8 @@ class Comparison(BaseModel):
                 f"{self.pruned.bytes_on_disk / max(1, self.base.bytes_on_disk):.1%} |",
                 f"| tokens/s (forward, {self.settings['throughput']}) | {self.base.tokens_per_second:,.0f} | "
                 f"{self.pruned.tokens_per_second:,.0f} | {self.speedup:.2f}x |"]
-        head = [f"# {self.pruned.spec} vs {self.base.spec}", "",
+        healed_title = f" and {self.healed.spec}" if self.healed is not None else ""
+        head = [f"# {self.pruned.spec}{healed_title} vs {self.base.spec}", "",
                 f"lm-eval {self.versions.get('lm_eval')} (`--model hf`), {self.settings['dtype']}, "
                 f"device {self.settings['device']}, {self.created}.", ""]
         return "\n".join(head + rows + size) + "\n"
