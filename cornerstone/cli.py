@@ -8,6 +8,7 @@ Errors are turned into a one-line message, a hint and a distinct exit code in on
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,6 +124,19 @@ def _split(values: Optional[str]) -> list[str]:
     return [part.strip() for part in (values or "").split(",") if part.strip()]
 
 
+def _memory_map(text: Optional[str]) -> dict[Any, str] | None:
+    """``0=70GiB,cpu=200GiB`` as accelerate's ``max_memory`` ({0: "70GiB", "cpu": "200GiB"})."""
+    if not text:
+        return None
+    memory: dict[Any, str] = {}
+    for item in _split(text):
+        device, _, amount = item.partition("=")
+        if not amount:
+            raise ConfigError(f"--max-memory entry '{item}' has no amount", hint="Write DEVICE=AMOUNT, e.g. 0=70GiB,cpu=200GiB.")
+        memory[int(device) if device.isdigit() else device] = amount
+    return memory
+
+
 def _without_option(argv: list[str], option: str) -> list[str]:
     """``argv`` without ``option`` and its value (``--option N`` or ``--option=N``)."""
     kept, skip = [], False
@@ -222,6 +236,12 @@ def score(
                           "one model replica each, one GPU each on a GPU machine).")
     ] = 1,
     force: Annotated[bool, typer.Option("--force", help="Run even when the estimate says the memory will not suffice.")] = False,
+    device_map: Annotated[
+        Optional[str], typer.Option("--device-map", help="auto: place a model larger than one device across GPUs, CPU and disk (accelerate).")
+    ] = None,
+    max_memory: Annotated[
+        Optional[str], typer.Option("--max-memory", help="With --device-map: most memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+    ] = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
@@ -229,6 +249,10 @@ def score(
     """Score every layer/sublayer of MODEL on the tasks and print the cornerstone report."""
     from . import distributed
 
+    if device_map is not None and (num_processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ConfigError("--device-map spreads one replica over every device; it cannot be combined with several processes",
+                          hint="Use --device-map for a model larger than one device, --num-processes for one that fits.")
+    placement = {"device_map": device_map, "max_memory": _memory_map(max_memory)} if device_map else {}
     ranks = distributed.from_environment()
     if num_processes > 1 and ranks is None:
         raise typer.Exit(distributed.launch(num_processes, _without_option(sys.argv[1:], "--num-processes")))
@@ -260,8 +284,14 @@ def score(
         specs = load_tasks(_split(tasks), include_paths=include_path or [], limit=None if all_docs else limit, seed=seed)
     with console.status(f"loading {model} ({dtype}; a GGUF file is dequantised once, then cached)"):
         loaded = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
-                            allow_pickle=allow_pickle)
+                            allow_pickle=allow_pickle, **placement)
     console.print(f"loaded {model} in {loaded.load_seconds:.1f} s" + (" (cached)" if loaded.from_cache else ""))
+    if "device_map" in loaded.extra:
+        from collections import Counter
+
+        counts = Counter(loaded.extra["device_map"].values())
+        console.print("placed: " + (", ".join(f"{count} modules on {where}" for where, count in counts.items())
+                                    or f"the whole model on {loaded.device}"))
     with _progress_bar(console, "scoring") as progress:
         result = run_score(
             loaded,

@@ -206,13 +206,14 @@ def remote_code_trusted(folder: Path, trust_remote_code: bool = False) -> bool:
 
 
 def _from_pretrained(location: str, torch_dtype: torch.dtype, *, allow_pickle: bool = False,
-                     **kwargs: Any) -> tuple[Any, Any]:
+                     placement: dict[str, Any] | None = None, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         with no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype,
-                                                         use_safetensors=None if allow_pickle else True, **kwargs)
+                                                         use_safetensors=None if allow_pickle else True,
+                                                         **(placement or {}), **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except OSError:
         raise  # a missing file: the caller knows whether that means "not found" (hub) or "incomplete" (folder)
@@ -297,8 +298,16 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
 ) -> LoadedModel:
     """Load ``spec`` for scoring, in eval mode on ``device``.
+
+    ``device_map`` (``"auto"``, or a module-to-device map) places a model larger than one device
+    with accelerate's big-model loading instead: across GPUs, then CPU RAM, then disk (offloaded
+    weights go under the cache folder), each device holding at most its ``max_memory`` entry
+    (``{0: "70GiB", "cpu": "200GiB"}``). Removal hooks and the engine work on such a model; a
+    layer's own accelerate hook moves its inputs to where its weights are.
 
     ``spec`` is a bundled alias (see :data:`BUNDLED_MODELS`), a ``.gguf`` file, a local transformers
     folder, or a hub id (``org/name``; needs network or a filled Hugging Face cache). Nothing from
@@ -312,14 +321,18 @@ def load_model(
     source, location = resolve(spec)
     from_cache = False
     revision_used = revision
+    placement = None
+    if device_map is not None:
+        offload = cache_root() / "offload" / hashlib.sha256(f"{spec}:{dtype}".encode()).hexdigest()[:16]
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": str(offload)}
     if source in ("alias", "gguf"):
         folder, fingerprint, from_cache = dequantised_folder(Path(location))
-        model, tokenizer = _from_pretrained(str(folder), torch_dtype)
+        model, tokenizer = _from_pretrained(str(folder), torch_dtype, placement=placement)
         extra = {"gguf": str(location), "dequantised_cache": str(folder)}
     elif source == "folder":
         check_weights_format(Path(location), allow_pickle)
         try:
-            model, tokenizer = _from_pretrained(str(location), torch_dtype, allow_pickle=allow_pickle,
+            model, tokenizer = _from_pretrained(str(location), torch_dtype, allow_pickle=allow_pickle, placement=placement,
                                                 trust_remote_code=remote_code_trusted(Path(location), trust_remote_code))
         except OSError as exc:
             raise ModelLoadError(f"cannot load the folder '{spec}': {str(exc).splitlines()[0]}",
@@ -330,7 +343,8 @@ def load_model(
     else:
         try:
             model, tokenizer = _from_pretrained(
-                str(location), torch_dtype, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+                str(location), torch_dtype, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                placement=placement,
             )
         except OSError as exc:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -340,7 +354,13 @@ def load_model(
         revision_used = _hub_commit(spec, revision) or revision
         fingerprint = f"hub:{spec}@{revision_used}"
         extra = {}
-    model.to(device)
+    if device_map is None:
+        model.to(device)
+    else:
+        # the inputs go where the embeddings are (CPU when they are offloaded); accelerate moves them on from there
+        embeddings = model.get_input_embeddings().weight.device
+        device = "cpu" if embeddings.type == "meta" else str(embeddings)
+        extra = {**extra, "device_map": {name: str(where) for name, where in getattr(model, "hf_device_map", {}).items()}}
     model.eval()
     return LoadedModel(
         model=model,

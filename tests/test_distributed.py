@@ -127,3 +127,39 @@ def test_launch_command_and_argument_handling():
     assert _without_option(["score", "--num-processes=2", "m"], "--num-processes") == ["score", "m"]
     ranks = Ranks(rank=1, world=3, local_rank=1)
     assert [i for i in range(7) if ranks.owns(i)] == [1, 4] and not ranks.main
+
+
+def test_a_model_placed_by_device_map_scores_like_one_in_memory(tmp_path):
+    """Big-model placement (accelerate): with too little memory allowed, weights go to disk and each
+    layer's hook brings them in; removal hooks and the engine's prefix reuse must still give the same report."""
+    from cornerstone import harness
+    from cornerstone.estimators import Ablation
+    from cornerstone.loading import load_model
+    from cornerstone.scores import score
+
+    from .conftest import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "model"
+    model = tiny_model("llama")
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    tasks = write_task(tmp_path / "tasks", "toy_placed", toy_docs(8))
+    specs = harness.load_tasks(["toy_placed"], include_paths=[tasks])
+    in_memory = score(load_model(str(folder), device="cpu"), specs, estimator=Ablation())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    placed = load_model(str(folder), device_map="auto", max_memory={"cpu": weights // 2})
+    assert "disk" in placed.extra["device_map"].values() and placed.device == "cpu"
+    offloaded = score(placed, specs, estimator=Ablation())
+    assert offloaded.base_score == in_memory.base_score
+    for name, player in in_memory.players.items():
+        assert offloaded.players[name].per_task_removed == player.per_task_removed, name
+    # one replica over all devices and several processes exclude each other
+    from typer.testing import CliRunner
+
+    from cornerstone.cli import app
+    from cornerstone.errors import ConfigError
+
+    refused = CliRunner().invoke(app, ["score", str(folder), "--device-map", "auto", "--num-processes", "2"])
+    assert refused.exit_code == ConfigError.exit_code and "several processes" in refused.stderr
+    bad = CliRunner().invoke(app, ["score", str(folder), "--device-map", "auto", "--max-memory", "0"])
+    assert bad.exit_code == ConfigError.exit_code and "DEVICE=AMOUNT" in bad.stderr
