@@ -10,7 +10,8 @@ store as soon as it has it, so a killed job loses at most one evaluation per ran
 Rank 0 alone reports and prints.
 
 The process group is torch.distributed's, started by ``torchrun`` / ``python -m
-torch.distributed.run`` or by ``accelerate launch`` (both set RANK, WORLD_SIZE and MASTER_ADDR):
+torch.distributed.run`` or by ``accelerate launch --multi_gpu`` (both set RANK, WORLD_SIZE and MASTER_ADDR;
+``accelerate launch --cpu`` without MPI starts one process):
 gloo on CPUs, NCCL on GPUs (rank r takes ``cuda:LOCAL_RANK``). ``cornerstone score --num-processes N``
 runs ``torch.distributed.run`` for you on one machine.
 """
