@@ -77,6 +77,18 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+def save_six_block_llama(folder: Path, seed: int) -> Path:
+    """A tiny Llama with 6 blocks (12 sublayers) and the tiny tokenizer, saved to ``folder``: deep enough
+    that a run of it takes long enough to be interrupted."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("llama", vocab_size=300, bos_token_id=1, eos_token_id=2, **{**TINY, "num_hidden_layers": 6})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from cornerstone.cli import _without_option
 from cornerstone.distributed import Ranks, launch_command
@@ -26,15 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def six_blocks(tmp_path_factory):
     """A tiny Llama with 6 blocks (12 sublayers) and a 12-document task."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .conftest import save_six_block_llama
 
-    from .conftest import TINY, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("six")
-    torch.manual_seed(1)
-    config = AutoConfig.for_model("llama", vocab_size=300, bos_token_id=1, eos_token_id=2, **{**TINY, "num_hidden_layers": 6})
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    folder = save_six_block_llama(tmp_path_factory.mktemp("six"), seed=1)
     return folder, write_task(folder / "tasks", "toy_split", toy_docs(12))
 
 

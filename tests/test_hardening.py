@@ -226,15 +226,9 @@ def test_non_finite_outputs_stop_the_run_instead_of_being_averaged(tiny_llama_di
 @pytest.fixture(scope="module")
 def deep_model(tmp_path_factory):
     """A tiny Llama with 6 blocks, so an exact Shapley game over 6 players takes 64 evaluations."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .conftest import save_six_block_llama
 
-    from .conftest import TINY, tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("deep")
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=300, bos_token_id=1, eos_token_id=2, **{**TINY, "num_hidden_layers": 6})
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    folder = save_six_block_llama(tmp_path_factory.mktemp("deep"), seed=0)
     tasks = write_task(folder / "tasks", "toy_kill", toy_docs(12))
     return folder, tasks
 
