@@ -237,6 +237,11 @@ class Engine:
         return sum(b.inputs.numel() for b in self._batches) * self.model.config.hidden_size * element
 
     @property
+    def longest_sequence(self) -> int:
+        """Tokens in the longest row of any batch (what one forward pass's activations scale with)."""
+        return max(b.inputs.shape[1] for b in self._batches)
+
+    @property
     def cache_size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._cache.values())
 

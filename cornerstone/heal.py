@@ -246,7 +246,8 @@ def heal(
         raise HealError(f"'{source}' is not an exported model folder", hint="Give the --out folder of `cornerstone export`.")
     if out.exists() and not overwrite:
         raise HealError(f"'{out}' already exists", hint="Choose another --out, or pass --overwrite.")
-    overlap = sorted(_task_names(training_tasks(healing.data), include_paths) & _task_names(evaluation_tasks, include_paths))
+    texts, data = training_texts(healing, include_paths)
+    overlap = sorted(set(data.get("tasks", [])) & _task_names(evaluation_tasks, include_paths))
     if overlap:
         raise ConfigError(f"healing would train on {', '.join(overlap)}, which the evaluation uses",
                           hint="Heal on other tasks or on a text file, so the evaluation stays honest.")
@@ -260,7 +261,6 @@ def heal(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
-    texts, data = training_texts(healing, include_paths)
     sequences = pack(tokenizer, texts, healing.sequence_length)
     layers = int(model.config.num_hidden_layers) if hasattr(model.config, "num_hidden_layers") else -1
 
@@ -342,7 +342,8 @@ def heal(
 
 
 def _task_names(names: Sequence[str], include_paths: Sequence[str | Path]) -> set[str]:
-    """Task names with groups and tags expanded, so 'cornerstone_bundled' and 'cs_capitals' meet."""
+    """Task names with groups and tags expanded, so 'cornerstone_bundled' and 'cs_capitals' meet (the
+    training side is expanded by :func:`training_texts`)."""
     from . import harness
 
     return {spec.name for spec in harness.load_tasks(list(names), include_paths=include_paths, limit=1)} if names else set()

@@ -94,7 +94,7 @@ class ValueFunction:
     def footprint(self) -> tuple[int, int]:
         """(longest sequence in tokens, prefix-cache bytes) of this value function's evaluations."""
         if self._engine is not None:
-            return max(b.inputs.shape[1] for b in self._engine._batches), self._engine.cache_size_bytes
+            return self._engine.longest_sequence, self._engine.cache_size_bytes
         return int(self._lm.max_length), 0
 
     @property
