@@ -151,11 +151,13 @@ def pack(tokenizer: Any, texts: Sequence[str], length: int) -> torch.Tensor:
 def batch_indices(step: int, sequences: int, batch_size: int, seed: int) -> torch.Tensor:
     """The windows of ``step``: epochs visit every window once in an order seeded by (seed, epoch)."""
     first = step * batch_size
+    orders: dict[int, torch.Tensor] = {}  # a batch spans at most a few epochs: shuffle each once
     picked = []
     for position in range(first, first + batch_size):
         epoch, offset = divmod(position, sequences)
-        order = torch.randperm(sequences, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        picked.append(int(order[offset]))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(sequences, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        picked.append(int(orders[epoch][offset]))
     return torch.tensor(picked)
 
 
