@@ -230,7 +230,7 @@ def score(
     margin: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Cornerstone rule: removal leaves at most this share of the above-chance score.")
     ] = 0.2,
-    out: Annotated[Optional[Path], typer.Option(help="Report path (JSON; a PNG plot goes beside it). Default: reports/MODEL-METHOD-GRANULARITY.json.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Report path (JSON; a PNG plot goes beside it). Default: cornerstone-output/MODEL-METHOD-GRANULARITY.json.")] = None,
     num_processes: Annotated[
         int, typer.Option("--num-processes", min=1, help="Split the evaluations over this many processes (torch.distributed; "
                           "one model replica each, one GPU each on a GPU machine).")
@@ -453,6 +453,8 @@ def plan(
     keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Never drop the last k blocks.")] = 1,
     keep: Annotated[Optional[str], typer.Option(help="Players never dropped, comma-separated (L5,L7.attn).")] = None,
     no_protect: Annotated[bool, typer.Option("--no-protect", help="Let cornerstones be dropped too.")] = False,
+    harmless_only: Annotated[bool, typer.Option("--harmless-only", help="Drop only players whose removal has no "
+                                                "measurable cost (importance interval reaches zero).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Plan path (YAML). Default: beside the report, REPORT-plan.yaml.")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -464,7 +466,8 @@ def plan(
 
     try:
         planner = Planner(policy=policy, granularity=granularity, drop=drop, keep_first=keep_first,  # type: ignore[arg-type]
-                          keep_last=keep_last, keep=_split(keep), protect_cornerstones=not no_protect)
+                          keep_last=keep_last, keep=_split(keep), protect_cornerstones=not no_protect,
+                          harmless_only=harmless_only)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigError(f"--{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
@@ -480,14 +483,16 @@ def plan(
     table = Table(title=f"plan: drop {made.what} ({made.parameters.removed_fraction:.1%} of {made.parameters.original:,} "
                         f"parameters; {made.blocks['remaining']} of {made.blocks['original']} blocks left), policy {made.planner.policy}")
     for column in ("player", "importance", "rank", "parameters", "reason"):
-        table.add_column(column, justify="right" if column in ("importance", "rank", "parameters") else "left")
+        table.add_column(column, justify="right" if column in ("importance", "rank", "parameters") else "left",
+                         no_wrap=column != "reason")
     for removal in made.removed:
         table.add_row(removal.name, f"{removal.importance:+.4f}", str(removal.rank), f"{removal.parameters:,}", removal.reason)
     Console().print(table)
     if made.protected:
         typer.echo("protected: " + ", ".join(f"{p.name} ({p.reason})" for p in made.protected))
     if made.predicted_score is not None:
-        typer.echo(f"predicted score {made.predicted_score:.4f} (full model {made.report['base_score']:.4f}): {made.predicted_by}")
+        what = "measured score" if made.predicted_measured else "estimated score (not measured)"
+        typer.echo(f"{what} {made.predicted_score:.4f} (full model {made.report['base_score']:.4f}): {made.predicted_by}")
     typer.echo(f"plan: {path}")
 
 
@@ -550,6 +555,8 @@ def heal(
     seed: Annotated[int, typer.Option(help="Seed of the LoRA init and the batch order.")] = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between resumable checkpoints.")] = 25,
     not_on: Annotated[Optional[str], typer.Option("--not-on", help="Comma-separated tasks you will evaluate on: refuse to train on them.")] = None,
+    allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help="Train on the documents the plan was scored on "
+                                                "too (by default a scored task's other documents only).")] = False,
     include_path: IncludePathOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
@@ -572,7 +579,7 @@ def heal(
     console = Console(stderr=True)
     with _progress_bar(console, "healing") as progress:
         result = run_heal(pruned, out, healing, include_paths=include_path or [], evaluation_tasks=_split(not_on),
-                          overwrite=overwrite, device=device, progress=progress)
+                          overwrite=overwrite, device=device, progress=progress, allow_overlap=allow_overlap)
     if as_json:
         _print_json(result.model_dump(exclude={"history"}))
         return
@@ -588,13 +595,18 @@ def eval_command(
     pruned: Annotated[str, typer.Argument(help="The exported folder.")],
     tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks; cornerstone_real reads ../shared/data.")] = "cornerstone_bundled",
     include_path: IncludePathOption = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Documents per task (seeded random); default all.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Documents per task (seeded random, from those not "
+                                                 "scored); default all of them.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for drawing the --limit documents.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="lm-eval batch size.")] = 16,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Comparison path (JSON; Markdown beside it). Default: reports/eval-PRUNED.json.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Comparison path (JSON; Markdown beside it). Default: cornerstone-output/eval-PRUNED.json.")] = None,
     healed: Annotated[Optional[str], typer.Option(help="Also evaluate this `cornerstone heal` output, as a third column.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="The score report the plan was made from (default: the plan "
+                                                   "saved in PRUNED says); its documents are left out.")] = None,
+    allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help="Evaluate on the scored documents too "
+                                                "(by default only on documents the plan was not chosen on).")] = False,
     trust_remote_code: TrustRemoteCodeOption = False,
     allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
@@ -609,7 +621,7 @@ def eval_command(
         comparison = evaluate_module.compare(base, pruned, _split(tasks), include_paths=include_path or [], limit=limit,
                                              seed=seed, batch_size=batch_size, device=device, dtype=dtype,
                                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                             healed=healed)
+                                             healed=healed, report=report, allow_overlap=allow_overlap)
     json_path, markdown_path = evaluate_module.save(comparison, out or evaluate_module.default_eval_path(pruned))
     if as_json:
         _print_json(comparison.model_dump_json(indent=2))
@@ -621,6 +633,8 @@ def eval_command(
 @app.command()
 def run(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="A recipe YAML (see recipes/).")],
+    reports: Annotated[Optional[Path], typer.Option(help="Folder for the report, plan and evaluation (overrides the "
+                                                    "recipe's reports:; `--reports reports` regenerates the committed results).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run a whole recipe: score, plan, export and evaluate, as one YAML file says."""
@@ -629,6 +643,8 @@ def run(
     from .recipe import load_recipe, run_recipe
 
     recipe = load_recipe(recipe_path)
+    if reports is not None:
+        recipe = recipe.model_copy(update={"reports": str(reports)})
     console = Console(stderr=True)
     with _progress_bar(console, recipe.name) as progress:
         result = run_recipe(recipe, log=console.print, progress=progress)

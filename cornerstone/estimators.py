@@ -114,9 +114,38 @@ class Ablation(BaseModel):
         full, singles = _full_and_singles(value, players, progress, total=len(players) + 1)
         return Estimate(full, {
             player.name: PlayerEstimate(importance=full.score - alone.score, score_removed=alone.score,
-                                        per_task_removed=alone.per_task)
+                                        per_task_removed=alone.per_task, stderr=paired_stderr(differences(full, alone)))
             for player, alone in zip(players, singles)
         })
+
+
+def differences(first: Evaluation, second: Evaluation, weight: float = 1.0) -> list[list[float]]:
+    """Per task, each document's ``first - weight * second``: the paired differences of two coalitions
+    measured on the same documents."""
+    return [[a - weight * b for a, b in zip(first.per_doc[task], second.per_doc[task], strict=True)]
+            for task in first.per_doc]
+
+
+def paired_stderr(per_task: Sequence[Sequence[float]]) -> float | None:
+    """Standard error of a macro average of per-document values, by task.
+
+    With T tasks, task t's documents giving values ``x_t1 .. x_tn`` (for an importance, the paired
+    difference ``x_td = v_td(N) - v_td(N \\ {i})`` of one document under both coalitions), the
+    reported number is ``m = (1/T) sum_t mean_d x_td`` and
+
+        SE(m) = (1/T) sqrt( sum_t s_t^2 / n_t ),   s_t^2 = sum_d (x_td - mean_t)^2 / (n_t - 1)
+
+    (documents a random sample of each task's split, tasks independent). Pairing is what makes an
+    ablation's error small: a document both coalitions answer alike adds nothing, so the error is of
+    the removal, not of the model's score. None when a task has fewer than 2 documents.
+    """
+    if not per_task or any(len(values) < 2 for values in per_task):
+        return None
+    total = 0.0
+    for values in per_task:
+        mean = sum(values) / len(values)
+        total += sum((x - mean) ** 2 for x in values) / (len(values) - 1) / len(values)
+    return math.sqrt(total) / len(per_task)
 
 
 def _counting(progress: Progress | None, total: int,

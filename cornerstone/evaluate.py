@@ -8,6 +8,7 @@ machine, measured one after the other in one run.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -18,9 +19,11 @@ import torch
 from pydantic import BaseModel
 
 from . import harness
+from .errors import TaskError
 from .files import atomic_write
 from .loading import check_weights_format, dequantised_folder, load_model, remote_code_trusted, resolve
 from .players import text_config
+from .report import OUTPUT_FOLDER
 
 
 class ModelSummary(BaseModel):
@@ -56,11 +59,13 @@ class Retention(BaseModel):
 
 class Comparison(BaseModel):
     """Base and pruned model (and, after ``cornerstone heal``, the healed one) on the same tasks:
-    scores, retention (model / base) and speed-up."""
+    scores, retention (model / base) and speed-up. ``documents`` says which documents were used and
+    how they relate to the ones the plan was scored on (:func:`scored_documents`)."""
 
     created: str
     tasks: list[dict[str, Any]]
     settings: dict[str, Any]
+    documents: dict[str, Any] = {}
     base: ModelSummary
     pruned: ModelSummary
     retention: dict[str, float]
@@ -103,6 +108,8 @@ class Comparison(BaseModel):
         head = [f"# {self.pruned.spec}{healed_title} vs {self.base.spec}", "",
                 f"lm-eval {self.versions.get('lm_eval')} (`--model hf`), {self.settings['dtype']}, "
                 f"device {self.settings['device']}, {self.created}.", ""]
+        if self.documents.get("summary"):
+            head += [f"Documents: {self.documents['summary']}", ""]
         return "\n".join(head + rows + size) + "\n"
 
 
@@ -123,7 +130,8 @@ def _with_error(summary: ModelSummary, task: str) -> str:
 def lm_eval_location(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> tuple[str, bool, int]:
     """What to hand lm-eval as ``pretrained=`` for a model spec, whether it may run its remote code
     (:func:`~cornerstone.loading.remote_code_trusted`), and its weights' size on disk. GGUF models
-    are evaluated from their dequantised safetensors cache."""
+    are evaluated from their dequantised safetensors cache. A hub id is looked up here (its config),
+    so a misspelt or unreachable model fails before lm-eval starts, as it does in ``score``."""
     source, location = resolve(spec)
     if source in ("alias", "gguf"):
         folder: Path | None = dequantised_folder(Path(location))[0]
@@ -132,10 +140,56 @@ def lm_eval_location(spec: str, *, trust_remote_code: bool = False, allow_pickle
     else:
         folder = None
     if folder is None:
+        _check_hub_model(str(location))
         return str(location), False, 0
     check_weights_format(folder, allow_pickle)
     size = sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern))
     return str(folder), remote_code_trusted(folder, trust_remote_code), size
+
+
+def _check_hub_model(repo_id: str) -> None:
+    from transformers.utils.hub import cached_file
+
+    from .errors import ModelNotFoundError
+
+    try:
+        cached_file(repo_id, "config.json")
+    except (OSError, ValueError) as exc:
+        offline = " (offline)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise ModelNotFoundError(f"cannot find '{repo_id}' on the hub{offline}: {str(exc).splitlines()[0]}",
+                                 hint="Give an alias (`cornerstone models`), a folder, a .gguf file or a hub id.") from None
+
+
+def scored_documents(pruned: str | Path, report: str | Path | None = None
+                     ) -> tuple[dict[str, harness.DocumentRecord], str] | None:
+    """The documents the plan behind ``pruned`` was chosen on, and where that record came from.
+
+    ``report`` (a score report) names them explicitly. Otherwise the plan that ``cornerstone
+    export`` (and ``heal``) keep in the model folder says: its ``report.documents``, or, for a plan
+    written before documents were recorded, the report it names. None when nothing records them.
+    """
+    from .errors import PlanError
+    from .export import PLAN_FILE
+    from .planner import Plan
+    from .scores import ScoreReport
+
+    if report is not None:
+        return ScoreReport.load(report).documents(), f"report {report}"
+    plan_file = Path(pruned) / PLAN_FILE
+    if not plan_file.is_file():
+        return None
+    plan = Plan.load(plan_file)
+    recorded = plan.report.get("documents")
+    if recorded:
+        try:
+            return ({name: harness.DocumentRecord.model_validate(entry) for name, entry in dict(recorded).items()},
+                    f"the plan in {pruned}")
+        except (ValueError, TypeError) as exc:
+            raise PlanError(f"the plan '{plan_file}' has a malformed document record: {str(exc).splitlines()[0]}",
+                            hint="Re-export the model from a fresh plan, or pass --report.") from None
+    if plan.report.get("path") and Path(plan.report["path"]).is_file():
+        return ScoreReport.load(plan.report["path"]).documents(), f"report {plan.report['path']}"
+    return None
 
 
 def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, length: int = 256, rounds: int = 3,
@@ -193,6 +247,8 @@ def compare(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     healed: str | None = None,
+    report: str | Path | None = None,
+    allow_overlap: bool = False,
 ) -> Comparison:
     """Evaluate ``base`` and ``pruned`` (and ``healed``, a ``cornerstone heal`` output) on the same
     documents of ``tasks`` and put them side by side.
@@ -202,12 +258,24 @@ def compare(
     model's above-chance score that is left (None where the base is not above chance): a task a small
     model answers near chance can show high retention while the pruned model knows nothing. ``speedup`` is the ratio of forward tokens/s (batch 4 x 256 tokens, prefill), the two
     models taking turns in this run (:func:`tokens_per_second`).
+
+    Documents: a plan is judged on documents it was not chosen on. Where the scored documents are
+    recorded (``report``, or the plan in ``pruned``: :func:`scored_documents`), every task they cover
+    is evaluated on the rest of its split (all of it, or a ``limit`` draw with ``seed``); a task all
+    of whose documents were scored is refused. ``allow_overlap`` evaluates on the whole split instead,
+    and the comparison says so.
     """
     from .loading import resolve_device
     from .scores import package_versions
 
     device = resolve_device(device)
-    specs = harness.load_tasks(list(tasks), include_paths=include_paths, limit=limit, seed=seed)
+    for spec in [base, pruned, *([healed] if healed else [])]:  # before lm-eval, which would try the network
+        lm_eval_location(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    found = scored_documents(pruned, report)
+    scored, source = found if found is not None else ({}, None)
+    specs = harness.load_tasks(list(tasks), include_paths=include_paths, limit=limit, seed=seed,
+                               exclude=None if allow_overlap else {name: r.doc_indices for name, r in scored.items()})
+    documents = _document_summary(specs, scored, source, allow_overlap)
     summaries = _summaries([base, pruned, *([healed] if healed else [])], specs, include_paths=include_paths,
                            batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                            allow_pickle=allow_pickle)
@@ -216,7 +284,9 @@ def compare(
     pruned_retention = Retention.of(base_summary, pruned_summary, chance)
     return Comparison(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        tasks=[spec.describe() for spec in specs],
+        tasks=[{**spec.describe(), "doc_indices": spec.doc_indices, "content_sha256": spec.content_hash}
+               for spec in specs],
+        documents=documents,
         settings={"tasks": list(tasks), "include_paths": [str(p) for p in include_paths], "limit": limit, "seed": seed,
                   "batch_size": batch_size, "device": device, "dtype": dtype, "throughput": "batch 4 x 256 tokens",
                   "torch_threads": torch.get_num_threads()},
@@ -230,6 +300,26 @@ def compare(
     )
 
 
+def _document_summary(specs: Sequence[harness.TaskSpec], scored: dict[str, harness.DocumentRecord], source: str | None,
+                      allow_overlap: bool) -> dict[str, Any]:
+    """Which documents were evaluated and how many of them the plan was scored on (0 unless allowed)."""
+    for spec in specs:
+        if spec.name in scored and scored[spec.name].total_docs != spec.total_docs:
+            raise TaskError(f"task '{spec.name}' has {spec.total_docs} documents, the scoring record {scored[spec.name].total_docs}",
+                            hint="The task's data changed since scoring, so its documents cannot be told apart; re-score.")
+    overlap = {spec.name: len(set(spec.doc_indices) & set(scored[spec.name].doc_indices))
+               for spec in specs if spec.name in scored}
+    per_task = "; ".join(f"{spec.name}: {harness.selection_text(spec)}" for spec in specs)
+    if source is None:
+        summary = f"no record of the scored documents was found, so overlap was not checked. {per_task}."
+    elif allow_overlap:
+        summary = (f"overlap allowed: {sum(overlap.values())} of the evaluated documents were also scored "
+                   f"({source}). {per_task}.")
+    else:
+        summary = f"disjoint from the documents the plan was scored on ({source}). {per_task}."
+    return {"scored_source": source, "overlap_allowed": allow_overlap, "overlap": overlap, "summary": summary}
+
+
 def save(comparison: Comparison, path: str | Path) -> tuple[Path, Path]:
     """Write the comparison as JSON and, beside it, Markdown; return both paths."""
     path = Path(path)
@@ -239,5 +329,5 @@ def save(comparison: Comparison, path: str | Path) -> tuple[Path, Path]:
     return path, markdown
 
 
-def default_eval_path(pruned: str, folder: str | Path = "reports") -> Path:
+def default_eval_path(pruned: str, folder: str | Path = OUTPUT_FOLDER) -> Path:
     return Path(folder) / f"eval-{Path(pruned.rstrip('/')).name}.json"

@@ -307,7 +307,8 @@ def model_card(loaded: LoadedModel, plan: Plan, result: ExportResult) -> str:
     lines += [f"| {r.name} | {r.importance:+.4f} | {r.rank} | {r.parameters:,} | {r.reason} |" for r in plan.removed]
     lines += ["", f"Parameters: {result.parameters:,} of {plan.parameters.original:,} "
               f"({plan.parameters.removed_fraction:.1%} removed); blocks {plan.blocks['remaining']} of {plan.blocks['original']}.",
-              f"Predicted score: {plan.predicted_score:.4f} ({plan.predicted_by})." if plan.predicted_score is not None else "",
+              f"{'Measured' if plan.predicted_measured else 'Estimated (not measured)'} score on the scored documents: "
+              f"{plan.predicted_score:.4f} ({plan.predicted_by})." if plan.predicted_score is not None else "",
               f"Checked: logits equal the original model with these players removed (max abs difference "
               f"{result.max_abs_logit_diff:.2g})." if result.max_abs_logit_diff is not None else "", "",
               "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]

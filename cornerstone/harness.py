@@ -14,11 +14,13 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from .errors import ConfigError, EvaluationError, TaskError
 from .quiet import no_tqdm
@@ -58,6 +60,8 @@ class TaskSpec:
     total_docs: int
     chance: float
     output_type: str
+    # How doc_indices were chosen, in words and numbers (recorded in reports; see :func:`load_tasks`).
+    selection: dict[str, Any] = field(default_factory=dict)
 
     @functools.cached_property
     def content_hash(self) -> str:
@@ -85,6 +89,29 @@ class TaskSpec:
             "output_type": self.output_type,
             "version": (self.task.config.metadata or {}).get("version"),
         }
+
+    def record(self) -> "DocumentRecord":
+        """The exact documents of this spec, for a report to keep and later steps to reuse or avoid."""
+        return DocumentRecord(name=self.name, doc_indices=list(self.doc_indices), total_docs=self.total_docs,
+                              content_sha256=self.content_hash, selection=dict(self.selection))
+
+
+class DocumentRecord(BaseModel):
+    """Which documents of one task a run used: their indices in the task's evaluation split, how many the
+    split has, and a sha256 of what the model was asked on them (:attr:`TaskSpec.content_hash`).
+
+    Scoring writes one per task into its report; greedy planning re-measures on exactly these
+    documents, and ``eval``/``heal`` default to the other documents of the split, so a plan is never
+    judged on the documents it was chosen on.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    doc_indices: list[int]
+    total_docs: int
+    content_sha256: str
+    selection: dict[str, Any] = {}
 
 
 @dataclass
@@ -162,11 +189,18 @@ def load_tasks(
     include_paths: Sequence[str | Path] = (),
     limit: int | None = None,
     seed: int | None = None,
+    documents: Mapping[str, DocumentRecord] | None = None,
+    exclude: Mapping[str, Sequence[int]] | None = None,
 ) -> list[TaskSpec]:
     """Resolve task names (or tags/groups) to :class:`TaskSpec` objects with a fixed document set.
 
-    ``limit`` keeps N documents per task: the first N (lm-eval's ``--limit``) or, with ``seed``, a
-    seeded random N, in document order.
+    Which documents, per leaf task:
+
+    - ``documents[task]`` given: exactly those (a report's record), after checking that the task
+      still has that many documents and that their content hashes to the recorded sha256;
+    - else the pool is every document, less ``exclude[task]`` (documents another step used), and
+      ``limit`` keeps N of the pool: the first N (lm-eval's ``--limit``) or, with ``seed``, a seeded
+      random N, in document order. An empty pool is an error, never a silent overlap.
     """
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be a positive number of documents, got {limit}")
@@ -200,21 +234,61 @@ def load_tasks(
         docs = list(task.eval_docs)
         if not docs:
             raise TaskError(f"task '{name}' has no documents in its evaluation split")
-        indices = list(range(len(docs)))
-        if limit is not None and limit < len(docs):
-            indices = sorted(random.Random(seed).sample(indices, limit)) if seed is not None else indices[:limit]
-        specs.append(
-            TaskSpec(
-                name=name,
-                task=task,
-                metric=_choose_metric(name, task),
-                doc_indices=indices,
-                total_docs=len(docs),
-                chance=_chance(task, [docs[i] for i in indices], output_type),
-                output_type=output_type,
-            )
-        )
+        if documents is not None:
+            if name not in documents:
+                raise TaskError(f"the document record has no entry for task '{name}'",
+                                hint="The task group changed since the report was written; re-score.")
+            indices, selection = _recorded(name, documents[name], len(docs))
+        else:
+            indices, selection = _draw(name, len(docs), limit, seed, (exclude or {}).get(name, ()))
+        spec = TaskSpec(name=name, task=task, metric=_choose_metric(name, task), doc_indices=indices,
+                        total_docs=len(docs), chance=_chance(task, [docs[i] for i in indices], output_type),
+                        output_type=output_type, selection=selection)
+        if documents is not None and spec.content_hash != documents[name].content_sha256:
+            raise TaskError(f"the documents of task '{name}' changed since they were recorded (content sha256 differs)",
+                            hint="The task's data or prompt was edited; re-score so plan and evaluation use what was measured.")
+        specs.append(spec)
     return specs
+
+
+def _recorded(name: str, record: DocumentRecord, total: int) -> tuple[list[int], dict[str, Any]]:
+    indices = list(record.doc_indices)
+    if record.total_docs != total or not indices or min(indices) < 0 or max(indices) >= total \
+            or len(set(indices)) != len(indices):
+        raise TaskError(f"the recorded documents of task '{name}' do not fit its {total} documents "
+                        f"(recorded: {len(indices)} of {record.total_docs})",
+                        hint="The task's data changed since the report was written; re-score.")
+    return sorted(indices), {**record.selection, "reused": True}
+
+
+def _draw(name: str, total: int, limit: int | None, seed: int | None,
+          excluded: Sequence[int]) -> tuple[list[int], dict[str, Any]]:
+    """``limit`` documents of the pool ``range(total) - excluded``: the first, or a seeded draw."""
+    taken = set(excluded)
+    pool = [index for index in range(total) if index not in taken]
+    if not pool:
+        raise TaskError(f"every document of task '{name}' ({total}) was used for scoring; none is left to evaluate on",
+                        hint="Score on fewer documents (--limit), evaluate on another task, or pass --allow-overlap.")
+    indices = pool
+    if limit is not None and limit < len(pool):
+        indices = sorted(random.Random(seed).sample(pool, limit)) if seed is not None else pool[:limit]
+    selection: dict[str, Any] = {"limit": limit, "seed": seed}
+    if taken:
+        selection["excluded"] = len(taken)
+    return indices, selection
+
+
+def selection_text(spec: TaskSpec) -> str:
+    """How ``spec``'s documents were chosen, in a few words (for terminal output)."""
+    chosen = spec.selection
+    if chosen.get("reused"):
+        return f"{len(spec.doc_indices)} recorded documents"
+    pool = spec.total_docs - chosen.get("excluded", 0)
+    what = (f"{len(spec.doc_indices)} of {pool}" + (f" (seed {chosen['seed']})" if chosen.get("seed") is not None else ", the first")
+            if len(spec.doc_indices) < pool else f"all {pool}")
+    if chosen.get("excluded"):
+        what += f", disjoint from the {chosen['excluded']} scored"
+    return what
 
 
 def document_texts(spec: TaskSpec) -> list[str]:

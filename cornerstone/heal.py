@@ -114,8 +114,10 @@ def training_tasks(data: str) -> list[str]:
     return [name.strip() for name in data.split(",") if name.strip()]
 
 
-def training_texts(healing: Healing, include_paths: Sequence[str | Path] = ()) -> tuple[list[str], dict[str, Any]]:
-    """The training texts and a description of where they came from (for the manifest and the report)."""
+def training_texts(healing: Healing, include_paths: Sequence[str | Path] = (),
+                   exclude: dict[str, list[int]] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """The training texts and a description of where they came from (for the manifest and the report).
+    Task documents in ``exclude`` (the ones the plan was scored on) are left out."""
     from . import harness
     from .calibration import Calibration, calibration_texts
 
@@ -124,9 +126,10 @@ def training_texts(healing: Healing, include_paths: Sequence[str | Path] = ()) -
     if not tasks:
         texts = calibration_texts(Calibration(source=healing.data, samples=samples, seed=healing.seed))
         return texts, {"file": healing.data, "texts": len(texts)}
-    specs = harness.load_tasks(tasks, include_paths=include_paths)
+    specs = harness.load_tasks(tasks, include_paths=include_paths, exclude=exclude)
     texts = calibration_texts(Calibration(source="tasks", samples=samples, seed=healing.seed), specs)
-    return texts, {"tasks": [spec.name for spec in specs], "texts": len(texts)}
+    return texts, {"tasks": [spec.name for spec in specs], "texts": len(texts),
+                   "documents": {spec.name: harness.selection_text(spec) for spec in specs}}
 
 
 def pack(tokenizer: Any, texts: Sequence[str], length: int) -> torch.Tensor:
@@ -232,11 +235,14 @@ def heal(
     overwrite: bool = False,
     device: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    allow_overlap: bool = False,
 ) -> HealResult:
     """Fine-tune the exported model in ``pruned`` on ``healing.data`` and write the merged result to ``out``.
 
     See the module docstring for the method, loss and checkpoints. ``evaluation_tasks`` are the
-    tasks the healed model will be judged on: training on any of them is refused.
+    tasks the healed model will be judged on: training on any of them is refused. Training on a task
+    the plan was scored on uses the task's other documents (the plan in ``pruned`` records them) unless
+    ``allow_overlap``.
     """
     from .export import load_exported
     from .loading import fingerprint_folder, load_model, resolve_device
@@ -248,7 +254,11 @@ def heal(
         raise HealError(f"'{source}' is not an exported model folder", hint="Give the --out folder of `cornerstone export`.")
     if out.exists() and not overwrite:
         raise HealError(f"'{out}' already exists", hint="Choose another --out, or pass --overwrite.")
-    texts, data = training_texts(healing, include_paths)
+    from .evaluate import scored_documents
+
+    found = None if allow_overlap else scored_documents(source)
+    texts, data = training_texts(healing, include_paths,
+                                 exclude={name: r.doc_indices for name, r in found[0].items()} if found else None)
     overlap = sorted(set(data.get("tasks", [])) & _task_names(evaluation_tasks, include_paths))
     if overlap:
         raise ConfigError(f"healing would train on {', '.join(overlap)}, which the evaluation uses",

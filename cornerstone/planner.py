@@ -37,7 +37,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import ConfigError, PlanError
+from .errors import PlanError
 from .estimators import Progress
 from .files import atomic_write, read_validated
 from .scores import ScoreReport
@@ -62,6 +62,8 @@ class Planner(BaseModel):
     keep_last: int = Field(1, ge=0, description="Never drop the last k blocks.")
     protect_cornerstones: bool = True
     keep: list[str] = Field(default_factory=list, description="Players never dropped, e.g. [L5, L7.attn].")
+    harmless_only: bool = Field(False, description="Drop only players whose removal has no measurable cost: the "
+                                "report's interval importance +- z s.e. reaches zero or below (needs standard errors).")
 
     @field_validator("drop")
     @classmethod
@@ -96,6 +98,8 @@ class PlannedRemoval(BaseModel):
     reason: str
     step: int | None = Field(None, description="Greedy: the order of removal.")
     score_after: float | None = Field(None, description="Greedy: measured score with this and every earlier removal.")
+    stderr: float | None = Field(None, description="The importance's standard error in the report (paired over documents).")
+    effect: str | None = Field(None, description="hurts / none measurable / helps: the importance interval's verdict.")
 
 
 class ProtectedPlayer(BaseModel):
@@ -130,8 +134,10 @@ class Plan(BaseModel):
     protected: list[ProtectedPlayer]
     parameters: ParameterCount
     blocks: dict[str, int]
-    predicted_score: float | None = None
+    predicted_score: float | None = Field(None, description="Measured (greedy) or an additive estimate, clipped to "
+                                          "the metric's range [0, 1]; see predicted_by.")
     predicted_by: str | None = None
+    predicted_measured: bool = Field(False, description="Whether predicted_score was measured on the scored documents.")
 
     @property
     def player_names(self) -> list[str]:
@@ -171,13 +177,16 @@ class _Candidate:
     cornerstone: bool
     note: str = ""
     rank: int = 0
+    stderr: float | None = None
+    effect: str | None = None
 
 
 def _candidates(report: ScoreReport, granularity: str, counts: dict[str, int]) -> list[_Candidate]:
     """The report's players at ``granularity``, in forward order. A block's importance from a sublayer
     report is the sum of its two sublayers' (additive approximation), and it is a cornerstone when either is."""
     if granularity == report.granularity:
-        found = [_Candidate(name, p.layer, p.kind, p.importance, counts[name], p.cornerstone)
+        found = [_Candidate(name, p.layer, p.kind, p.importance, counts[name], p.cornerstone, stderr=p.stderr,
+                            effect=p.effect)
                  for name, p in report.players.items()]
     elif granularity == "block" and report.granularity == "sublayer":
         found = [_Candidate(name, block.layer, "block", block.importance, sum(counts[n] for n in block.members),
@@ -213,6 +222,8 @@ def _protection(candidates: list[_Candidate], planner: Planner, num_blocks: int)
             reasons[c.name] = "kept by the user"
         elif c.cornerstone and planner.protect_cornerstones:
             reasons[c.name] = "cornerstone"
+        elif planner.harmless_only and c.effect == "hurts":
+            reasons[c.name] = "its removal measurably hurts (harmless_only)"
     return reasons
 
 
@@ -340,9 +351,10 @@ def make_plan(
 
     ``greedy`` measures as it goes: it uses ``value`` (a :class:`~cornerstone.value.ValueFunction`)
     or builds one on ``loaded`` (or on the report's model) with the report's tasks and documents.
-    The other policies read the report only. ``predicted_score`` is measured for ``greedy`` and, for
-    the others, the additive estimate ``v(N) - sum_i importance_i`` (exact only when removals do
-    not interact, which is why ``cornerstone eval`` measures the result).
+    The other policies read the report only. ``predicted_score`` is measured for ``greedy`` (on the
+    report's own documents) and, for the others, the additive estimate ``v(N) - sum_i
+    importance_i``, labelled as such and clipped to [0, 1] (:func:`_prediction`). The plan keeps
+    the report's document record, so ``cornerstone eval`` measures the export on other documents.
     """
     report_path = None
     if not isinstance(report, ScoreReport):
@@ -350,6 +362,12 @@ def make_plan(
         report = ScoreReport.load(report)
     if not report.players:
         raise PlanError("the report scores no players", hint="Score the model first: `cornerstone score`.")
+    if planner.harmless_only and planner.granularity != report.granularity:
+        raise PlanError("harmless_only needs each candidate's own interval; a block plan from a sublayer report sums them",
+                        hint="Plan at the report's granularity, or score with --granularity block.")
+    if planner.harmless_only and all(p.effect is None for p in report.players.values()):
+        raise PlanError("harmless_only needs standard errors, and this report has none",
+                        hint="Re-score with this version of cornerstone (ablation reports carry paired standard errors).")
     num_blocks = int(report.model.get("num_hidden_layers") or 1 + max(p.layer for p in report.players.values()))
     total_parameters = int(report.model["parameters"])
     counts = _parameter_counts(report, loaded)
@@ -373,12 +391,15 @@ def make_plan(
     removed_parameters = sum(c.parameters for c in chosen)
     removals = []
     for step, c in enumerate(chosen):
-        why = {"lowest": f"importance {c.importance:+.4f}{c.note}, rank {c.rank} of {len(candidates)}",
-               "contiguous": f"{span_reason if planner.policy == 'contiguous' else ''}; importance {c.importance:+.4f}{c.note}",
+        importance = f"importance {c.importance:+.4f}" + (f" ±{report.rule.z * c.stderr:.4f} ({c.effect})"
+                                                          if c.stderr is not None else "")
+        why = {"lowest": f"{importance}{c.note}, rank {c.rank} of {len(candidates)}",
+               "contiguous": f"{span_reason if planner.policy == 'contiguous' else ''}; {importance}{c.note}",
                "greedy": f"greedy step {step + 1}: its removal hurt least ({step_scores[step]:.4f} after)"
                if step_scores else ""}[planner.policy]
         removals.append(PlannedRemoval(name=c.name, layer=c.layer, kind=c.kind, importance=c.importance, rank=c.rank,
                                        parameters=c.parameters, reason=why + "; not protected",
+                                       stderr=c.stderr, effect=c.effect,
                                        step=step + 1 if step_scores else None,
                                        score_after=step_scores[step] if step_scores else None))
     removed_blocks = {c.layer for c in chosen if c.kind == "block"}
@@ -389,21 +410,16 @@ def make_plan(
     removed_blocks |= {layer for layer, n in by_layer.items() if n == 2}
     if len(removed_blocks) == num_blocks:
         raise PlanError(f"dropping {target.text} would remove every block of the model")
-    if step_scores:
-        predicted, predicted_by = step_scores[-1], "measured by the greedy search on the report's tasks"
-    elif not report.measures_scores:
-        predicted, predicted_by = None, (f"none: {report.method} importances are not in task-score units; "
-                                         "measure the export with `cornerstone eval`")
-    else:
-        predicted = report.base_score - sum(c.importance for c in chosen)
-        predicted_by = "additive estimate v(N) - sum of importances (removals assumed not to interact)"
+    predicted, predicted_by = _prediction(report, chosen, step_scores)
     return Plan(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model={key: report.model.get(key) for key in ("spec", "fingerprint", "model_type", "architecture",
                                                       "num_hidden_layers", "parameters")},
         report={"path": report_path, "method": report.method, "granularity": report.granularity,
                 "tasks": report.settings.get("tasks"), "base_score": report.base_score, "chance": report.chance,
-                "cornerstones": report.cornerstones},
+                "cornerstones": report.cornerstones,
+                # the documents the plan was chosen on: `eval` and `heal` keep away from them by default
+                "documents": _document_record(report)},
         planner=planner,
         granularity=planner.granularity,
         removed=sorted(removals, key=lambda r: (r.layer, r.kind != "attn")),
@@ -415,7 +431,40 @@ def make_plan(
         blocks={"original": num_blocks, "remaining": num_blocks - len(removed_blocks)},
         predicted_score=predicted,
         predicted_by=predicted_by,
+        predicted_measured=bool(step_scores),
     )
+
+
+def _document_record(report: ScoreReport) -> dict[str, Any] | None:
+    """The report's scored documents as plain data, or None when they can be neither read nor redrawn
+    (a report written before they were kept, whose tasks cannot be loaded here): ``eval`` then says
+    that it could not check for overlap."""
+    from .errors import CornerstoneError
+
+    try:
+        return {name: record.model_dump() for name, record in report.documents().items()}
+    except CornerstoneError:
+        return None
+
+
+def _prediction(report: ScoreReport, chosen: Sequence[_Candidate], step_scores: list[float]) -> tuple[float | None, str]:
+    """What the plan can say about the pruned model's score on the scored documents.
+
+    Greedy measured it. Otherwise, for task-score importances, the additive estimate
+    ``v(N) - sum_i importance_i`` is exact only when removals do not interact, and they do (a block
+    plan on SmolLM2 was estimated above the full model's score and measured near chance), so it is
+    labelled as an estimate and clipped to the metric's range [0, 1]. Proxies give none.
+    """
+    if step_scores:
+        return step_scores[-1], "measured by the greedy search on the report's documents"
+    if not report.measures_scores:
+        return None, (f"none: {report.method} importances are not in task-score units; "
+                      "measure the export with `cornerstone eval`")
+    additive = report.base_score - sum(c.importance for c in chosen)
+    clipped = min(1.0, max(0.0, additive))
+    note = f", clipped from {additive:.4f}" if clipped != additive else ""
+    return clipped, ("additive estimate v(N) - sum of importances, not measured: removals interact, so it can be far "
+                     f"off{note}; measure the export with `cornerstone eval`")
 
 
 def _report_value_function(report: ScoreReport, loaded: Any, store: str | Path | None) -> Any:
@@ -430,10 +479,8 @@ def _report_value_function(report: ScoreReport, loaded: Any, store: str | Path |
     if loaded.fingerprint != report.model.get("fingerprint"):
         raise PlanError(f"the model given is not the one the report scored ({report.model.get('spec')})",
                         hint="Pass the report's model, or score this model first.")
-    try:
-        specs = harness.load_tasks(settings["tasks"], include_paths=settings.get("include_paths") or [],
-                                   limit=settings.get("limit"), seed=settings.get("seed"))
-    except KeyError as exc:
-        raise ConfigError(f"the report lacks the setting {exc} needed to re-measure", hint="Re-score the model.") from None
+    # exactly the scored documents, checked against their recorded content: the same game the report played
+    specs = harness.load_tasks(settings["tasks"], include_paths=settings.get("include_paths") or [],
+                               documents=report.documents())
     return ValueFunction(loaded, specs, batch_size=settings.get("batch_size", 32),
                          engine=settings.get("engine", "fast"), store=store)

@@ -30,6 +30,7 @@ from .calibration import Calibration
 from .heal import Healing
 from .errors import ConfigError
 from .planner import Planner
+from .report import OUTPUT_FOLDER
 
 
 class _Section(BaseModel):
@@ -91,8 +92,11 @@ class HealStep(Healing):
 
 
 class EvalStep(_Section):
+    """``eval:``: judged on documents the plan was not chosen on, unless ``allow_overlap``."""
+
     tasks: TaskSelection = Field(default_factory=TaskSelection)
     batch_size: int = Field(16, ge=1)
+    allow_overlap: bool = False
 
 
 class Recipe(_Section):
@@ -112,7 +116,8 @@ class Recipe(_Section):
     export: ExportStep
     heal: HealStep | None = None
     eval: EvalStep | None = None
-    reports: str = Field("reports", description="Folder for the score report, plan and evaluation.")
+    reports: str = Field(OUTPUT_FOLDER, description="Folder for the score report, plan and evaluation (the "
+                         "committed recipes name reports/, where their results are kept).")
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
@@ -221,7 +226,8 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
                                              limit=tasks.limit, seed=tasks.seed, batch_size=recipe.eval.batch_size,
                                              device=recipe.device, dtype=recipe.dtype,
                                              trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle,
-                                             healed=recipe.heal.out if recipe.heal else None)
+                                             healed=recipe.heal.out if recipe.heal else None,
+                                             allow_overlap=recipe.eval.allow_overlap)
         files = evaluate_module.save(comparison, reports / f"{recipe.name}-eval.json")
         healed_text = (f", healed {comparison.healed_retention.mean_retention:.1%}"
                        if comparison.healed_retention is not None else "")

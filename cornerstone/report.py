@@ -20,10 +20,15 @@ from .scores import ScoreReport
 
 KIND_COLOURS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "block": "#2ca02c"}
 KIND_STYLES = {"attn": "blue", "mlp": "dark_orange", "block": "green"}
-BAR_WIDTH = 24
+BAR_WIDTH = 16
 
 
-def default_report_path(report: ScoreReport, folder: str | Path = "reports") -> Path:
+# Where commands write when given no --out: never a tracked folder (committed results live in reports/,
+# and running the README's main job from a checkout must leave `git status` clean).
+OUTPUT_FOLDER = "cornerstone-output"
+
+
+def default_report_path(report: ScoreReport, folder: str | Path = OUTPUT_FOLDER) -> Path:
     model = Path(str(report.model.get("spec", "model"))).name.replace("/", "_") or "model"
     method = "-".join(filter(None, [report.method, report.settings.get("estimator", {}).get("estimator")]))
     return Path(folder) / f"{model}-{method}-{report.granularity}.json"
@@ -201,7 +206,9 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
                    f"{'s' if report.evaluations != 1 else ''}" + (
                        f" + one calibration pass over {calibration['texts']} texts ({calibration['tokens']} tokens, "
                        f"source: {calibration['source']})" if calibration else ""))
-    header.add_row("full model", f"{report.base_score:.4f}   chance {report.chance:.4f}")
+    base_error = report.base_stderr
+    header.add_row("full model", f"{report.base_score:.4f}" + (f" ±{report.rule.z * base_error:.4f}" if base_error else "")
+                   + f"   chance {report.chance:.4f}")
     if report.method == "shapley":
         gap = report.diagnostics.get("efficiency_gap")
         header.add_row("shapley", f"{report.settings['estimator'].get('estimator')}: top-4 share {report.top_share(4):.1%}, "
@@ -214,23 +221,39 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
     for column in ("task", "metric", "docs", "full model", "chance"):
         tasks.add_column(column, justify="right" if column not in ("task", "metric") else "left")
     for task in report.tasks:
-        tasks.add_row(task.name, task.metric, f"{task.num_docs}/{task.total_docs}", f"{task.base_score:.4f}", f"{task.chance:.4f}")
+        error = f" ±{report.rule.z * task.base_stderr:.4f}" if task.base_stderr is not None else ""
+        tasks.add_row(task.name, task.metric, f"{task.num_docs}/{task.total_docs}", f"{task.base_score:.4f}{error}",
+                      f"{task.chance:.4f}")
 
+    z = report.rule.z
     players = Table(title="score with the player removed (bar: from 0 to 1)", title_justify="left", show_edge=False)
-    for column in ("player", "removed", "importance (±95%)" if report.method == "shapley" else "importance", "share", ""):
-        players.add_column(column, justify="left" if column in ("player", "") else "right", no_wrap=True)
+    with_errors = any(p.stderr is not None for p in report.players.values())
+    for column in ("player", "removed", f"importance (±{z:g} s.e.)" if with_errors else "importance", "effect", "share", ""):
+        players.add_column(column, justify="left" if column in ("player", "", "effect") else "right", no_wrap=True)
     for name, s in report.players.items():
         style = "bold red" if s.cornerstone else KIND_STYLES[s.kind]
         removed = f"{s.score_removed:.4f}" if s.score_removed is not None else "-"
-        importance = f"{s.importance:+.4f}" + (f" ±{1.96 * s.stderr:.4f}" if s.stderr is not None else "")
+        importance = f"{s.importance:+.4f}" + (f" ±{z * s.stderr:.4f}" if s.stderr is not None else "")
         bar_value = s.score_removed if s.score_removed is not None else s.share
-        label = Text(name + (" ◆" if s.cornerstone else ""), style=style)
-        players.add_row(label, removed, importance, f"{100 * s.share:.1f}%", _bar(bar_value, style))
+        label = Text(name + (" ◆" if s.cornerstone else "") + (" ?" if s.resolved is False else ""), style=style)
+        effect = {"none measurable": "none"}.get(s.effect or "", s.effect or "")
+        players.add_row(label, removed, importance, effect, f"{100 * s.share:.1f}%", _bar(bar_value, style))
 
     if report.cornerstones:
         verdict = Text("◆ cornerstones: " + ", ".join(report.cornerstones), style="bold red")
     else:
         verdict = Text("no cornerstones: no single player's removal takes the model near chance", style="bold")
+    lines = [verdict]
+    unresolved = [name for name, p in report.players.items() if p.resolved is False]
+    if unresolved:
+        lines.append(Text(f"? too close to call at ±{z:g} s.e. (score more documents to decide): " + ", ".join(unresolved),
+                          style="yellow"))
+    effects = [p.effect for p in report.players.values() if p.effect]
+    if effects:
+        lines.append(Text(f"removal effects by their ±{z:g} s.e. interval: "
+                          + ", ".join(f"{effects.count(kind)} {kind}" for kind in ("hurts", "none measurable", "helps")),
+                          style="dim"))
     rule = Text(report.rule.describe(report), style="dim")
-    console.print(Panel(Group(header, Text(""), tasks, Text(""), players, Text(""), verdict, rule),
+    console.print(Panel(Group(header, Text(""), tasks, Text(""), players, Text(""), *lines, rule),
                         title="cornerstone report", title_align="left"))
+

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import harness
 from .errors import ReportError
 from .files import read_validated
-from .estimators import Ablation, PlayerEstimate, Progress, _Shapley
+from .estimators import Ablation, PlayerEstimate, Progress, _Shapley, paired_stderr
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .players import enumerate_players, parse_players, player_parameters
 from .sizing import RunEstimate, check_fits, estimate_run
@@ -35,17 +35,26 @@ SCHEMA_VERSION = 1
 
 
 class CornerstoneRule(BaseModel):
-    """When a player counts as a cornerstone.
+    """When a player counts as a cornerstone, and when a removal counts as changing nothing.
 
     Zhang, Dong & Kawaguchi (2024) call a layer a cornerstone when removing it alone drops the model
     to random guessing. With full-model score ``v(N)``, chance level ``c`` and the score without the
     player ``v(N \\ {i})``, player i is a cornerstone when
 
-        v(N \\ {i}) - c  <=  margin * (v(N) - c)
+        g_i = v(N \\ {i}) - c - margin * (v(N) - c)  <=  0
 
     i.e. removing it alone leaves at most ``margin`` of the model's above-chance performance. The
     default 0.2 tolerates the sampling noise of a few hundred documents while still demanding a fall
     to near chance. When the full model is not above chance, nothing is a cornerstone.
+
+    Both scores are measured on the same documents, so ``g_i`` has a paired standard error
+    (:func:`~cornerstone.estimators.paired_stderr` of the per-document ``v_d(N \\ {i}) - margin *
+    v_d(N)``; the chance level is a constant of the documents). The decision is *resolved* when
+    ``|g_i| > z * SE``; with ``require="interval"`` only resolved cornerstones are marked, with
+    ``"estimate"`` (the paper's rule, default) every ``g_i <= 0`` is, and the unresolved ones are
+    listed in the report. Likewise a removal's *effect* is ``hurts`` when ``importance - z * SE > 0``,
+    ``helps`` when ``importance + z * SE < 0`` and ``none measurable`` otherwise: only then does a
+    removal "change nothing" as far as these documents can tell.
 
     One-pass proxies (:mod:`cornerstone.proxies`) measure no score without the player. For them a
     player is a cornerstone when it stands out: its importance is at least ``outlier`` times the
@@ -57,16 +66,42 @@ class CornerstoneRule(BaseModel):
 
     margin: float = Field(0.2, ge=0.0, le=1.0)
     outlier: float = Field(3.0, gt=1.0)
+    z: float = Field(1.96, ge=0.0, description="Half-width of intervals, in standard errors (1.96: 95% normal).")
+    require: Literal["estimate", "interval"] = "estimate"
 
-    def is_cornerstone(self, score_removed: float | None, base: float, chance: float) -> bool:
+    def gap(self, score_removed: float, base: float, chance: float) -> float:
+        """``g_i``: how far the score without the player lies above the cornerstone threshold."""
+        return score_removed - chance - self.margin * (base - chance)
+
+    def is_cornerstone(self, score_removed: float | None, base: float, chance: float,
+                       gap_stderr: float | None = None) -> bool:
         if score_removed is None or base <= chance:
             return False
-        return score_removed - chance <= self.margin * (base - chance)
+        gap = self.gap(score_removed, base, chance)
+        if self.require == "interval":
+            return gap + self.z * (gap_stderr or 0.0) <= 0
+        return gap <= 0
 
-    def mark(self, estimates: dict[str, PlayerEstimate], kinds: dict[str, str], base: float, chance: float) -> set[str]:
+    def resolved(self, gap: float, gap_stderr: float | None) -> bool | None:
+        """Whether the cornerstone decision lies outside its interval (None without an error)."""
+        return None if gap_stderr is None else abs(gap) > self.z * gap_stderr
+
+    def effect(self, importance: float, stderr: float | None) -> str | None:
+        """``hurts``, ``helps`` or ``none measurable`` by the interval ``importance +- z * stderr``."""
+        if stderr is None:
+            return None
+        if importance - self.z * stderr > 0:
+            return "hurts"
+        if importance + self.z * stderr < 0:
+            return "helps"
+        return "none measurable"
+
+    def mark(self, estimates: dict[str, PlayerEstimate], kinds: dict[str, str], base: float, chance: float,
+             gap_stderrs: dict[str, float | None] | None = None) -> set[str]:
         """The cornerstones among ``estimates``: by the score rule where scores were measured, else as outliers."""
         if any(e.score_removed is not None for e in estimates.values()):
-            return {name for name, e in estimates.items() if self.is_cornerstone(e.score_removed, base, chance)}
+            return {name for name, e in estimates.items()
+                    if self.is_cornerstone(e.score_removed, base, chance, (gap_stderrs or {}).get(name))}
         marked: set[str] = set()
         for kind in set(kinds.values()):
             names = [name for name in estimates if kinds[name] == kind]
@@ -80,8 +115,10 @@ class CornerstoneRule(BaseModel):
         if not report.measures_scores:
             return (f"rule: a one-pass proxy measures no score without the player; a cornerstone's importance is "
                     f"at least {self.outlier:g}x the median of its kind")
-        return (f"rule: removing the player alone leaves at most {self.margin:.0%} of the above-chance score "
-                f"(score <= {report.chance + self.margin * (report.base_score - report.chance):.4f})")
+        interval = f" with {self.z:g} s.e. to spare" if self.require == "interval" else ""
+        return (f"rule: removing the player alone leaves at most {self.margin:.0%} of the above-chance score{interval} "
+                f"(score <= {report.chance + self.margin * (report.base_score - report.chance):.4f}); "
+                f"intervals are +-{self.z:g} paired s.e.")
 
 
 class PlayerScore(BaseModel):
@@ -99,9 +136,22 @@ class PlayerScore(BaseModel):
     cornerstone: bool = False
     # What a checkpoint loses when the player is cut (players.player_parameters); None in older reports.
     parameters: int | None = None
+    # CornerstoneRule.effect of the importance interval, and the cornerstone decision's gap g_i, its
+    # paired standard error and whether the interval resolves it (None for proxies and older reports).
+    effect: str | None = None
+    gap: float | None = None
+    gap_stderr: float | None = None
+    resolved: bool | None = None
 
 
 class TaskScore(BaseModel):
+    """One task of a report: its metric, chance level, full-model score and the exact documents scored.
+
+    ``doc_indices`` and ``content_sha256`` (:class:`~cornerstone.harness.DocumentRecord`) are what
+    greedy planning re-measures on and what ``eval``/``heal`` keep away from; reports written before
+    they were kept have neither, and their documents are redrawn from ``settings`` (limit, seed).
+    """
+
     model_config = ConfigDict(extra="allow")
 
     name: str
@@ -110,6 +160,16 @@ class TaskScore(BaseModel):
     total_docs: int
     chance: float
     base_score: float
+    base_stderr: float | None = None
+    doc_indices: list[int] | None = None
+    content_sha256: str | None = None
+    selection: dict[str, Any] = {}
+
+    def record(self) -> harness.DocumentRecord | None:
+        if self.doc_indices is None or self.content_sha256 is None:
+            return None
+        return harness.DocumentRecord(name=self.name, doc_indices=self.doc_indices, total_docs=self.total_docs,
+                                      content_sha256=self.content_sha256, selection=self.selection)
 
 
 class ScoreReport(BaseModel):
@@ -125,6 +185,8 @@ class ScoreReport(BaseModel):
     tasks: list[TaskScore]
     settings: dict[str, Any]
     base_score: float
+    # standard error of the macro-averaged full-model score (documents as a sample of each split)
+    base_stderr: float | None = None
     chance: float
     players: dict[str, PlayerScore]
     cornerstones: list[str]
@@ -172,6 +234,21 @@ class ScoreReport(BaseModel):
         return [name for name, player in self.players.items()
                 if self.rule.is_cornerstone(player.per_task_removed.get(task), entry.base_score, entry.chance)]
 
+    def documents(self) -> dict[str, harness.DocumentRecord]:
+        """Every task's scored documents (:meth:`TaskScore.record`). A report written before documents
+        were recorded gets them redrawn from its settings (the same limit and seed give the same draw)."""
+        records = {task.name: task.record() for task in self.tasks}
+        if all(record is not None for record in records.values()):
+            return records  # type: ignore[return-value]
+        settings = self.settings
+        try:
+            specs = harness.load_tasks(settings["tasks"], include_paths=settings.get("include_paths") or [],
+                                       limit=settings.get("limit"), seed=settings.get("seed"))
+        except KeyError as exc:
+            raise ReportError(f"the report records neither its documents nor the setting {exc} to redraw them",
+                              hint="Re-score the model.") from None
+        return {spec.name: spec.record() for spec in specs}
+
     def ranking(self) -> list[str]:
         """Player names from least to most important."""
         return sorted(self.players, key=lambda name: self.players[name].importance)
@@ -194,6 +271,33 @@ class BlockSum:
     members: list[str]
     importance: float
     cornerstone: bool
+
+
+def _gaps(value: ValueFunction, playing: Sequence[Any], estimates: dict[str, PlayerEstimate], rule: CornerstoneRule,
+          full: Any) -> dict[str, tuple[float, float | None]]:
+    """Each measured player's cornerstone gap g_i (:class:`CornerstoneRule`) and its paired standard
+    error, from the per-document values of v(N) and v(N \\ {i}) (already evaluated: memoised)."""
+    from .estimators import differences
+
+    found: dict[str, tuple[float, float | None]] = {}
+    for player in playing:
+        removed = estimates[player.name].score_removed
+        if removed is None:
+            continue
+        alone = value.evaluate([player])
+        found[player.name] = (rule.gap(removed, full.score, value.chance),
+                              paired_stderr(differences(alone, full, weight=rule.margin)))
+    return found
+
+
+def _common_selection(specs: Sequence[harness.TaskSpec]) -> dict[str, Any]:
+    """``limit`` and ``seed`` as the specs were drawn; None where the tasks were drawn differently
+    (their ``doc_indices`` in the report are the record either way)."""
+    found: dict[str, Any] = {}
+    for key in ("limit", "seed"):
+        values = {spec.selection.get(key) for spec in specs}
+        found[key] = values.pop() if len(values) == 1 else None
+    return found
 
 
 def package_versions() -> dict[str, str]:
@@ -267,7 +371,9 @@ def score(
     full, estimates = result.full, result.players
 
     positive_total = sum(max(e.importance, 0.0) for e in estimates.values())
-    cornerstones = rule.mark(estimates, {p.name: p.kind for p in playing}, full.score, value.chance)
+    gaps = _gaps(value, playing, estimates, rule, full)
+    cornerstones = rule.mark(estimates, {p.name: p.kind for p in playing}, full.score, value.chance,
+                             {name: stderr for name, (_, stderr) in gaps.items()})
     player_scores = {
         p.name: PlayerScore(
             layer=p.layer,
@@ -279,6 +385,10 @@ def score(
             stderr=estimates[p.name].stderr,
             cornerstone=p.name in cornerstones,
             parameters=player_parameters(loaded.model, p),
+            effect=rule.effect(estimates[p.name].importance, estimates[p.name].stderr),
+            gap=gaps[p.name][0] if p.name in gaps else None,
+            gap_stderr=gaps[p.name][1] if p.name in gaps else None,
+            resolved=rule.resolved(*gaps[p.name]) if p.name in gaps else None,
         )
         for p in playing
     }
@@ -287,12 +397,15 @@ def score(
         method=estimator.method,
         granularity=estimator.granularity,
         model=loaded.describe(),
-        tasks=[TaskScore(**spec.describe(), base_score=full.per_task[spec.name]) for spec in specs],
+        tasks=[TaskScore(**spec.describe(), base_score=full.per_task[spec.name],
+                         base_stderr=paired_stderr([full.per_doc[spec.name]]),
+                         doc_indices=spec.doc_indices, content_sha256=spec.content_hash, selection=spec.selection)
+               for spec in specs],
         settings={
             "tasks": [spec.name for spec in specs],
             "include_paths": [str(p) for p in include_paths],
-            "limit": limit,
-            "seed": seed,
+            # what the task objects say, not the arguments: a caller may pass loaded tasks
+            **_common_selection(specs),
             "batch_size": batch_size,
             "engine": engine,
             "players": list(players) if players else None,
@@ -300,12 +413,15 @@ def score(
             "processes": ranks.world if ranks else 1,
         },
         base_score=full.score,
+        base_stderr=paired_stderr(list(full.per_doc.values())),
         chance=value.chance,
         players=player_scores,
         cornerstones=[name for name, s in player_scores.items() if s.cornerstone],
         rule=rule,
         evaluations=value.evaluations + value.reused,
-        diagnostics={**result.diagnostics, "estimate": estimate.model_dump(), "computed_evaluations": value.evaluations,
+        diagnostics={**result.diagnostics, "unresolved": sorted(name for name, (gap, error) in gaps.items()
+                                                                 if rule.resolved(gap, error) is False),
+                     "estimate": estimate.model_dump(), "computed_evaluations": value.evaluations,
                      "reused_evaluations": value.reused, "store": str(value.store.path) if value.store else None},
         timing={
             "load_seconds": loaded.load_seconds,

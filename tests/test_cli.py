@@ -1,6 +1,7 @@
 """The CLI through typer's runner: JSON output, saved reports, and one-line errors with distinct exit codes."""
 
 import json
+import random
 
 import pytest
 from typer.testing import CliRunner
@@ -33,9 +34,12 @@ def test_score_json_report_keys_players_by_name(scored):
     assert list(report["players"]) == [f"L{i}.{k}" for i in range(3) for k in ("attn", "mlp")]
     assert report["method"] == "ablation" and report["evaluations"] == 7
     assert report["tasks"][0]["num_docs"] == 6 and report["tasks"][0]["metric"] == "acc_norm"
-    assert isinstance(report["cornerstones"], list)
-    for player in report["players"].values():
-        assert player["importance"] == pytest.approx(report["base_score"] - player["score_removed"])
+    # the exact documents are recorded: the seeded draw of 6 of the 8, and what they hash to
+    assert report["tasks"][0]["doc_indices"] == sorted(random.Random(0).sample(range(8), 6))
+    assert len(report["tasks"][0]["content_sha256"]) == 64
+    assert report["settings"]["limit"] == 6 and report["settings"]["seed"] == 0
+    assert all(player["stderr"] is not None and player["effect"] in ("hurts", "helps", "none measurable")
+               for player in report["players"].values())
     assert report["model"]["fingerprint"].startswith("folder-sha256:")
     assert {"torch", "transformers", "lm_eval"} <= set(report["versions"])
     assert json.loads(out.read_text()) == report
@@ -119,7 +123,8 @@ def test_plan_export_eval_from_the_cli(scored, tiny_llama_dir, toy_folder, tmp_p
     assert plan["path"] == str(plan_path) and len(plan["removed"]) == 1 and plan["granularity"] == "block"
     shown = runner.invoke(app, ["plan", str(out), "--drop", "1", "--keep-first", "0", "--keep-last", "0",
                                 "--out", str(tmp_path / "again.yaml")])
-    assert plan["removed"][0]["name"] in shown.stdout and "predicted score" in shown.stdout
+    assert plan["removed"][0]["name"] in shown.stdout and "estimated score (not measured)" in shown.stdout
+    assert plan["report"]["documents"]["toy_cli"]["doc_indices"] == json.loads(out.read_text())["tasks"][0]["doc_indices"]
 
     exported = runner.invoke(app, ["export", str(tiny_llama_dir), str(plan_path), "--out", str(tmp_path / "slim"), "--json"])
     assert exported.exit_code == 0, exported.output
@@ -134,6 +139,14 @@ def test_plan_export_eval_from_the_cli(scored, tiny_llama_dir, toy_folder, tmp_p
     comparison = json.loads(evaluated.stdout)
     assert comparison["pruned"]["parameters"] == result["parameters"] and set(comparison["retention"]) == {"toy_cli"}
     assert (tmp_path / "eval.md").read_text().startswith("# ")
+    # judged on the 2 documents the plan was not chosen on, found through the plan saved in the export
+    scored_on = set(plan["report"]["documents"]["toy_cli"]["doc_indices"])
+    assert set(comparison["tasks"][0]["doc_indices"]) == set(range(8)) - scored_on
+    assert comparison["documents"]["overlap"] == {"toy_cli": 0} and "disjoint" in comparison["documents"]["summary"]
+    overlapping = runner.invoke(app, ["eval", str(tiny_llama_dir), str(tmp_path / "slim"), "--tasks", "toy_cli",
+                                      "--include-path", str(toy_folder), "--out", str(tmp_path / "eval2.json"),
+                                      "--allow-overlap", "--json"])
+    assert json.loads(overlapping.stdout)["documents"]["overlap"] == {"toy_cli": 6}
 
 
 def test_impossible_plans_and_foreign_plans_exit_with_their_codes(scored, tmp_path, tokenizer):

@@ -44,7 +44,8 @@ def test_lowest_drops_the_least_important_and_explains_each():
     assert all("rank" in r.reason and "not protected" in r.reason for r in plan.removed)
     assert plan.parameters.removed == 300 and plan.parameters.remaining == plan.parameters.original - 300
     assert plan.blocks == {"original": 8, "remaining": 5}
-    assert plan.predicted_score == pytest.approx(0.7 - (0.02 - 0.01 + 0.0))
+    assert plan.predicted_score == pytest.approx(0.7 - (0.02 - 0.01 + 0.0)) and not plan.predicted_measured
+    assert plan.predicted_by.startswith("additive estimate") and "not measured" in plan.predicted_by
     assert {p.name: p.reason for p in plan.protected} == {"L0": "keep_first 1", "L7": "keep_last 1"}
 
 
@@ -143,3 +144,73 @@ def test_greedy_removes_what_hurts_least_as_measured_step_by_step(tiny_llama_dir
     pairs = [value.evaluate(parse_players(loaded.model, [first, other])).score for other in report.players if other != first]
     assert steps[1].score_after == pytest.approx(max(pairs))
     assert plan.predicted_score == pytest.approx(steps[1].score_after)
+
+
+def test_an_additive_estimate_is_labelled_and_kept_inside_the_metric_range():
+    # negative importances add up past a perfect score: the estimate is clipped to 1 and says so
+    helpful = {"L0": 0.4, "L1": -0.3, "L2": -0.35, "L3": 0.4}
+    plan = make_plan(report_with(helpful), Planner(drop=2))
+    assert plan.player_names == ["L1", "L2"] and plan.predicted_score == 1.0
+    assert "clipped from 1.3500" in plan.predicted_by
+    harmful = {"L0": 0.4, "L1": 0.5, "L2": 0.6, "L3": 0.4}
+    assert make_plan(report_with(harmful), Planner(drop=2, keep_first=0, keep_last=0)).predicted_score == 0.0
+
+
+def test_harmless_only_keeps_players_whose_removal_measurably_hurts():
+    report = report_with(EIGHT)
+    for name, player in report.players.items():  # within 1.96 x 0.011 of zero: L1, L3, L5
+        player.stderr = 0.011
+        player.effect = report.rule.effect(player.importance, player.stderr)
+    assert {n for n, p in report.players.items() if p.effect == "hurts"} == {"L0", "L2", "L4", "L6", "L7"}
+    plan = make_plan(report, Planner(drop=3, harmless_only=True))
+    assert plan.player_names == ["L1", "L3", "L5"] and all(r.effect != "hurts" for r in plan.removed)
+    assert any(p.name == "L2" and "measurably hurts" in p.reason for p in plan.protected)
+    with pytest.raises(PlanError, match="only 3 players"):
+        make_plan(report, Planner(drop=4, harmless_only=True))
+    with pytest.raises(PlanError, match="no standard errors|has none"):
+        make_plan(report_with(EIGHT), Planner(drop=1, harmless_only=True))
+
+
+def test_greedy_measures_on_exactly_the_scored_documents(tiny_llama_dir, tmp_path):
+    """An API caller scores on loaded tasks (here documents 1, 4, 6, 7 of 10, no limit or seed given to
+    score()): the report records them, and greedy planning re-measures on those four and no others."""
+    folder = write_task(tmp_path / "tasks", "toy_exact", toy_docs(10))
+    from cornerstone import harness
+    from cornerstone.estimators import Ablation
+    from cornerstone.players import parse_players
+    from cornerstone.scores import score
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    specs = harness.load_tasks(["toy_exact"], include_paths=[folder], limit=4, seed=3)
+    chosen = specs[0].doc_indices
+    assert chosen == sorted(__import__("random").Random(3).sample(range(10), 4))
+    report = score(loaded, specs, estimator=Ablation(granularity="block"), include_paths=[folder])
+    assert report.tasks[0].doc_indices == chosen and report.settings["limit"] == 4 and report.settings["seed"] == 3
+
+    plan = make_plan(report, Planner(policy="greedy", drop=1, keep_first=0, keep_last=0), loaded=loaded)
+    on_scored = ValueFunction(loaded, specs)
+    everything = ValueFunction(loaded, harness.load_tasks(["toy_exact"], include_paths=[folder]))
+    removed = parse_players(loaded.model, plan.player_names)
+    assert plan.predicted_measured
+    assert plan.removed[0].score_after == pytest.approx(on_scored.evaluate(removed).score)
+    # and the plan keeps the record that `eval` avoids
+    assert plan.report["documents"]["toy_exact"]["doc_indices"] == chosen
+    assert everything.tasks[0].doc_indices != chosen
+
+
+def test_greedy_refuses_documents_that_changed_since_scoring(tiny_llama_dir, tmp_path):
+    folder = write_task(tmp_path / "tasks", "toy_edit", toy_docs(6))
+    from cornerstone import harness
+    from cornerstone.errors import TaskError
+    from cornerstone.estimators import Ablation
+    from cornerstone.scores import score
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    report = score(loaded, harness.load_tasks(["toy_edit"], include_paths=[folder]), estimator=Ablation(granularity="block"),
+                   include_paths=[folder])
+    edited = toy_docs(6)
+    edited[2]["choices"][0] = "something else"
+    write_task(tmp_path / "tasks", "toy_edit", edited)
+    harness._cached_manager.cache_clear()
+    with pytest.raises(TaskError, match="changed since they were recorded"):
+        make_plan(report, Planner(policy="greedy", drop=1, keep_first=0, keep_last=0), loaded=loaded)
