@@ -219,6 +219,15 @@ def score(
                      "evaluation, so the sweep costs (players + 1) x limit x tasks documents."),
     ] = DEFAULT_LIMIT,
     all_docs: Annotated[bool, typer.Option("--all-docs", help="Use every document of every task (ignores --limit).")] = False,
+    until_resolved: Annotated[
+        Optional[int], typer.Option("--until-resolved", min=2, metavar="MAX_DOCS",
+                                    help="Ablation: start at --limit documents per task and double them while a player's "
+                                    "cornerstone decision (or side of --boundary) is within its interval, up to MAX_DOCS.")
+    ] = None,
+    boundary: Annotated[
+        Optional[int], typer.Option(min=1, help="With --until-resolved: the number of players a plan will drop; resolve "
+                                    "which side of that boundary each player is on.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for drawing the --limit documents (the same ones for every removal).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 32,
     engine: Annotated[
@@ -278,10 +287,24 @@ def score(
     if engine not in ("fast", "lm-eval"):
         raise ConfigError(f"unknown engine '{engine}'", hint="Use fast or lm-eval.")
     console = Console(stderr=as_json, quiet=ranks is not None and not ranks.main)
+    if until_resolved is not None:
+        from functools import partial
+
+        from .sequential import Sequential, score_until_resolved
+
+        if all_docs or method != "ablation":
+            raise ConfigError("--until-resolved adds documents to a --limit draw for --method ablation",
+                              hint="Drop --all-docs, or score with --method ablation.")
+        sequential = Sequential(start=limit, max_docs=until_resolved, boundary=boundary, seed=seed)
+        run_score = partial(score_until_resolved, sequential=sequential, log=console.print)  # type: ignore[assignment]
+    elif boundary is not None:
+        raise ConfigError("--boundary only applies with --until-resolved")
     device = distributed.rank_device(ranks, device)
     resolve(model)  # a mistyped model path fails here, before the slower task loading
     with console.status("loading tasks"):
         specs = load_tasks(_split(tasks), include_paths=include_path or [], limit=None if all_docs else limit, seed=seed)
+    if until_resolved is not None:
+        specs = _split(tasks)  # type: ignore[assignment]  # drawn round by round (names checked above)
     with console.status(f"loading {model} ({dtype}; a GGUF file is dequantised once, then cached)"):
         loaded = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
                             allow_pickle=allow_pickle, **placement)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError, EvaluationError, TaskError
 from .quiet import no_tqdm
@@ -110,7 +110,7 @@ class DocumentRecord(BaseModel):
     name: str
     doc_indices: list[int]
     total_docs: int
-    content_sha256: str
+    content_sha256: str | None = Field(None, description="None only for a new selection (nothing to check yet).")
     selection: dict[str, Any] = {}
 
 
@@ -244,7 +244,8 @@ def load_tasks(
         spec = TaskSpec(name=name, task=task, metric=_choose_metric(name, task), doc_indices=indices,
                         total_docs=len(docs), chance=_chance(task, [docs[i] for i in indices], output_type),
                         output_type=output_type, selection=selection)
-        if documents is not None and spec.content_hash != documents[name].content_sha256:
+        expected = documents[name].content_sha256 if documents is not None else None
+        if expected is not None and spec.content_hash != expected:
             raise TaskError(f"the documents of task '{name}' changed since they were recorded (content sha256 differs)",
                             hint="The task's data or prompt was edited; re-score so plan and evaluation use what was measured.")
         specs.append(spec)

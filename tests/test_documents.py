@@ -97,3 +97,42 @@ def test_ablation_errors_match_lm_evals_own_per_document_results(tiny_llama_dir,
         gap = alone - report.rule.margin * full
         assert player.gap_stderr == pytest.approx(gap.std(ddof=1) / np.sqrt(len(gap)))
     assert report.tasks[0].base_stderr == pytest.approx(full.std(ddof=1) / np.sqrt(len(full)))
+
+
+def test_undecided_players_by_margin_and_by_drop_boundary():
+    from cornerstone.scores import CornerstoneRule, PlayerScore, ScoreReport, TaskScore
+    from cornerstone.sequential import undecided
+
+    def player(layer, importance, stderr, resolved):
+        return PlayerScore(layer=layer, kind="block", importance=importance, share=0.0, stderr=stderr, resolved=resolved)
+
+    report = ScoreReport(
+        created="2026-01-01T00:00:00+00:00", method="ablation", granularity="block", model={}, settings={},
+        tasks=[TaskScore(name="t", metric="acc", num_docs=10, total_docs=10, chance=0.25, base_score=0.7)],
+        base_score=0.7, chance=0.25, rule=CornerstoneRule(), evaluations=5, timing={}, versions={}, cornerstones=[],
+        players={"L0": player(0, 0.40, 0.05, False), "L1": player(1, 0.00, 0.01, True), "L2": player(2, 0.05, 0.01, True),
+                 "L3": player(3, 0.07, 0.02, True), "L4": player(4, 0.30, 0.01, True)})
+    assert undecided(report) == ["L0"]  # only its cornerstone decision is open
+    # dropping 2: the boundary lies midway between 0.05 and 0.07; L2 (0.01 s.e.) is 0.01 from it, L3 (0.02 s.e.) too
+    assert undecided(report, boundary=2) == ["L0", "L2", "L3"]
+    assert undecided(report, boundary=1) == ["L0"]  # 0.025 lies 2.5 s.e. from both 0.00 and 0.05
+
+
+def test_sequential_scoring_doubles_nested_documents_until_resolved(tiny_llama_dir, twenty):
+    from cornerstone.estimators import Ablation
+    from cornerstone.loading import load_model
+    from cornerstone.sequential import Sequential, score_until_resolved, undecided
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    # boundary 1 of 3 blocks on a random tiny model: decided only with many documents, if ever
+    sequential = Sequential(start=4, max_docs=16, boundary=1, seed=0)
+    report = score_until_resolved(loaded, ["toy_docs20"], sequential=sequential, include_paths=[twenty],
+                                  estimator=Ablation(granularity="block"))
+    rounds = report.diagnostics["rounds"]
+    sizes = [r["documents"]["toy_docs20"] for r in rounds]
+    assert sizes[0] == 4 and all(b == min(16, 2 * a) for a, b in zip(sizes, sizes[1:]))
+    assert all(r["undecided"] for r in rounds[:-1])  # it went on only while something was undecided
+    assert rounds[-1]["undecided"] == undecided(report, 1) and (not rounds[-1]["undecided"] or sizes[-1] == 16)
+    assert report.tasks[0].num_docs == sizes[-1] == len(report.tasks[0].doc_indices)
+    first = harness.load_tasks(["toy_docs20"], include_paths=[twenty], limit=4, seed=0)[0].doc_indices
+    assert set(first) <= set(report.tasks[0].doc_indices)  # the first round's documents are kept
