@@ -47,6 +47,9 @@ class MethodScores(BaseModel):
     importance: dict[str, float]
     bottom_set: list[str]
     cornerstones: list[str]
+    # players of the bottom set whose removal does not measurably hurt by the report's own interval
+    # (importance - z s.e. <= 0); None when the report has no standard errors at this granularity
+    bottom_harmless: list[str] | None = None
 
 
 class PairAgreement(BaseModel):
@@ -99,8 +102,13 @@ class ReportComparison(BaseModel):
         lines += [f"## Bottom-{self.bottom_k} overlap", "",
                   "Share of the bottom set two methods have in common: whether they would prune the same players.", "",
                   *_matrix(self, lambda pair: f"{pair.bottom_overlap:.0%}", diagonal="100%"), ""]
-        lines += ["## Bottom sets (least important first)", "", "| method | bottom set |", "|---|---|"]
-        lines += [f"| {entry.label} | {', '.join(entry.bottom_set)} |" for entry in self.methods]
+        lines += ["## Bottom sets (least important first)", "",
+                  "Harmless: the players of the bottom set whose removal does not measurably hurt by the "
+                  "report's own interval (importance - z s.e. <= 0).", "",
+                  "| method | bottom set | harmless |", "|---|---|---|"]
+        lines += [f"| {entry.label} | {', '.join(entry.bottom_set)} | "
+                  f"{'n/a' if entry.bottom_harmless is None else f'{len(entry.bottom_harmless)} of {len(entry.bottom_set)}'} |"
+                  for entry in self.methods]
         lines += ["", "## Cornerstones", "", "| method | cornerstones |", "|---|---|"]
         lines += [f"| {entry.label} | {', '.join(entry.cornerstones) or 'none'} |" for entry in self.methods]
         if self.cornerstone_ranks:
@@ -178,9 +186,13 @@ def compare_reports(
         importance = {name: table[name][2] for name in players}
         # least important first; ties go to the later player, the usual redundant one (as in the planner)
         least_first = sorted(players, key=lambda name: (importance[name], -index[name]))
+        effects = ({name: report.players[name].effect for name in players} if report.granularity == granularity else {})
+        within = (None if not effects or any(effect is None for effect in effects.values())
+                  else [name for name in least_first[:bottom_k] if effects[name] != "hurts"])
         methods.append(MethodScores(label=label, method=report.method, path=str(path) if path else None,
                                     importance=importance, bottom_set=least_first[:bottom_k],
-                                    cornerstones=[name for name in players if table[name][3]]))
+                                    cornerstones=[name for name in players if table[name][3]],
+                                    bottom_harmless=within))
 
     pairs = []
     for first, second in itertools.combinations(methods, 2):
