@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from cornerstone import harness
 from cornerstone import report as report_module
 from cornerstone.calibration import Calibration
 from cornerstone.compare import compare_reports, save as save_comparison
+from cornerstone.estimators import macro_stderr
 from cornerstone.evaluate import above_chance_kept, lm_eval_location
 from cornerstone.export import export
 from cornerstone.files import atomic_write
@@ -39,6 +41,10 @@ from cornerstone.scores import ScoreReport, score
 from cornerstone.store import default_store_root
 
 PROXIES = ("avss", "bi", "angular", "cosine")
+
+
+def _error(stderr: float | None) -> str:
+    return "" if stderr is None else f" ± {stderr:.4f}"
 
 
 def main() -> None:
@@ -59,7 +65,8 @@ def main() -> None:
 
     started = time.perf_counter()
     loaded = load_model(args.model)
-    specs = harness.load_tasks(settings["tasks"], limit=settings["limit"], seed=settings["seed"])
+    scored = truths[0].documents()  # the proxies read the ground truth's documents; retention is judged on others
+    specs = harness.load_tasks(settings["tasks"], documents=scored)
     reports: dict[str, Path] = {}
     for method in PROXIES:
         began = time.perf_counter()
@@ -85,15 +92,17 @@ def main() -> None:
         plans[label] = make_plan(path, planner, loaded=loaded)
         cuts.setdefault(tuple(plans[label].player_names), []).append(label)
 
-    eval_specs = harness.load_tasks(settings["tasks"], limit=args.eval_limit, seed=args.eval_seed)
+    eval_specs = harness.load_tasks(settings["tasks"], limit=args.eval_limit, seed=args.eval_seed,
+                                    exclude={name: record.doc_indices for name, record in scored.items()})
 
-    def evaluate(pretrained: str, remote: bool = False) -> dict[str, float]:
+    def evaluate(pretrained: str, remote: bool = False) -> tuple[dict[str, float], float | None]:
         found = harness.evaluate_pretrained(pretrained, eval_specs, batch_size=args.batch_size, dtype=args.eval_dtype,
                                             trust_remote_code=remote)
-        return {name: value["score"] for name, value in found.items()}  # type: ignore[misc]
+        return ({name: value["score"] for name, value in found.items()},  # type: ignore[misc]
+                macro_stderr([value["stderr"] for value in found.values()]))  # type: ignore[misc]
 
     base_folder, remote, _ = lm_eval_location(args.model)
-    base = evaluate(base_folder, remote)
+    base, base_error = evaluate(base_folder, remote)
     chance = sum(spec.chance for spec in eval_specs) / len(eval_specs)
     base_mean = sum(base.values()) / len(base)
     rows = []
@@ -101,29 +110,33 @@ def main() -> None:
         plan = plans[labels[0]]
         folder = Path("exports") / f"{prefix.name}-{labels[0]}"
         exported = export(loaded, plan, folder, overwrite=True)
-        pruned = evaluate(str(exported.path))
+        pruned, error = evaluate(str(exported.path))
         mean = sum(pruned.values()) / len(pruned)
         rows.append({"methods": labels, "dropped": list(cut), "parameters_removed": plan.parameters.removed_fraction,
-                     "scores": pruned, "mean_score": mean, "retention": mean / base_mean,
+                     "scores": pruned, "mean_score": mean, "mean_stderr": error, "retention": mean / base_mean,
                      "above_chance_kept": above_chance_kept(base_mean, mean, chance)})
         shutil.rmtree(folder, ignore_errors=True)  # model files stay out of the repository
         print(f"{' = '.join(labels):40s} drop {', '.join(cut)}: mean {mean:.4f} (base {base_mean:.4f}), "
               f"retention {mean / base_mean:.1%}")
     result = {"model": args.model, "truth": args.truth, "proxy_reports": {m: str(p) for m, p in reports.items()},
               "drop": drop, "blocks": blocks, "eval": {"tasks": settings["tasks"], "limit": args.eval_limit,
-                                                         "seed": args.eval_seed, "chance": chance, "dtype": args.eval_dtype},
-              "base": {"scores": base, "mean_score": base_mean}, "cuts": rows,
+                                                         "seed": args.eval_seed, "chance": chance, "dtype": args.eval_dtype,
+                                                         "documents": {spec.name: spec.doc_indices for spec in eval_specs},
+                                                         "disjoint_from_scored": True},
+              "base": {"scores": base, "mean_score": base_mean, "mean_stderr": base_error}, "cuts": rows,
+              "cpu": platform.processor() or platform.machine(),
               "seconds": time.perf_counter() - started}
     atomic_write(prefix.with_name(f"{prefix.name}-retention.json"), json.dumps(result, indent=2).encode())
     lines = [f"# {args.model}: retention when each method's bottom {drop} of {blocks} blocks are dropped", "",
-             f"lm-eval ({args.eval_dtype}) on {args.eval_limit} held-out documents per task (seed {args.eval_seed}) of "
-             f"{', '.join(spec.name for spec in eval_specs)}; base mean {base_mean:.4f}, chance {chance:.4f}. "
-             "No block protected.", "",
+             f"lm-eval ({args.eval_dtype}) on up to {args.eval_limit} documents per task (seed {args.eval_seed}) of "
+             f"{', '.join(spec.name for spec in eval_specs)}, drawn from the documents the ground truth was not scored on; "
+             f"base mean {base_mean:.4f}{_error(base_error)}, chance {chance:.4f}. No block protected.", "",
              "| methods | dropped | parameters removed | mean score | retention | above chance kept |", "|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: -r["mean_score"]):
         kept = row["above_chance_kept"]
         lines.append(f"| {', '.join(row['methods'])} | {' '.join(row['dropped'])} | {row['parameters_removed']:.1%} | "
-                     f"{row['mean_score']:.4f} | {row['retention']:.1%} | {'n/a' if kept is None else f'{kept:.1%}'} |")
+                     f"{row['mean_score']:.4f}{_error(row['mean_stderr'])} | {row['retention']:.1%} | "
+                     f"{'n/a' if kept is None else f'{kept:.1%}'} |")
     atomic_write(prefix.with_name(f"{prefix.name}-retention.md"), ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 

@@ -141,11 +141,19 @@ def paired_stderr(per_task: Sequence[Sequence[float]]) -> float | None:
     """
     if not per_task or any(len(values) < 2 for values in per_task):
         return None
-    total = 0.0
+    errors = []
     for values in per_task:
         mean = sum(values) / len(values)
-        total += sum((x - mean) ** 2 for x in values) / (len(values) - 1) / len(values)
-    return math.sqrt(total) / len(per_task)
+        errors.append(math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1) / len(values)))
+    return macro_stderr(errors)
+
+
+def macro_stderr(task_errors: Sequence[float | None]) -> float | None:
+    """Standard error of an unweighted mean over T independent tasks: ``sqrt(sum_t SE_t^2) / T``
+    (None when a task's is unknown)."""
+    if not task_errors or any(error is None for error in task_errors):
+        return None
+    return math.sqrt(sum(error ** 2 for error in task_errors)) / len(task_errors)  # type: ignore[operator]
 
 
 def _counting(progress: Progress | None, total: int,

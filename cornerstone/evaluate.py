@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from . import harness
 from .errors import TaskError
+from .estimators import macro_stderr
 from .files import atomic_write
 from .loading import check_weights_format, dequantised_folder, load_model, remote_code_trusted, resolve
 from .players import text_config
@@ -37,6 +38,7 @@ class ModelSummary(BaseModel):
     scores: dict[str, float]
     stderr: dict[str, float | None]
     mean_score: float
+    mean_stderr: float | None = None  # of the unweighted task mean, tasks independent
 
 
 class Retention(BaseModel):
@@ -91,10 +93,10 @@ class Comparison(BaseModel):
                 row += (f" {_with_error(self.healed, name)} | {self.healed_retention.retention[name]:.1%} | "
                         f"{_share(self.healed_retention.above_chance_kept[name])} |")
             rows.append(row)
-        mean = (f"| **mean** | | | | {self.base.mean_score:.4f} | {self.pruned.mean_score:.4f} | "
+        mean = (f"| **mean** | | | | {_mean_with_error(self.base)} | {_mean_with_error(self.pruned)} | "
                 f"**{self.mean_retention:.1%}** | **{_share(self.mean_above_chance_kept)}** |")
         if healed:
-            mean += (f" {self.healed.mean_score:.4f} | **{self.healed_retention.mean_retention:.1%}** | "
+            mean += (f" {_mean_with_error(self.healed)} | **{self.healed_retention.mean_retention:.1%}** | "
                      f"**{_share(self.healed_retention.mean_above_chance_kept)}** |")
         rows.append(mean)
         size = ["", "| | base | pruned | ratio |", "|---|---|---|---|",
@@ -120,6 +122,10 @@ def _share(value: float | None) -> str:
 def above_chance_kept(base: float, pruned: float, chance: float) -> float | None:
     """(pruned - chance) / (base - chance): the share of the base model's above-chance score that is left."""
     return (pruned - chance) / (base - chance) if base > chance else None
+
+
+def _mean_with_error(summary: ModelSummary) -> str:
+    return f"{summary.mean_score:.4f}" + (f" ± {summary.mean_stderr:.4f}" if summary.mean_stderr is not None else "")
 
 
 def _with_error(summary: ModelSummary, task: str) -> str:
@@ -229,7 +235,8 @@ def _summaries(models: Sequence[str], specs: Sequence[harness.TaskSpec], *, incl
     return [ModelSummary(spec=spec, pretrained=pretrained, parameters=model.num_parameters, bytes_on_disk=size,
                          tokens_per_second=speed, scores={k: v["score"] for k, v in scores.items()},  # type: ignore[misc]
                          stderr={k: v["stderr"] for k, v in scores.items()},
-                         mean_score=sum(v["score"] for v in scores.values()) / len(scores))  # type: ignore[misc]
+                         mean_score=sum(v["score"] for v in scores.values()) / len(scores),  # type: ignore[misc]
+                         mean_stderr=macro_stderr([v["stderr"] for v in scores.values()]))  # type: ignore[misc]
             for (spec, pretrained, _, size, scores), model, speed in zip(found, loaded, speeds)]
 
 
