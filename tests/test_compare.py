@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cornerstone.cli import app
 from cornerstone.compare import ReportComparison, compare_reports, save
 from cornerstone.errors import ConfigError, ReportError
-from cornerstone.estimators import kendall, spearman
+from cornerstone.estimators import kendall
 from cornerstone.scores import CornerstoneRule, PlayerScore, ScoreReport, TaskScore
 
 runner = CliRunner()
@@ -41,6 +41,46 @@ def report_with(importances: dict[str, float], *, method="ablation", estimator: 
 
 
 EIGHT = {"L0": 0.40, "L1": 0.02, "L2": 0.05, "L3": -0.01, "L4": 0.03, "L5": 0.00, "L6": 0.10, "L7": 0.30}
+
+
+def reference_spearman(a, b) -> float:
+    """Spearman's rho from its definition, written apart from cornerstone's: the Pearson correlation of the
+    average ranks (ties share the mean of the ranks they span); 0 when either side is constant."""
+    def ranks(x):
+        return [1 + sum(y < v for y in x) + (sum(y == v for y in x) - 1) / 2 for v in x]
+
+    ra, rb = np.array(ranks(list(a))), np.array(ranks(list(b)))
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def reference_kendall(a, b) -> float:
+    """Kendall's tau-b by counting every pair: (P - Q) / sqrt((P + Q + T_a)(P + Q + T_b))."""
+    concordant = discordant = tied_a = tied_b = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                tied_a += 1
+            elif db == 0:
+                tied_b += 1
+            elif da == db:
+                concordant += 1
+            else:
+                discordant += 1
+    denominator = np.sqrt((concordant + discordant + tied_a) * (concordant + discordant + tied_b))
+    return float((concordant - discordant) / denominator) if denominator else 0.0
+
+
+def test_reference_correlations_on_hand_checked_cases():
+    # the references themselves, on cases worked by hand (the same as the estimators' own tests)
+    assert reference_kendall([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(4 / 6)
+    assert reference_kendall([1, 2, 2], [1, 2, 3]) == pytest.approx(2 / np.sqrt(6))
+    # ranks [1, 2.5, 2.5, 4] against [1, 2, 3, 4]: rho = 4.5 / sqrt(4.5 * 5)
+    assert reference_spearman([1, 2, 2, 3], [10, 20, 30, 40]) == pytest.approx(4.5 / np.sqrt(4.5 * 5))
 
 
 def written(tmp_path, name: str, report: ScoreReport):
@@ -96,17 +136,22 @@ def test_identical_rankings_agree_fully_and_reversed_ones_not_at_all(tmp_path):
     assert opposite.methods[1].bottom_set == ["L0", "L7", "L6", "L2"] and opposite.methods[1].path is None
 
 
-def test_pairs_cover_every_unordered_pair_and_match_the_estimators():
+def test_pairs_cover_every_unordered_pair_and_match_reference_correlations():
     rng = np.random.default_rng(1)
-    reports = [report_with(dict(zip(EIGHT, rng.normal(size=8))), method=m) for m in ("ablation", "bi", "angular", "cosine")]
+    # rounded to one decimal, so that ties occur and the tie handling is compared too
+    reports = [report_with(dict(zip(EIGHT, np.round(rng.normal(size=8), 1))), method=m)
+               for m in ("ablation", "bi", "angular", "cosine")]
     comparison = compare_reports(reports, bottom=0.3)
     assert comparison.bottom_k == 2  # round(0.3 * 8) = 2
     assert [(p.a, p.b) for p in comparison.pairs] == [("ablation", "bi"), ("ablation", "angular"), ("ablation", "cosine"),
                                                       ("bi", "angular"), ("bi", "cosine"), ("angular", "cosine")]
+    by_label = dict(zip(comparison.labels, reports))
     for pair in comparison.pairs:
-        a = [comparison.methods[comparison.labels.index(pair.a)].importance[n] for n in comparison.players]
-        b = [comparison.methods[comparison.labels.index(pair.b)].importance[n] for n in comparison.players]
-        assert pair.spearman == pytest.approx(spearman(a, b)) and pair.kendall == pytest.approx(kendall(a, b))
+        # from the input reports, not from what the comparison says it compared
+        a = [by_label[pair.a].players[n].importance for n in EIGHT]
+        b = [by_label[pair.b].players[n].importance for n in EIGHT]
+        assert pair.spearman == pytest.approx(reference_spearman(a, b), abs=1e-12)
+        assert pair.kendall == pytest.approx(reference_kendall(a, b), abs=1e-12)
     markdown = comparison.to_markdown()
     assert "Spearman" in markdown and "Kendall" in markdown and "| **cosine** |" in markdown
 

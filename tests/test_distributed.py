@@ -71,30 +71,51 @@ def test_two_processes_give_the_single_process_report(six_blocks, method, tmp_pa
 
 
 def _stored_lines(store: Path) -> int:
-    return sum(1 for path in store.glob("*.jsonl") for line in path.read_text().splitlines() if line.endswith("}"))
+    """The values in the store as the store itself reads them: complete (newline-ended) JSON lines."""
+    count = 0
+    for path in store.glob("*.jsonl"):
+        data = path.read_bytes()
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
+            try:
+                json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill
+            count += 1
+    return count
 
 
 def test_a_killed_two_process_job_resumes_from_the_shared_store(six_blocks, tmp_path):
+    import psutil  # imported before the job starts: nothing slow between seeing the state and the kill
+
     folder, tasks = six_blocks
     extra = ["--tasks", "toy_split", "--include-path", str(tasks), "--batch-size", "4", "--method", "shapley",
              "--estimator", "exact", "--granularity", "block"]
     reference = _score(str(folder), tmp_path / "ref.json", None, extra)
+    assert reference["evaluations"] == 2**6
     store = tmp_path / "store"
     command = [sys.executable, "-m", "cornerstone", "score", str(folder), "--out", str(tmp_path / "killed.json"),
                "--store", str(store), "--num-processes", "2", *extra]
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_environment())
-    while job.poll() is None and _stored_lines(store) < 12:
-        time.sleep(0.05)
-    import psutil
-
     launcher = psutil.Process(job.pid)
-    ranks = launcher.children(recursive=True)  # torchrun starts each rank in a session of its own
-    for process in [*ranks, launcher]:
-        process.send_signal(signal.SIGKILL)
-    job.wait()
-    psutil.wait_procs(ranks, timeout=10)
+    try:
+        # kill on a state, not a time: once both ranks are scoring (v(N) and at least two more values stored),
+        # with some 60 of the 64 values still to come, so the job cannot have finished first
+        deadline = time.monotonic() + 600
+        while _stored_lines(store) < 3:
+            assert job.poll() is None, f"the job ended (exit code {job.returncode}) before 3 values were stored"
+            assert time.monotonic() < deadline, "no values stored after 600 s"
+            time.sleep(0.005)
+        ranks = launcher.children(recursive=True)  # torchrun starts each rank in a session of its own
+        for process in [*ranks, launcher]:
+            process.send_signal(signal.SIGKILL)
+        psutil.wait_procs(ranks, timeout=10)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job.wait()
     killed_at = _stored_lines(store)
-    assert 12 <= killed_at < reference["evaluations"], "the job finished before it could be killed"
+    assert 3 <= killed_at < reference["evaluations"], "the job finished before it could be killed"
+    assert not (tmp_path / "killed.json").exists()
     resumed = _score(str(folder), tmp_path / "resumed.json", store, extra, processes=2)
     print(f"killed with {killed_at} of {reference['evaluations']} values stored; the resumed job computed "
           f"{resumed['diagnostics']['computed_evaluations']}")

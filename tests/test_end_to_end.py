@@ -25,13 +25,27 @@ def test_sublayer_sweep_of_smollm2_finds_its_cornerstones(smollm2, tmp_path):
     assert result.chance == pytest.approx(0.25)
     # the real model knows capitals well above chance; this is what makes cornerstones visible
     assert result.base_score > result.chance + 0.25
-    for name, player in result.players.items():
-        assert player.importance == pytest.approx(result.base_score - player.score_removed)
+    # v(N) and v(N minus L0.mlp) again through lm-eval's own loop (not the engine the sweep used), with the
+    # FFN removed by the masking hooks: the report's numbers must be these
+    from cornerstone.masking import removed
+    from cornerstone.players import parse_players
+
+    specs = harness.load_tasks(["cs_capitals"], limit=30, seed=0)
+    lm = harness.make_lm(smollm2.model, smollm2.tokenizer, batch_size=32)
+    full = harness.evaluate(lm, specs)["cs_capitals"].score
+    with removed(smollm2.model, parse_players(smollm2.model, ["L0.mlp"])):
+        without_ffn = harness.evaluate(lm, specs)["cs_capitals"].score
+    assert result.base_score == pytest.approx(full, abs=1e-12)
+    assert result.players["L0.mlp"].score_removed == pytest.approx(without_ffn, abs=1e-12)
+    assert result.players["L0.mlp"].importance == pytest.approx(full - without_ffn, abs=1e-12)
     # Removing the first FFN alone takes SmolLM2 to chance, as the paper reports for Llama3-8B's L0.mlp
     assert "L0.mlp" in result.cornerstones
-    assert result.players["L0.mlp"].score_removed <= result.chance + 0.1
+    assert without_ffn <= result.chance + 0.1
+    # its share of the total positive importance, from the lm-eval numbers
+    positive_total = sum(max(p.importance, 0.0) for p in result.players.values())
+    assert result.players["L0.mlp"].share == pytest.approx((full - without_ffn) / positive_total)
     assert all(result.players[c].share > 0 for c in result.cornerstones)
-    assert sum(p.share for p in result.players.values()) == pytest.approx(1.0)
+    assert all(p.share == 0 for p in result.players.values() if p.importance <= 0)
 
     json_path, [png_path] = report.save(result, tmp_path / "smollm2.json")
     again = ScoreReport.load(json_path)

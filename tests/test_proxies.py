@@ -40,6 +40,45 @@ def one_minus_cos(stats: ActivationStats, site: str) -> float:
     return 1.0 - stats.sites[site].mean_cosine
 
 
+def reference_block_distances(loaded: LoadedModel, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Block influence and angular distance computed apart from cornerstone.calibration: one text at a time
+    (no padding, no batching), block inputs taken by hooks of this test, in float64.
+
+    Returns ``bi[l] = 1 - mean over every token of cos(x_l, x_{l+1})`` and ``angular[i, j] = mean over texts
+    of arccos(cos(x_i, x_j)) / pi`` at the text's last token, where ``x_l`` is block l's input and ``x_L``
+    the last block's output (Men et al. 2024; Gromov et al. 2024)."""
+    layers = loaded.model.model.layers
+    n = len(layers)
+    states: dict[int, torch.Tensor] = {}
+
+    def keep_input(index):
+        def hook(_module, args, kwargs):
+            states[index] = (args[0] if args else kwargs["hidden_states"])[0].double()
+        return hook
+
+    def keep_output(_module, _args, output):
+        states[n] = (output[0] if isinstance(output, tuple) else output)[0].double()
+
+    handles = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(keep_output))
+    cosine_sums, tokens, angular = np.zeros(n), 0, np.zeros((n + 1, n + 1))
+    try:
+        for text in texts:
+            ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+            with torch.no_grad():
+                loaded.model(ids)
+            x = [states[i] for i in range(n + 1)]  # each (tokens, hidden)
+            for layer in range(n):
+                cosine_sums[layer] += torch.nn.functional.cosine_similarity(x[layer], x[layer + 1], dim=-1).sum().item()
+            tokens += ids.shape[1]
+            last = torch.nn.functional.normalize(torch.stack([state[-1] for state in x]), dim=-1)
+            angular += (torch.arccos((last @ last.T).clamp(-1.0, 1.0)) / torch.pi).numpy()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 1.0 - cosine_sums / tokens, angular / len(texts)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURE_NAMES)
 def test_removed_players_read_as_zero_importance_in_every_architecture(arch, tokenizer):
     """An identity block has block influence 0 and angular distance 0 to the next block; a zeroed
@@ -148,14 +187,14 @@ def block_players(n: int):
 def test_avss_is_normalised_variance_over_sparsity_and_candidates_are_sorted_first():
     variance, sparsity = [4.0, 3.0, 2.0, 1.0], [0.1, 0.1, 0.2, 0.4]
     values, diagnostics = AVSS(epsilon=1e-3).importances(constructed_stats(variance, sparsity), block_players(4))
-    raw = [v / sum(variance) / (s + 1e-3) for v, s in zip(variance, sparsity)]
-    expected = [r / sum(raw) for r in raw]
-    assert [values[f"L{i}"] for i in range(4)] == pytest.approx(expected)
-    assert sum(values.values()) == pytest.approx(1.0)
-    # shares are ~[.50, .37, .12, .03]: accumulating in layer order would select nothing (L0 alone is .50);
+    # by hand: normalised variances .4 .3 .2 .1 over sparsities + epsilon .101 .101 .201 .401 give
+    # 3.9604 2.9703 0.9950 0.2494 (sum 8.1751), normalised to
+    expected = [0.484447, 0.363335, 0.121714, 0.030504]
+    assert [values[f"L{i}"] for i in range(4)] == pytest.approx(expected, abs=2e-6)
+    # shares are ~[.48, .36, .12, .03]: accumulating in layer order would select nothing (L0 alone is .48);
     # sorted first, L3 and L2 fit within 25%
     assert diagnostics["prune_candidates"] == ["L3", "L2"]
-    assert diagnostics["prune_candidates_share"] == pytest.approx(expected[3] + expected[2])
+    assert diagnostics["prune_candidates_share"] == pytest.approx(0.152219, abs=2e-6)
 
 
 def test_avss_epsilon_bounds_zero_sparsity_and_then_ranks_by_variance():
@@ -224,13 +263,19 @@ def test_score_writes_the_same_report_for_every_proxy(method, tiny_llama_dir, to
     assert result.method == method and result.evaluations == 1 and not result.measures_scores
     assert result.diagnostics["calibration"]["texts"] == 6
     assert all(p.score_removed is None and p.parameters for p in result.players.values())
-    assert sum(p.share for p in result.players.values()) == pytest.approx(1.0)
+    if method in ("bi", "angular"):
+        # the importances against the same distances measured apart from the calibration pass
+        texts = calibration_texts(Calibration(samples=6), specs)
+        influence, angular = reference_block_distances(loaded, texts)
+        expected = influence if method == "bi" else [angular[i, i + 1] for i in range(3)]
+        assert [result.players[f"L{i}"].importance for i in range(3)] == pytest.approx(expected, abs=1e-5)
     # the same ranking comes back from the JSON, and the plot is the importance chart
     path, plots = report_module.save(result, tmp_path / "r.json")
     assert ScoreReport.load(path).ranking() == result.ranking() and plots[0].exists()
     plan = make_plan(path, Planner(drop=1, granularity=result.granularity, keep_first=0, keep_last=0,
                                    protect_cornerstones=False))
-    assert plan.removed[0].name == result.ranking()[0]
+    # the plan drops the player the proxy measured as least important (read from the players, not the ranking)
+    assert plan.removed[0].name == min(result.players, key=lambda name: result.players[name].importance)
     assert plan.predicted_score is None and "not in task-score units" in plan.predicted_by
 
 
@@ -276,10 +321,13 @@ def test_angular_spans_are_distances_between_block_inputs(tokenizer, tiny_llama_
     loaded = load_model(str(tiny_llama_dir), device="cpu")
     result = score(loaded, specs, estimator=AngularDistance(calibration=Calibration(samples=4)))
     spans = result.diagnostics["spans"]
-    assert [len(spans[str(n)]) for n in (1, 2, 3)] == [3, 2, 1]
-    assert [spans["1"][i] for i in range(3)] == pytest.approx([result.players[f"L{i}"].importance for i in range(3)])
+    _, angular = reference_block_distances(loaded, calibration_texts(Calibration(samples=4), specs))
+    # d(l, n): the distance from block l's input to block l + n's input, measured apart from the calibration pass
+    for n in (1, 2, 3):
+        assert spans[str(n)] == pytest.approx([angular[start, start + n] for start in range(4 - n)], abs=1e-5), n
     best = result.diagnostics["best_spans"]["2"]
-    assert best["distance"] == pytest.approx(min(spans["2"])) and spans["2"][best["start"]] == best["distance"]
+    assert best["start"] == int(np.argmin([angular[0, 2], angular[1, 3]]))
+    assert best["distance"] == pytest.approx(min(angular[0, 2], angular[1, 3]), abs=1e-5)
 
 
 def test_cli_scores_with_a_proxy_and_plans_from_it(tiny_llama_dir, toy_tasks, tmp_path):
