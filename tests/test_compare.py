@@ -252,3 +252,15 @@ def test_cli_compare_prints_json_saves_both_files_and_maps_errors(tmp_path):
     assert missing.exit_code == 8 and "does not exist" in missing.output
     assert runner.invoke(app, ["compare", str(a)]).exit_code == 8
     assert runner.invoke(app, ["compare", str(a), str(b), "--bottom", "1.5"]).exit_code == 2
+
+
+def test_bottom_sets_say_which_removals_do_not_measurably_hurt():
+    with_errors = report_with(EIGHT)
+    for player in with_errors.players.values():  # 0.011 s.e.: L1, L3, L5 are within 1.96 s.e. of zero or below
+        player.stderr = 0.011
+        player.effect = with_errors.rule.effect(player.importance, player.stderr)
+    comparison = compare_reports([with_errors, report_with(EIGHT, method="bi")], bottom=0.5)
+    measured, proxy = comparison.methods
+    assert measured.bottom_set == ["L3", "L5", "L1", "L4"] and measured.bottom_harmless == ["L3", "L5", "L1"]
+    assert proxy.bottom_harmless is None  # a proxy has no intervals
+    assert "| 3 of 4 |" in comparison.to_markdown() and "| n/a |" in comparison.to_markdown()

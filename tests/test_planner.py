@@ -42,7 +42,7 @@ def test_lowest_drops_the_least_important_and_explains_each():
     assert plan.player_names == ["L1", "L3", "L5"]
     assert [r.rank for r in plan.removed] == [3, 1, 2]
     assert all("rank" in r.reason and "not protected" in r.reason for r in plan.removed)
-    assert plan.parameters.removed == 300 and plan.parameters.remaining == plan.parameters.original - 300
+    assert plan.parameters.original == 1800 and plan.parameters.removed == 300 and plan.parameters.remaining == 1500
     assert plan.blocks == {"original": 8, "remaining": 5}
     assert plan.predicted_score == pytest.approx(0.7 - (0.02 - 0.01 + 0.0)) and not plan.predicted_measured
     assert plan.predicted_by.startswith("additive estimate") and "not measured" in plan.predicted_by
