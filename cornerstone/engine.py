@@ -13,12 +13,29 @@ forward without attention mask, the task's own ``process_results``), with three 
   is a context followed by every choice's continuation as a branch, with position ids restarting
   after the context and a 4D mask letting each branch see the context and itself only (lm-eval
   itself shares a context only between single-token continuations);
-* logits only where they are scored: the backbone's final hidden states are gathered at the
-  continuation positions before the LM head, instead of projecting every position onto the vocabulary.
+* logits only where they are scored: the final hidden states are gathered at the continuation
+  positions on their way into the LM head, instead of projecting every position onto the vocabulary.
 
 Packed rows change only the order of floating-point sums (an explicit mask instead of a causal
 kernel): log-likelihoods agree with lm-eval's to ~1e-6 in float32, so a document's result differs
 only where two choices tie to that precision.
+
+A request longer than the model's context is cut from the left as HFLM cuts it, to
+``(context + continuation)[-(max_length + 1):][:-1]``; a request HFLM asserts on (a continuation
+longer than ``max_length``, an empty context or continuation) is refused with an
+:class:`~cornerstone.errors.EvaluationError` before anything runs.
+
+The bfloat16 (and float16) contract: the numbers are lm-eval's only to the dtype's precision, for
+two reasons. A half-precision forward rounds differently when the batch is shaped differently
+(packed rows, an explicit mask, other batch sizes: lm-eval's own loglikelihoods move by up to 0.25
+nats between its batch sizes 1 and 8 on SmolLM2-135M in bf16), and lm-eval takes its log-softmax in
+the model's dtype where the engine takes it in float32 (that alone moves them by up to 0.075 nats
+there). Measured on CPU in bf16, per request: |engine - lm-eval| <= 0.6% of the loglikelihood on the
+tiny 3-block test models, and up to 0.58 nats (within 5% + 0.1) on SmolLM2-135M over 75 bundled-task
+documents and 2 masks, where 1 of the 150 document results differed. A document's result can differ
+only where lm-eval's two best choices (after the metric's length normalisation) are that close;
+tests/test_engine.py checks 1% + 0.01 per request on a tiny bf16 Llama, and that every differing
+document lies within it. The store never mixes the two loops' values (:func:`cornerstone.store.game_key`).
 """
 
 from __future__ import annotations
@@ -31,11 +48,16 @@ from typing import Any
 import torch
 
 from . import harness
+from .errors import EvaluationError
 from .masking import removed as removed_players
-from .players import Player, decoder_layers
+from .players import Player, decoder_layers, text_config
 
 
 _MIN_FILL = 0.85
+
+# The dtype of the log-softmax over the vocabulary, whatever the model's: bf16 keeps ~3 significant
+# digits, and the metric compares log-probabilities of competing choices.
+LOGSOFTMAX_DTYPE = torch.float32
 
 
 def _forward_order(player: Player) -> tuple[int, int, str]:
@@ -95,17 +117,19 @@ class Engine:
         self.tasks = list(tasks)
         self.batch_size = batch_size
         self.cache_bytes = cache_bytes
-        self._backbone = model.base_model
         self._head = model.get_output_embeddings()
-        self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        # the decoder's own config: a multimodal wrapper (Gemma 3) keeps its attention settings, sliding
+        # window and sizes in its text part
+        self._config = text_config(model.config)
         self._layers_path, self._layers = decoder_layers(model)
         self._max_length = lm.max_length
         self._output_tail: tuple | None = None  # what a block returns besides hidden states, if a tuple
         self.docs = {spec.name: harness.encode_requests(lm, spec) for spec in self.tasks}
         index: dict[_Request, int] = {}
-        for docs in self.docs.values():
-            for doc in docs:
-                for context, continuation in doc.requests:
+        for spec in self.tasks:
+            for doc in self.docs[spec.name]:
+                for choice, (context, continuation) in enumerate(doc.requests):
+                    self._check_scorable(spec, doc.doc_id, choice, context, continuation)
                     index.setdefault(self._request(context, continuation), len(index))
         self.requests = list(index)
         self._index = index
@@ -118,14 +142,39 @@ class Engine:
         self._cached_blocks = self._plan_cache() if cache_bytes > 0 else []
         self.tokens = sum(b.inputs.shape[0] * b.inputs.shape[1] for b in self._batches)
 
+    @property
+    def numerics(self) -> dict[str, str]:
+        """What sets this engine's numbers apart from another loop's on the same model: the dtype of its
+        log-softmax (part of a value's key in the store, :func:`cornerstone.store.game_key`)."""
+        return {"engine": "fast", "logsoftmax": str(LOGSOFTMAX_DTYPE).removeprefix("torch.")}
+
     def _request(self, context: list[int], continuation: list[int]) -> _Request:
+        """lm-eval's model input for the pair: context + continuation cut from the left to the model's
+        ``max_length`` + 1 tokens, without its last token (HFLM ``_loglikelihood_tokens``)."""
         whole = (context + continuation)[-(self._max_length + 1):]
         return _Request(tuple(whole[:-1]), tuple(continuation))
+
+    def _check_scorable(self, spec: harness.TaskSpec, doc_id: int, choice: int, context: list[int],
+                        continuation: list[int]) -> None:
+        """Refuse a request lm-eval asserts on (empty context or continuation, a continuation longer than
+        ``max_length``). Left-truncation keeps every other request's continuation whole inside the input;
+        these would put a scored position before the row's start and read another row's state."""
+        if not context:
+            what = "an empty context"
+        elif not continuation:
+            what = "an empty continuation"
+        elif len(continuation) > self._max_length:
+            what = f"a continuation of {len(continuation)} tokens, longer than the model's context of {self._max_length},"
+        else:
+            return
+        raise EvaluationError(f"task '{spec.name}' doc {doc_id} choice {choice}: {what} cannot be scored",
+                              hint="lm-eval refuses it too (it asserts); leave the document out (another --limit or "
+                                   "--seed) or use a model with a longer context.")
 
     def _can_pack(self) -> bool:
         """Packing needs a custom 4D mask (sdpa or eager attention; flash attention takes none), and
         a sliding window no request outgrows, since one mask serves full and sliding layers alike."""
-        config = self.model.config
+        config = self._config
         if getattr(config, "_attn_implementation", "eager") not in ("sdpa", "eager"):
             return False
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
@@ -180,6 +229,8 @@ class Engine:
         for chunk in chunks:
             length = len(chunk[0].tokens)
             inputs = torch.zeros(len(chunk), length, dtype=torch.long)
+            # padding stays at position 0: a packed row is longer than any one request, and a position past
+            # the model's context would index outside learned position embeddings (GPT-2)
             position_ids = torch.zeros(len(chunk), length, dtype=torch.long)
             segments = torch.full((len(chunk), length), -1, dtype=torch.long)  # -1: padding
             position_index: dict[int, int] = {}
@@ -188,7 +239,6 @@ class Engine:
                 n = len(row.tokens)
                 inputs[r, :n] = torch.tensor(row.tokens)
                 position_ids[r, :n] = torch.tensor(row.positions)
-                position_ids[r, n:] = torch.arange(n, length)
                 segments[r, :n] = torch.tensor(row.segments)
                 for request_id, predicting, continuation in row.scored:
                     owners.append((request_id, len(targets), len(targets) + len(continuation)))
@@ -213,7 +263,7 @@ class Engine:
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         query, key = segments[:, :, None], segments[:, None, :]
         allowed = causal & ((key == 0) | (key == query))
-        if self.model.config._attn_implementation == "eager":
+        if self._config._attn_implementation == "eager":
             blocked = torch.finfo(self.model.dtype).min
             return torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill(~allowed, blocked)[:, None]
         return allowed[:, None]
@@ -234,7 +284,7 @@ class Engine:
     def _state_bytes(self) -> int:
         """Bytes of one hidden state over every batch."""
         element = torch.finfo(self.model.dtype).bits // 8
-        return sum(b.inputs.numel() for b in self._batches) * self.model.config.hidden_size * element
+        return sum(b.inputs.numel() for b in self._batches) * self._config.hidden_size * element
 
     @property
     def longest_sequence(self) -> int:
@@ -316,19 +366,24 @@ class Engine:
         return results, captured
 
     def _forward(self, batch: _Batch) -> list[tuple[int, float, bool]]:
-        with torch.inference_mode():
-            hidden = self._backbone(input_ids=batch.inputs, attention_mask=batch.attention_mask,
-                                    position_ids=batch.position_ids, use_cache=False).last_hidden_state
-            scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
-            logits = self._head(scored)
-            if self._softcap:
-                logits = torch.tanh(logits / self._softcap) * self._softcap
-            # float32 softmax whatever the model dtype: bf16 keeps ~3 significant digits, and the metric
-            # compares log-probabilities of competing choices
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            argmax = logprobs.argmax(dim=-1)
-            token_ll = logprobs[batch.gather_rows, batch.targets]
-            greedy = argmax[batch.gather_rows] == batch.targets
+        def scored_only(_head: Any, args: tuple) -> tuple:
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)[None],) + args[1:]
+
+        # The model's own forward, with its head fed the scored positions only: whatever the model class
+        # does after the head (Gemma 2's logit softcapping; Gemma 3's multimodal wrapper skips its text
+        # config's) is what lm-eval's logits get too.
+        handle = self._head.register_forward_pre_hook(scored_only)
+        try:
+            with torch.inference_mode():
+                logits = self.model(input_ids=batch.inputs, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids, use_cache=False).logits[0]
+                logprobs = torch.log_softmax(logits.to(LOGSOFTMAX_DTYPE), dim=-1)
+                argmax = logprobs.argmax(dim=-1)
+                token_ll = logprobs[batch.gather_rows, batch.targets]
+                greedy = argmax[batch.gather_rows] == batch.targets
+        finally:
+            handle.remove()
         return [
             (request_id, float(token_ll[start:end].sum()), bool(greedy[start:end].all()))
             for request_id, start, end in batch.owners

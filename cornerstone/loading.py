@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, ModelLoadError, ModelNotFoundError, TrustError
-from .files import staged_directory
+from .errors import ConfigError, ModelLoadError, ModelNotFoundError, OutputError, TrustError
+from .files import atomic_write, staged_directory
+from .players import text_config
 from .quiet import no_progress_bars
 
 
@@ -97,19 +98,21 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         """The metadata block written into every report."""
-        config = self.model.config
+        config = text_config(self.model.config)
         return {
             "spec": self.spec,
             "source": self.source,
             "location": self.location,
             "fingerprint": self.fingerprint,
             "revision": self.revision,
-            "model_type": getattr(config, "model_type", None),
+            "model_type": getattr(self.model.config, "model_type", None),
             "architecture": type(self.model).__name__,
             "num_hidden_layers": getattr(config, "num_hidden_layers", None),
             "parameters": self.num_parameters,
             "dtype": self.dtype,
             "device": self.device,
+            # sdpa, eager or flash kernels sum in different orders: part of what a value depends on
+            "attn_implementation": getattr(config, "_attn_implementation", None),
         }
 
 
@@ -126,24 +129,64 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def fingerprint_folder(folder: Path) -> str:
-    """A cheap content fingerprint of a transformers folder.
+def content_sha256(path: Path) -> str:
+    """sha256 of ``path``'s full content, remembered across runs in ``cache_root()/sha256.json``.
 
-    Hashing every byte of a 140 GB checkpoint would take minutes, so this hashes ``config.json`` in
-    full and, for each weight file, its size plus its first and last MiB (the safetensors header,
-    which lists every tensor's name, dtype, shape and offsets, is in the first).
+    Hashing a 16 GB checkpoint takes about a minute, so a file's digest is kept under its resolved
+    path with the stat fields any rewrite changes: size, ``mtime_ns``, and ``ctime_ns`` and inode,
+    which a tool that restores the modification time (``cp -p``, ``touch -r``) cannot set back. A
+    second load of an unchanged file costs one ``stat``. A cache that cannot be read or written is
+    ignored: the digest is then computed every time, never guessed.
+    """
+    resolved = path.resolve()
+    stat = resolved.stat()
+    key = str(resolved)
+    signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    cache = cache_root() / "sha256.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("stat") == signature:
+        return str(entry["sha256"])
+    digest = sha256_file(resolved)
+    try:  # re-read: another process may have added its files meanwhile; losing a race costs one re-hash
+        known = json.loads(cache.read_text()) if cache.exists() else {}
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    known = {path: entry for path, entry in known.items() if os.path.exists(path)}  # deleted files: forget them
+    known[key] = {"stat": signature, "sha256": digest}
+    try:
+        atomic_write(cache, json.dumps(known, indent=1, sort_keys=True).encode())
+    except OutputError:
+        pass  # a read-only cache folder: correct, only slower next time
+    return digest
+
+
+# What a local folder's values depend on besides its weights: the architecture and its settings, the
+# tokenizer that turns every prompt into tokens, and the folder's own modeling code (auto_map).
+FOLDER_TEXT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "*.py")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def fingerprint_folder(folder: Path) -> str:
+    """The content fingerprint of a transformers folder: sha256 over every weight file's full content
+    (each file's digest from :func:`content_sha256`, so only the first load of a folder reads its
+    weights) and over its config, tokenizer and modeling-code files.
+
+    Two folders have the same fingerprint exactly when they hold the same files with the same
+    content, wherever they are and whatever the files' dates.
     """
     digest = hashlib.sha256()
-    config = folder / "config.json"
-    if config.exists():
-        digest.update(config.read_bytes())
-    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        size = weights.stat().st_size
-        digest.update(f"{weights.name}:{size}".encode())
-        with open(weights, "rb") as handle:
-            digest.update(handle.read(1 << 20))
-            handle.seek(max(0, size - (1 << 20)))
-            digest.update(handle.read(1 << 20))
+    texts = sorted({p for pattern in FOLDER_TEXT_FILES for p in folder.glob(pattern) if p.is_file()})
+    for path in texts:
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    weights = sorted(p for suffix in WEIGHT_SUFFIXES for p in folder.glob(f"*{suffix}") if p.is_file())
+    for path in weights:
+        digest.update(f"{path.name}:{content_sha256(path)}\n".encode())
     return "folder-sha256:" + digest.hexdigest()
 
 
@@ -228,7 +271,7 @@ def dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
     """The cached safetensors folder for ``gguf`` (created on first use), its fingerprint, and whether it was cached."""
     if not gguf.is_file():
         raise ModelNotFoundError(f"GGUF file '{gguf}' does not exist")
-    sha = sha256_file(gguf)
+    sha = content_sha256(gguf)
     target = cache_root() / "gguf" / f"{gguf.stem}-{sha[:16]}"
     if (target / "cornerstone-cache.json").exists():
         return target, f"gguf-sha256:{sha}", True

@@ -16,12 +16,11 @@ A run whose memory exceeds what the device has free is refused unless forced.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from pydantic import BaseModel
 
 from .errors import ConfigError
+from .players import text_config
 
 
 class RunEstimate(BaseModel):
@@ -69,7 +68,7 @@ def estimate_run(model: torch.nn.Module, *, evaluations: int, seconds_per_evalua
                  longest_request: int, cache_bytes: int, processes: int = 1) -> RunEstimate:
     """The memory and time of a run on ``model`` (already loaded, so its weights are counted but not
     asked of the free memory again)."""
-    config: Any = getattr(model.config, "get_text_config", lambda: model.config)()
+    config = text_config(model.config)
     parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     first = next(model.parameters())
     weight_bytes = parameters * first.element_size()

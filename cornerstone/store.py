@@ -1,11 +1,11 @@
 """An on-disk record of every v(S) computed, so a killed run resumes and runs share their work.
 
-One append-only JSON-lines file per *game*: the model (its fingerprint and dtype) and the exact
-documents and metric of every task. Two runs on the same game, in one process, in parallel processes
-or on different days, read and extend the same file, and a coalition computed by one is never
-computed again by another. Each evaluation is one line written with a single ``write`` on an
-``O_APPEND`` descriptor and flushed to disk before the caller goes on, so a kill loses at most the
-evaluation in flight; a torn last line (a kill mid-write) is ignored on reading.
+One append-only JSON-lines file per *game*: everything a value depends on (see :func:`game_key`).
+Two runs on the same game, in one process, in parallel processes or on different days, read and
+extend the same file, and a coalition computed by one is never computed again by another. Each
+evaluation is one line written with a single ``write`` on an ``O_APPEND`` descriptor and flushed to
+disk before the caller goes on, so a kill loses at most the evaluation in flight; a torn last line
+(a kill mid-write) is ignored on reading.
 """
 
 from __future__ import annotations
@@ -28,13 +28,33 @@ def default_store_root() -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "cornerstone") / "values"
 
 
-def game_key(model: dict[str, Any], tasks: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """What makes two values comparable: same weights, dtype, documents and metrics.
+# Libraries whose releases change numbers: kernels and their summation order (torch), model code
+# (transformers), request building, tokenisation rules and metrics (lm_eval).
+KEYED_LIBRARIES = ("torch", "transformers", "lm_eval")
 
-    The engine and lm-eval's loop give equal per-document results in float32, so the engine is not
-    part of the key.
+
+def game_key(model: dict[str, Any], tasks: Sequence[dict[str, Any]], *, engine: dict[str, str],
+             versions: dict[str, str]) -> dict[str, Any]:
+    """Everything a stored value depends on; two value functions share values only when all of it is equal.
+
+    - ``model`` (:meth:`~cornerstone.loading.LoadedModel.describe`): the content fingerprint (every
+      weight byte, config and tokenizer of a folder or GGUF file; the commit of a hub model), the
+      dtype, the attention implementation (sdpa, eager and flash kernels sum in different orders) and
+      the device type (CPU and GPU kernels round differently; ``cuda:0`` and ``cuda:1`` do not);
+    - ``engine``: the evaluation loop and its numerics, e.g. ``{"engine": "fast", "logsoftmax": "float32"}``
+      against lm-eval's loop, which takes its log-softmax in the model's dtype. They agree to ~1e-6 in
+      float32 but not in bfloat16 (see :mod:`cornerstone.engine`);
+    - ``versions`` of :data:`KEYED_LIBRARIES`;
+    - ``tasks``: each task's name, version, metric, documents and the content of its prompts.
     """
-    return {"model": {"fingerprint": model["fingerprint"], "dtype": model["dtype"]}, "tasks": list(tasks)}
+    return {
+        "model": {"fingerprint": model["fingerprint"], "dtype": model["dtype"],
+                  "attn_implementation": model.get("attn_implementation"),
+                  "device_type": str(model["device"]).split(":")[0]},
+        "engine": dict(engine),
+        "versions": {library: versions.get(library) for library in KEYED_LIBRARIES},
+        "tasks": list(tasks),
+    }
 
 
 class ValueStore:

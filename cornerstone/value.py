@@ -75,8 +75,12 @@ class ValueFunction:
 
             self._engine: Engine | None = Engine(loaded.model, self._lm, self.tasks, batch_size=batch_size,
                                                  cache_bytes=cache_bytes)
+            self.numerics = self._engine.numerics
         elif engine == "lm-eval":
             self._engine = None
+            # HFLM takes its log-softmax in ``softmax_dtype`` when set, else in the logits' (the model's) dtype
+            softmax = getattr(self._lm, "softmax_dtype", None) or loaded.model.dtype
+            self.numerics = {"engine": "lm-eval", "logsoftmax": str(softmax).removeprefix("torch.")}
         else:
             raise ConfigError(f"unknown engine '{engine}'", hint="Use 'fast' or 'lm-eval'.")
         self.store = ValueStore(store, self.game()) if store is not None else None
@@ -86,10 +90,13 @@ class ValueFunction:
         self.seconds = 0.0
 
     def game(self) -> dict:
-        """The key of this value function's values in a :class:`~cornerstone.store.ValueStore`."""
+        """The key of this value function's values in a :class:`~cornerstone.store.ValueStore`
+        (what it covers: :func:`~cornerstone.store.game_key`)."""
+        from .scores import package_versions  # scores imports this module
+
         tasks = [{"name": s.name, "metric": s.metric, "doc_indices": s.doc_indices,
                   "version": s.describe()["version"], "content": s.content_hash} for s in self.tasks]
-        return game_key(self.loaded.describe(), tasks)
+        return game_key(self.loaded.describe(), tasks, engine=self.numerics, versions=package_versions())
 
     def footprint(self) -> tuple[int, int]:
         """(longest sequence in tokens, prefix-cache bytes) of this value function's evaluations."""

@@ -3,15 +3,17 @@
 import random
 
 import pytest
+import torch
 
 from cornerstone import harness
 from cornerstone.engine import Engine
+from cornerstone.errors import EvaluationError
 from cornerstone.masking import removed
 from cornerstone.players import enumerate_players
 
-from .conftest import ARCHITECTURE_NAMES, tiny_model
+from .architectures import TABLE_NAMES, random_model, table_model
+from .conftest import TINY_CONFIGS, VOCAB, tiny_model
 from .tasks import toy_docs, write_task
-
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +45,16 @@ def assert_engine_matches_lm_eval(model, lm, specs, masks, cache_bytes=2 << 30, 
     return engine
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURE_NAMES)
+@pytest.mark.parametrize("model_type", TABLE_NAMES)
 def test_engine_equals_lm_eval_per_document(model_type, toy_folder, tokenizer):
-    model = tiny_model(model_type)
+    model = table_model(model_type)
     lm = harness.make_lm(model, tokenizer, batch_size=4)
     specs = harness.load_tasks(["toy_engine", "toy_engine_acc"], include_paths=[toy_folder])
     engine = assert_engine_matches_lm_eval(model, lm, specs, masks_for(model))
     assert engine.cache_size_bytes > 0
-    # the tiny Gemma 3 has a 4-token sliding window, shorter than the requests: one mask cannot serve
-    # its full and sliding layers, so it runs unpacked
-    assert engine.packed == (model_type != "gemma3_text")
+    # the tiny Gemma 3s have a 4-token sliding window, shorter than the requests: one mask cannot serve
+    # their full and sliding layers, so they run unpacked (the multimodal one keeps it in its text config)
+    assert engine.packed == (model_type not in ("gemma3_text", "gemma3"))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])  # sdpa and eager attention
@@ -71,20 +73,110 @@ def test_packing_shares_contexts_and_unpacked_rows_agree(model_type, toy_folder,
         assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-5)
 
 
-def test_engine_loglikelihoods_equal_lm_eval_requests(toy_folder, tokenizer):
-    model = tiny_model("llama")
+def paired_loglikelihoods(engine, lm, spec, mask):
+    """(instance, the engine's (loglikelihood, is_greedy), lm-eval's) for every request of ``spec`` under ``mask``."""
+    ours = engine.loglikelihoods(mask)
+    spec.task.build_all_requests(samples=spec.doc_indices, rank=0, world_size=1)
+    with removed(engine.model, mask):
+        theirs = lm.loglikelihood(spec.task.instances, disable_tqdm=True)
+    return [(instance, ours[engine._lookup(*lm._encode_pair(*instance.args))], answer)
+            for instance, answer in zip(spec.task.instances, theirs)]
+
+
+def assert_requests_match(engine, lm, spec, masks):
+    for mask in masks:
+        for _, mine, theirs in paired_loglikelihoods(engine, lm, spec, mask):
+            assert mine[0] == pytest.approx(theirs[0], abs=1e-4) and mine[1] == theirs[1]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "gemma3"])
+def test_engine_loglikelihoods_equal_lm_eval_requests(model_type, toy_folder, tokenizer):
+    """Request by request, not only per document: the multimodal Gemma 3's text config holds a sliding
+    window (packing would ignore it) and a logit softcap its wrapper does not apply (the engine's head
+    runs the model's own code), and either mistake would change these numbers."""
+    model = table_model(model_type)
     lm = harness.make_lm(model, tokenizer, batch_size=4)
     [spec] = harness.load_tasks(["toy_engine"], include_paths=[toy_folder])
     engine = Engine(model, lm, [spec], batch_size=3)
     players = enumerate_players(model)
-    for mask in ([], [players[2]]):
-        ours = engine.loglikelihoods(mask)
-        spec.task.build_all_requests(samples=spec.doc_indices, rank=0, world_size=1)
-        with removed(model, mask):
-            theirs = lm.loglikelihood(spec.task.instances, disable_tqdm=True)
-        for instance, (ll, greedy) in zip(spec.task.instances, theirs):
-            mine = ours[engine._lookup(*lm._encode_pair(*instance.args))]
-            assert mine[0] == pytest.approx(ll, abs=1e-4) and mine[1] == greedy
+    assert_requests_match(engine, lm, spec, ([], [players[2]]))
+
+
+SHORT_CONTEXT = 8  # tokens: shorter than every toy prompt (~15 tokens), longer than every toy answer (2-3)
+
+
+@pytest.fixture(scope="module")
+def long_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("long-tasks")
+    write_task(folder, "toy_long", toy_docs(8))
+    docs = toy_docs(4)
+    docs[2]["choices"][1] = "The capital of France is Paris and 2 + 3 is 5"  # 19 tokens: more than the context
+    write_task(folder, "toy_too_long", docs)
+    return folder
+
+
+def short_context_model(model_type):
+    """A tiny model of ``model_type`` whose context (what lm-eval's ``max_length`` reads) is ``SHORT_CONTEXT``."""
+    config = dict(TINY_CONFIGS[model_type])
+    config["n_positions" if "n_positions" in config else "max_position_embeddings"] = SHORT_CONTEXT
+    return random_model(model_type, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **config)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # rotary and learned absolute positions
+def test_requests_longer_than_the_context_are_cut_from_the_left_as_lm_eval_cuts_them(model_type, long_folder, tokenizer):
+    model = short_context_model(model_type)
+    lm = harness.make_lm(model, tokenizer, batch_size=4)
+    assert lm.max_length == SHORT_CONTEXT
+    [spec] = harness.load_tasks(["toy_long"], include_paths=[long_folder])
+    for pack in (True, False):
+        engine = assert_engine_matches_lm_eval(model, lm, [spec], masks_for(model, 1)[:3], pack=pack)
+        assert all(len(ctx) + len(cont) > SHORT_CONTEXT + 1 for doc in engine.docs[spec.name] for ctx, cont in doc.requests)
+        assert all(len(request.tokens) == SHORT_CONTEXT for request in engine.requests)
+        assert_requests_match(engine, lm, spec, masks_for(model, 1)[:3])
+
+
+def test_a_continuation_longer_than_the_context_is_refused_as_lm_eval_refuses_it(long_folder, tokenizer):
+    model = short_context_model("llama")
+    lm = harness.make_lm(model, tokenizer, batch_size=4)
+    specs = harness.load_tasks(["toy_too_long"], include_paths=[long_folder])
+    with pytest.raises(AssertionError):
+        harness.evaluate(lm, specs)  # lm-eval's loop: ``assert len(continuation_enc) <= self.max_length``
+    with pytest.raises(EvaluationError) as info:
+        Engine(model, lm, specs, batch_size=4)
+    message = info.value.message
+    assert message.startswith("task 'toy_too_long' doc 2 choice 1: a continuation of ") and "context of 8" in message
+    assert "\n" not in message and "lm-eval" in info.value.hint
+
+
+def test_bfloat16_engine_keeps_its_contract_with_lm_eval(toy_folder, tokenizer):
+    """The bf16 contract (cornerstone/engine.py's docstring): a bf16 forward rounds differently in
+    another batch shape, and lm-eval takes its log-softmax in bf16 where the engine takes it in float32,
+    so each request's loglikelihood may differ from lm-eval's by up to ``bf16_tolerance``, and a
+    document's result may differ only where lm-eval's two best choices are within their tolerances."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    lm = harness.make_lm(model, tokenizer, batch_size=4)
+    [spec] = harness.load_tasks(["toy_engine_acc"], include_paths=[toy_folder])  # acc: the best raw loglikelihood wins
+    engine = Engine(model, lm, [spec], batch_size=4)
+    differs = 0
+    for mask in masks_for(model, 1)[:3]:
+        by_doc: dict[int, list] = {}
+        for instance, mine, theirs in paired_loglikelihoods(engine, lm, spec, mask):
+            assert abs(mine[0] - theirs[0]) <= bf16_tolerance(theirs[0]), (instance.doc_id, mine, theirs)
+            differs += mine[0] != theirs[0]
+            by_doc.setdefault(instance.doc_id, []).append((instance, mine, theirs))
+        for doc_id, requests in by_doc.items():
+            doc = requests[0][0].doc
+            ours = harness.score_doc(spec, doc, [mine for _, mine, _ in requests])
+            reference = harness.score_doc(spec, doc, [theirs for _, _, theirs in requests])
+            if ours != reference:
+                best, second = sorted((theirs[0] for _, _, theirs in requests), reverse=True)[:2]
+                assert best - second <= bf16_tolerance(best) + bf16_tolerance(second), doc_id
+    assert differs  # the two loops do round differently in bf16: the contract is not vacuous
+
+
+def bf16_tolerance(loglikelihood):
+    """How far a bf16 loglikelihood may be from lm-eval's: 1% of it plus 0.01 (measured: <= 0.6%)."""
+    return 0.01 * abs(loglikelihood) + 0.01
 
 
 def test_prefix_cache_honours_its_budget(toy_folder, tokenizer):

@@ -2,15 +2,18 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from cornerstone import loading
 from cornerstone.errors import ConfigError, ModelNotFoundError
-from cornerstone.loading import load_model, resolve
+from cornerstone.loading import content_sha256, fingerprint_folder, load_model, resolve, sha256_file
 
 from .conftest import smollm2_gguf, tiny_model
 
@@ -30,6 +33,43 @@ def test_fingerprint_changes_when_weights_change(tiny_llama_dir, tmp_path, token
     tiny_model("llama", seed=1).save_pretrained(other)
     tokenizer.save_pretrained(other)
     assert load_model(str(other)).fingerprint != load_model(str(tiny_llama_dir)).fingerprint
+
+
+def test_weights_are_hashed_in_full_once_and_again_only_when_they_change(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CORNERSTONE_CACHE", str(tmp_path / "cache"))
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    weights = folder / "model.safetensors"
+    hashed = []
+
+    def counting(path, *args):
+        hashed.append(Path(path).name)
+        return sha256_file(path, *args)
+
+    monkeypatch.setattr(loading, "sha256_file", counting)
+    first = fingerprint_folder(folder)
+    assert hashed.count(weights.name) == 1 and content_sha256(weights) == sha256_file(weights)
+    assert fingerprint_folder(folder) == first and hashed.count(weights.name) == 1  # the second costs a stat
+    assert json.loads((tmp_path / "cache" / "sha256.json").read_text())[str(weights.resolve())]["sha256"] == sha256_file(weights)
+    # one weight byte flipped in the middle of the file, with the size and modification time put back
+    before = weights.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick, as any real edit is
+    with open(weights, "r+b") as handle:
+        handle.seek(before.st_size // 2)
+        byte = handle.read(1)
+        handle.seek(before.st_size // 2)
+        handle.write(bytes([byte[0] ^ 1]))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert fingerprint_folder(folder) != first and hashed.count(weights.name) == 2
+    # the tokenizer decides the tokens every value is computed on
+    (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text().replace("Paris", "Pariz"))
+    assert len({first, fingerprint_folder(folder)}) == 2
+
+
+def test_an_unwritable_hash_cache_is_only_slower(tiny_llama_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("CORNERSTONE_CACHE", str(blocker))
+    assert fingerprint_folder(tiny_llama_dir) == fingerprint_folder(tiny_llama_dir)
 
 
 def test_bad_model_arguments_are_clear_errors(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from cornerstone.masking import removed
 from cornerstone.players import enumerate_players, parse_players
 
-from .conftest import ARCHITECTURE_NAMES, tiny_model
+from .architectures import TABLE_NAMES, table_model
 
 INPUT = torch.tensor([[5, 17, 42, 99, 3, 7, 250, 11, 64, 8]])
 
@@ -34,18 +34,18 @@ def capture_block(model, player_block):
     return seen, module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURE_NAMES)
+@pytest.mark.parametrize("model_type", TABLE_NAMES)
 def test_masking_nothing_gives_identical_logits(model_type):
-    model = tiny_model(model_type)
+    model = table_model(model_type)
     before = logits(model)
     with removed(model, []):
         during = logits(model)
     assert torch.equal(before, during)
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURE_NAMES)
+@pytest.mark.parametrize("model_type", TABLE_NAMES)
 def test_masking_restores_the_model_on_exit_even_after_an_error(model_type):
-    model = tiny_model(model_type)
+    model = table_model(model_type)
     before, hooks = logits(model), hook_count(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     players = enumerate_players(model) + enumerate_players(model, "block")[1:2]
@@ -59,9 +59,9 @@ def test_masking_restores_the_model_on_exit_even_after_an_error(model_type):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURE_NAMES)
+@pytest.mark.parametrize("model_type", TABLE_NAMES)
 def test_a_block_with_both_sublayers_removed_is_exactly_the_identity(model_type):
-    model = tiny_model(model_type)
+    model = table_model(model_type)
     block = enumerate_players(model, "block")[1]
     seen, *handles = capture_block(model, block)
     with removed(model, parse_players(model, ["L1.attn", "L1.mlp"])):
@@ -71,9 +71,9 @@ def test_a_block_with_both_sublayers_removed_is_exactly_the_identity(model_type)
     assert torch.equal(seen["in"], seen["out"])
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURE_NAMES)
+@pytest.mark.parametrize("model_type", TABLE_NAMES)
 def test_a_removed_block_is_the_identity(model_type):
-    model = tiny_model(model_type)
+    model = table_model(model_type)
     block = enumerate_players(model, "block")[0]
     with removed(model, [block]):
         # registered after the mask's hook, so it sees what the rest of the model sees
@@ -84,11 +84,11 @@ def test_a_removed_block_is_the_identity(model_type):
     assert torch.equal(seen["in"], seen["out"])
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURE_NAMES)
+@pytest.mark.parametrize("model_type", TABLE_NAMES)
 @pytest.mark.parametrize("player_id", ["L1.attn", "L1.mlp", "L2"])
 def test_a_removed_player_contributes_zero(model_type, player_id):
     """Scrambling a removed player's weights cannot change the output; unmasked, it does."""
-    model = tiny_model(model_type)
+    model = table_model(model_type)
     [player] = parse_players(model, [player_id])
     with removed(model, [player]):
         masked = logits(model)

@@ -2,6 +2,8 @@
 and Shapley scoring of a real (tiny) model resumes from it."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,12 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from cornerstone import harness
+from cornerstone import harness, scores
 from cornerstone.estimators import ExactShapley, PermutationShapley
 from cornerstone.loading import load_model
 from cornerstone.players import enumerate_players
 from cornerstone.scores import score
-from cornerstone.store import ValueStore
+from cornerstone.store import KEYED_LIBRARIES, ValueStore
 from cornerstone.value import ValueFunction
 
 from .tasks import toy_docs, write_task
@@ -84,6 +86,58 @@ def test_values_of_edited_task_data_are_not_reused(tiny_llama_dir, tmp_path):
     new = after.evaluate().per_doc["toy_edited"]
     assert (after.evaluations, after.reused) == (1, 0)
     assert after.game() != before.game() and new != old
+
+
+def rewrite_weights_keeping_size_and_mtime(folder):
+    """Change one weight of ``folder``'s safetensors file in place; its size and modification time stay
+    what they were (as a tool that restores dates would leave them)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    before = path.stat()
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1.0
+    time.sleep(0.05)  # past the file system's timestamp tick, as any real edit is
+    save_file(tensors, path, metadata={"format": "pt"})
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_a_value_is_reused_only_when_every_field_of_its_key_is_unchanged(tiny_llama_dir, tmp_path, monkeypatch):
+    """Change the weights, the dtype, the engine, the attention implementation and each keyed library's
+    version in turn: each computes the value again; the unchanged setup reads it back."""
+    monkeypatch.setenv("CORNERSTONE_CACHE", str(tmp_path / "cache"))
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    specs = harness.load_tasks(["toy_key"], include_paths=[write_task(tmp_path / "tasks", "toy_key", toy_docs(4))])
+
+    def run(loaded, **options):
+        """(computed, reused) for v(N) of ``loaded`` with the shared store."""
+        value = ValueFunction(loaded, specs, store=tmp_path / "values", **options)
+        value.evaluate([])
+        return value.evaluations, value.reused
+
+    loaded = load_model(str(model_dir))
+    assert run(loaded) == (1, 0)
+    assert run(loaded) == (0, 1)
+    assert run(load_model(str(model_dir))) == (0, 1)  # another load of the same files: the same key
+    assert run(load_model(str(model_dir), dtype="bfloat16")) == (1, 0)
+    assert run(loaded, engine="lm-eval") == (1, 0)  # log-softmax in the model's dtype, not float32
+    assert loaded.model.config._attn_implementation == "sdpa"
+    loaded.model.set_attn_implementation("eager")
+    assert run(loaded) == (1, 0)
+    loaded.model.set_attn_implementation("sdpa")
+    versions = scores.package_versions()
+    for library in KEYED_LIBRARIES:
+        with monkeypatch.context() as patch:
+            patch.setattr(scores, "package_versions", lambda library=library: {**versions, library: "0.0.0"})
+            assert run(loaded) == (1, 0), library
+    rewrite_weights_keeping_size_and_mtime(model_dir)
+    edited = load_model(str(model_dir))
+    assert edited.fingerprint != loaded.fingerprint
+    assert run(edited) == (1, 0)
+    assert run(loaded) == (0, 1)  # nothing of the first setup's key has changed
 
 
 def test_exact_shapley_of_a_model_sums_to_the_full_minus_empty_and_matches_enumeration(tiny_llama_dir, toy_folder):
