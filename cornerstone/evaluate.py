@@ -162,7 +162,7 @@ def _check_hub_model(repo_id: str) -> None:
         cached_file(repo_id, "config.json")
     except (OSError, ValueError) as exc:
         offline = " (offline)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise ModelNotFoundError(f"cannot find '{repo_id}' on the hub{offline}: {str(exc).splitlines()[0]}",
+        raise ModelNotFoundError(f"cannot load '{repo_id}' from the hub{offline}: {str(exc).splitlines()[0]}",
                                  hint="Give an alias (`cornerstone models`), a folder, a .gguf file or a hub id.") from None
 
 

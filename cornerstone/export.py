@@ -235,7 +235,8 @@ def export(
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     if plan.model.get("fingerprint") not in (None, loaded.fingerprint) and not allow_other_model:
         raise PlanError(f"the plan was made for {plan.model.get('spec')}, not for {loaded.spec}",
-                        hint="Export the model the plan was made for (or pass --allow-other-model).")
+                        hint="Export the model the plan was made for (or pass --allow-other-model; a folder's plan made "
+                             "before fingerprints covered the whole weights no longer matches it).")
     players = parse_players(loaded.model, plan.player_names)
     blocks = _whole_blocks(players)
     if blocks is not None:

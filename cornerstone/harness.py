@@ -341,15 +341,20 @@ def evaluate(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
     """
     from lm_eval import evaluator
 
-    with _quiet(), no_tqdm():
-        output = evaluator.evaluate(
-            lm=lm,
-            task_dict={spec.name: spec.task for spec in tasks},
-            samples={spec.name: spec.doc_indices for spec in tasks},
-            log_samples=True,
-            bootstrap_iters=0,
-            verbosity="ERROR",
-        )
+    try:
+        with _quiet(), no_tqdm():
+            output = evaluator.evaluate(
+                lm=lm,
+                task_dict={spec.name: spec.task for spec in tasks},
+                samples={spec.name: spec.doc_indices for spec in tasks},
+                log_samples=True,
+                bootstrap_iters=0,
+                verbosity="ERROR",
+            )
+    except AssertionError as exc:  # lm-eval asserts on requests it cannot score (a continuation longer than the context)
+        raise EvaluationError(f"lm-eval refused a request: {str(exc).splitlines()[0] if str(exc) else 'an assertion failed'}",
+                              hint="A continuation longer than the model's context cannot be scored; leave the "
+                                   "document out (another --limit or --seed) or use a model with a longer context.") from exc
     results: dict[str, TaskResult] = {}
     for spec in tasks:
         samples = sorted(output["samples"][spec.name], key=lambda sample: sample["doc_id"])

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError, HealError
 from .files import staged_directory
+from .players import text_config
 
 HEAL_MANIFEST = "cornerstone-heal.json"
 CARRIED_FILES = ("cornerstone-plan.yaml", "cornerstone-export.json", "cornerstone-recipe.yaml")
@@ -274,7 +275,7 @@ def heal(
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     sequences = pack(tokenizer, texts, healing.sequence_length)
-    layers = int(model.config.num_hidden_layers) if hasattr(model.config, "num_hidden_layers") else -1
+    layers = int(getattr(text_config(model.config), "num_hidden_layers", -1))
 
     if healing.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -345,7 +346,7 @@ def heal(
                                                         indent=2))
         with no_progress_bars():
             reloaded = load_exported(staging)
-        if getattr(reloaded.config, "num_hidden_layers", layers) != layers:
+        if getattr(text_config(reloaded.config), "num_hidden_layers", layers) != layers:
             raise HealError("the healed model's layer count differs from the pruned model's",
                             hint="Nothing was written. Please report this with the pruned folder.")
         del reloaded
@@ -367,6 +368,8 @@ def _mean_loss(entries: list[dict[str, float]]) -> float:
 
 def _folder_dtype(folder: Path) -> torch.dtype:
     """The dtype the folder's weights are stored in (its config's), so healing does not change the file size."""
-    config = json.loads((folder / "config.json").read_text())
+    from .loading import read_config
+
+    config = read_config(folder)
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, str(name), torch.float32)

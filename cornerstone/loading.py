@@ -222,6 +222,25 @@ def check_weights_format(folder: Path, allow_pickle: bool = False) -> None:
                               "convert it once to safetensors.")
 
 
+def read_config(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` as a mapping, or a one-line :class:`ModelLoadError` saying what is wrong
+    with it (not JSON, not an object, unreadable): transformers would answer with a traceback."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
+                             hint="Restore the model's config.json (re-download or re-export the model).") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"'{path}' is not UTF-8 text", hint="Restore the model's config.json.") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read '{path}' ({exc.strerror or exc})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"'{path}' holds a JSON {type(config).__name__}, not an object of settings",
+                             hint="Restore the model's config.json (re-download or re-export the model).")
+    return config
+
+
 def remote_code_trusted(folder: Path, trust_remote_code: bool = False) -> bool:
     """Whether loading ``folder`` may run its own Python files (``auto_map`` in its config).
 
@@ -230,7 +249,7 @@ def remote_code_trusted(folder: Path, trust_remote_code: bool = False) -> bool:
     A folder without ``auto_map`` needs no remote code (False). A folder that maps to other code is
     refused with a :class:`TrustError`.
     """
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     auto_map = config.get("auto_map")
     if not auto_map:
         return False
@@ -323,6 +342,7 @@ def resolve(spec: str) -> tuple[str, Path | str]:
         raise ModelNotFoundError(f"'{spec}' is a file but not a .gguf file")
     if path.is_dir():
         if (path / "config.json").exists():
+            read_config(path)  # a broken config fails here, in one line, before anything loads it
             return "folder", path
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:

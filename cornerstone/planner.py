@@ -478,7 +478,8 @@ def _report_value_function(report: ScoreReport, loaded: Any, store: str | Path |
         loaded = load_model(report.model["spec"], dtype=report.model.get("dtype") or "float32")
     if loaded.fingerprint != report.model.get("fingerprint"):
         raise PlanError(f"the model given is not the one the report scored ({report.model.get('spec')})",
-                        hint="Pass the report's model, or score this model first.")
+                        hint="Pass the report's model, or score this model first (a folder's report made before "
+                             "fingerprints covered the whole weights no longer matches it: re-score).")
     # exactly the scored documents, checked against their recorded content: the same game the report played
     specs = harness.load_tasks(settings["tasks"], include_paths=settings.get("include_paths") or [],
                                documents=report.documents())

@@ -359,10 +359,11 @@ def score(
                           ranks=ranks)
     scoring_started = time.perf_counter()
     full_model = value.evaluate([])  # every method starts from v(N); timing it sizes the run
+    timed_now = value.evaluations > 0  # else v(N) came from the store, with the time of the run that computed it
     longest, cache_bytes = value.footprint()
     estimate = estimate_run(loaded.model, evaluations=_evaluations_needed(estimator, len(playing)),
                             seconds_per_evaluation=full_model.seconds, batch_size=batch_size, longest_request=longest,
-                            cache_bytes=cache_bytes, processes=ranks.world if ranks else 1)
+                            cache_bytes=cache_bytes, processes=ranks.world if ranks else 1, timed_now=timed_now)
     if on_estimate is not None:
         on_estimate(estimate)
     check_fits(estimate, force=force)

@@ -36,11 +36,14 @@ class RunEstimate(BaseModel):
     processes: int
     seconds_per_evaluation: float
     seconds: float
+    # False when v(N) came from the value store: its time is an earlier run's, on that run's machine and load
+    timed_now: bool = True
 
     def describe(self) -> str:
         free = f" of {self.available_bytes / 2**30:.1f} GiB free" if self.available_bytes is not None else ""
         return (f"estimate: {self.evaluations} evaluations x {self.seconds_per_evaluation:.1f} s"
-                f"{f' / {self.processes} processes' if self.processes > 1 else ''} = {_duration(self.seconds)}; "
+                f"{f' / {self.processes} processes' if self.processes > 1 else ''} = {_duration(self.seconds)}"
+                f"{'' if self.timed_now else ' (timed by the earlier run that stored v(N))'}; "
                 f"memory {self.memory_bytes / 2**30:.2f} GiB{free} (weights {self.weight_bytes / 2**30:.2f}, "
                 f"cache {self.cache_bytes / 2**30:.2f}, activations {self.activation_bytes / 2**30:.2f})")
 
@@ -65,7 +68,7 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def estimate_run(model: torch.nn.Module, *, evaluations: int, seconds_per_evaluation: float, batch_size: int,
-                 longest_request: int, cache_bytes: int, processes: int = 1) -> RunEstimate:
+                 longest_request: int, cache_bytes: int, processes: int = 1, timed_now: bool = True) -> RunEstimate:
     """The memory and time of a run on ``model`` (already loaded, so its weights are counted but not
     asked of the free memory again)."""
     config = text_config(model.config)
@@ -79,7 +82,7 @@ def estimate_run(model: torch.nn.Module, *, evaluations: int, seconds_per_evalua
         parameters=parameters, weight_bytes=weight_bytes, cache_bytes=cache_bytes, activation_bytes=activation_bytes,
         memory_bytes=weight_bytes + cache_bytes + activation_bytes, available_bytes=available_memory(first.device),
         evaluations=evaluations, processes=processes, seconds_per_evaluation=seconds_per_evaluation,
-        seconds=evaluations * seconds_per_evaluation / max(1, processes))
+        seconds=evaluations * seconds_per_evaluation / max(1, processes), timed_now=timed_now)
 
 
 def check_fits(estimate: RunEstimate, *, force: bool = False) -> None:

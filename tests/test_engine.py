@@ -139,8 +139,9 @@ def test_a_continuation_longer_than_the_context_is_refused_as_lm_eval_refuses_it
     model = short_context_model("llama")
     lm = harness.make_lm(model, tokenizer, batch_size=4)
     specs = harness.load_tasks(["toy_too_long"], include_paths=[long_folder])
-    with pytest.raises(AssertionError):
+    with pytest.raises(EvaluationError, match="lm-eval refused a request") as refused:
         harness.evaluate(lm, specs)  # lm-eval's loop: ``assert len(continuation_enc) <= self.max_length``
+    assert isinstance(refused.value.__cause__, AssertionError)
     with pytest.raises(EvaluationError) as info:
         Engine(model, lm, specs, batch_size=4)
     message = info.value.message

@@ -60,6 +60,8 @@ def bad(tmp_path_factory, tiny_llama_dir):
         config["auto_map"] = {"AutoModelForCausalLM": "custom.Custom"}
         (folder / "config.json").write_text(json.dumps(config))
         (folder / "custom.py").write_text(code)
+    (copy("config-not-json") / "config.json").write_text('{"model_type": "llama",')
+    (copy("config-a-list") / "config.json").write_text("[1, 2]")
     (root / "not-a-model.gguf").write_bytes(b"GGUF" + os.urandom(256))
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -102,6 +104,11 @@ BAD_INPUTS = [
     ("config but no weights", ["players", "{bad}/no-weights"], ModelLoadError.exit_code, "no file named model.safetensors"),
     ("pickled weights", ["players", "{bad}/pickled"], TrustError.exit_code, "pickled weights"),
     ("remote modeling code", ["players", "{bad}/remote"], TrustError.exit_code, "its own modeling code"),
+    ("config.json that is not JSON", ["players", "{bad}/config-not-json"], ModelLoadError.exit_code, "is not valid JSON"),
+    ("config.json that is not an object", ["score", "{bad}/config-a-list"], ModelLoadError.exit_code, "not an object"),
+    ("eval of a model that does not exist", ["eval", "score", "score"], ModelNotFoundError.exit_code, "from the hub"),
+    ("eval of a pruned folder with a broken config", ["eval", "{model}", "{bad}/config-not-json"],
+     ModelLoadError.exit_code, "is not valid JSON"),
     ("a .gguf that is not GGUF", ["players", "{bad}/not-a-model.gguf"], ModelLoadError.exit_code, "cannot dequantise"),
     ("unsupported architecture", ["players", "{bad}/opt"], UnsupportedArchitectureError.exit_code, "architecture 'opt'"),
     ("unknown task", ["score", "{model}", "--tasks", "nope_task", "--include-path", "{tasks}"], TaskError.exit_code,

@@ -85,7 +85,10 @@ def test_cornerstone_run_does_the_whole_pipeline(tiny_llama_dir, tmp_path, monke
     assert Path(summary["report"]).exists() and Path(summary["plan"]).exists()
     comparison = Comparison.model_validate(summary["evaluation"])
     assert comparison.pruned.parameters == plan["parameters"]["remaining"]
-    assert comparison.tasks[0]["num_docs"] == 8
+    # evaluated on the 2 documents the plan was not chosen on, the report's 6 left out
+    scored = json.loads(Path(summary["report"]).read_text())["tasks"][0]["doc_indices"]
+    assert sorted(comparison.tasks[0]["doc_indices"] + scored) == list(range(8)) and comparison.documents["overlap"] == {"toy_recipe": 0}
+    assert Path(summary["report"]).parent == Path("cornerstone-output")  # the default folder, never reports/
     assert all(Path(p).exists() for p in summary["evaluation_files"])
     # healed after export, evaluated as a third column: same size, same layer count
     assert summary["heal"]["layers"] == plan["blocks"]["remaining"] and summary["heal"]["steps"] == 3
