@@ -20,7 +20,7 @@ from .scores import ScoreReport
 
 KIND_COLOURS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "block": "#2ca02c"}
 KIND_STYLES = {"attn": "blue", "mlp": "dark_orange", "block": "green"}
-BAR_WIDTH = 16
+BAR_WIDTH = 10
 
 
 # Where commands write when given no --out: never a tracked folder (committed results live in reports/,
@@ -228,7 +228,8 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
     z = report.rule.z
     players = Table(title="score with the player removed (bar: from 0 to 1)", title_justify="left", show_edge=False)
     with_errors = any(p.stderr is not None for p in report.players.values())
-    for column in ("player", "removed", f"importance (±{z:g} s.e.)" if with_errors else "importance", "effect", "share", ""):
+    interval = "±95%" if z == 1.96 else f"±{z:g} s.e."
+    for column in ("player", "removed", f"importance {interval}" if with_errors else "importance", "effect", "share", ""):
         players.add_column(column, justify="left" if column in ("player", "", "effect") else "right", no_wrap=True)
     for name, s in report.players.items():
         style = "bold red" if s.cornerstone else KIND_STYLES[s.kind]
@@ -246,7 +247,7 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
     lines = [verdict]
     unresolved = [name for name, p in report.players.items() if p.resolved is False]
     if unresolved:
-        lines.append(Text(f"? too close to call at ±{z:g} s.e. (score more documents to decide): " + ", ".join(unresolved),
+        lines.append(Text(f"? too close to call at ±{z:g} s.e. (more documents decide: --until-resolved MAX_DOCS): " + ", ".join(unresolved),
                           style="yellow"))
     effects = [p.effect for p in report.players.values() if p.effect]
     if effects:
