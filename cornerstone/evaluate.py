@@ -109,7 +109,10 @@ class Comparison(BaseModel):
         healed_title = f" and {self.healed.spec}" if self.healed is not None else ""
         head = [f"# {self.pruned.spec}{healed_title} vs {self.base.spec}", "",
                 f"lm-eval {self.versions.get('lm_eval')} (`--model hf`), {self.settings['dtype']}, "
-                f"device {self.settings['device']}, {self.created}.", ""]
+                f"device {self.settings['device']}"
+                + (f" ({self.settings['machine']['cpu']}{', AMX' if self.settings['machine'].get('amx') else ', no AMX'})"
+                   if self.settings.get("machine") and self.settings["device"] == "cpu" else "")
+                + f", {self.created}.", ""]
         if self.documents.get("summary"):
             head += [f"Documents: {self.documents['summary']}", ""]
         return "\n".join(head + rows + size) + "\n"
@@ -273,7 +276,7 @@ def compare(
     and the comparison says so.
     """
     from .loading import resolve_device
-    from .scores import package_versions
+    from .scores import machine, package_versions
 
     device = resolve_device(device)
     for spec in [base, pruned, *([healed] if healed else [])]:  # before lm-eval, which would try the network
@@ -296,7 +299,7 @@ def compare(
         documents=documents,
         settings={"tasks": list(tasks), "include_paths": [str(p) for p in include_paths], "limit": limit, "seed": seed,
                   "batch_size": batch_size, "device": device, "dtype": dtype, "throughput": "batch 4 x 256 tokens",
-                  "torch_threads": torch.get_num_threads()},
+                  "torch_threads": torch.get_num_threads(), "machine": machine()},
         base=base_summary,
         pruned=pruned_summary,
         **pruned_retention.model_dump(),

@@ -214,8 +214,11 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
         header.add_row("shapley", f"{report.settings['estimator'].get('estimator')}: top-4 share {report.top_share(4):.1%}, "
                        f"sum of values - (v(N) - v(empty)) = {gap:+.4f} (efficiency check), Spearman with "
                        f"leave-one-out {report.diagnostics.get('spearman_with_ablation', float('nan')):+.3f}")
+    where = report.diagnostics.get("machine")
     header.add_row("time", f"{report.timing.get('total_seconds', 0):.1f} s total, "
-                   f"{report.timing.get('seconds_per_evaluation', 0):.2f} s per evaluation")
+                   f"{report.timing.get('seconds_per_evaluation', 0):.2f} s per evaluation"
+                   + (f" ({where['cpu']}, {'AMX' if where.get('amx') else 'no AMX'}, {where['torch_threads']} threads)"
+                      if where else ""))
 
     tasks = Table(title="tasks", title_justify="left", show_edge=False)
     for column in ("task", "metric", "docs", "full model", "chance"):

@@ -300,6 +300,23 @@ def _common_selection(specs: Sequence[harness.TaskSpec]) -> dict[str, Any]:
     return found
 
 
+def machine() -> dict[str, Any]:
+    """The CPU the numbers came from (speed differs several-fold between CPUs with and without AMX's
+    bf16 matrix units), and the torch threads used."""
+    import torch
+
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    return {"cpu": name, "amx": "amx_bf16" in flags, "torch_threads": torch.get_num_threads()}
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for package in ("cornerstone", "torch", "transformers", "lm_eval", "accelerate", "safetensors"):
@@ -420,7 +437,7 @@ def score(
         cornerstones=[name for name, s in player_scores.items() if s.cornerstone],
         rule=rule,
         evaluations=value.evaluations + value.reused,
-        diagnostics={**result.diagnostics, "unresolved": sorted(name for name, (gap, error) in gaps.items()
+        diagnostics={**result.diagnostics, "machine": machine(), "unresolved": sorted(name for name, (gap, error) in gaps.items()
                                                                  if rule.resolved(gap, error) is False),
                      "estimate": estimate.model_dump(), "computed_evaluations": value.evaluations,
                      "reused_evaluations": value.reused, "store": str(value.store.path) if value.store else None},
