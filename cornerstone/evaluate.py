@@ -54,9 +54,11 @@ class Retention(BaseModel):
         mean_chance = sum(chance.values()) / len(chance)
         return cls(retention={name: other.scores[name] / base.scores[name] if base.scores[name] else 0.0 for name in chance},
                    mean_retention=other.mean_score / base.mean_score if base.mean_score else 0.0,
-                   above_chance_kept={name: above_chance_kept(base.scores[name], other.scores[name], chance[name])
+                   above_chance_kept={name: above_chance_kept(base.scores[name], other.scores[name], chance[name],
+                                                              base.stderr.get(name))
                                       for name in chance},
-                   mean_above_chance_kept=above_chance_kept(base.mean_score, other.mean_score, mean_chance))
+                   mean_above_chance_kept=above_chance_kept(base.mean_score, other.mean_score, mean_chance,
+                                                            base.mean_stderr))
 
 
 class Comparison(BaseModel):
@@ -119,12 +121,18 @@ class Comparison(BaseModel):
 
 
 def _share(value: float | None) -> str:
-    return "n/a (base at or below chance)" if value is None else f"{value:.1%}"
+    return "n/a (base within 2 s.e. of chance)" if value is None else f"{value:.1%}"
 
 
-def above_chance_kept(base: float, pruned: float, chance: float) -> float | None:
-    """(pruned - chance) / (base - chance): the share of the base model's above-chance score that is left."""
-    return (pruned - chance) / (base - chance) if base > chance else None
+def above_chance_kept(base: float, pruned: float, chance: float, base_stderr: float | None = None) -> float | None:
+    """(pruned - chance) / (base - chance): the share of the base model's above-chance score that is left.
+
+    None where the base is not above chance, or (given its standard error) not by more than 2 s.e.:
+    dividing by a margin inside the noise gives ratios like -240% that say nothing."""
+    margin = base - chance
+    if margin <= 0 or (base_stderr is not None and margin <= 2 * base_stderr):
+        return None
+    return (pruned - chance) / margin
 
 
 def _mean_with_error(summary: ModelSummary) -> str:
@@ -265,7 +273,7 @@ def compare(
 
     ``retention_t = score_pruned(t) / score_base(t)``; ``mean_retention`` is the ratio of the mean
     scores. ``above_chance_kept_t = (pruned - chance) / (base - chance)`` is the share of the base
-    model's above-chance score that is left (None where the base is not above chance): a task a small
+    model's above-chance score that is left (None where the base is not above chance by 2 s.e.): a task a small
     model answers near chance can show high retention while the pruned model knows nothing. ``speedup`` is the ratio of forward tokens/s (batch 4 x 256 tokens, prefill), the two
     models taking turns in this run (:func:`tokens_per_second`).
 

@@ -136,3 +136,13 @@ def test_sequential_scoring_doubles_nested_documents_until_resolved(tiny_llama_d
     assert report.tasks[0].num_docs == sizes[-1] == len(report.tasks[0].doc_indices)
     first = harness.load_tasks(["toy_docs20"], include_paths=[twenty], limit=4, seed=0)[0].doc_indices
     assert set(first) <= set(report.tasks[0].doc_indices)  # the first round's documents are kept
+
+
+def test_the_share_above_chance_is_given_only_where_the_base_is_measurably_above_chance():
+    from cornerstone.evaluate import above_chance_kept
+
+    assert above_chance_kept(0.70, 0.50, 0.25) == pytest.approx(0.25 / 0.45)
+    assert above_chance_kept(0.70, 0.50, 0.25, base_stderr=0.05) == pytest.approx(0.25 / 0.45)
+    # ARC-Challenge on SmolLM2: 0.270 against chance 0.251 with s.e. 0.0315 would give (0.205-0.251)/0.019 = -240%
+    assert above_chance_kept(0.270, 0.205, 0.251, base_stderr=0.0315) is None
+    assert above_chance_kept(0.25, 0.30, 0.25) is None
