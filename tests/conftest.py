@@ -8,6 +8,7 @@ the package is missing.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -122,6 +123,20 @@ def tiny_tokenizer():
     text = ["Question: What is the capital of France? Answer: Paris", "What is 2 + 3? Answer: 5"] * 10
     tokenizer.train_from_iterator(text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def stored_values(store: Path) -> int:
+    """The values in the store as the store itself reads them: complete (newline-ended) JSON lines."""
+    count = 0
+    for path in store.glob("*.jsonl"):
+        data = path.read_bytes()
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
+            try:
+                json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill
+            count += 1
+    return count
 
 
 def save_six_block_llama(folder: Path, seed: int) -> Path:

@@ -17,6 +17,7 @@ import pytest
 from cornerstone.cli import _without_option
 from cornerstone.distributed import Ranks, launch_command
 
+from .conftest import stored_values
 from .tasks import toy_docs, write_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,20 +71,6 @@ def test_two_processes_give_the_single_process_report(six_blocks, method, tmp_pa
     assert again["diagnostics"]["computed_evaluations"] == 0
 
 
-def _stored_lines(store: Path) -> int:
-    """The values in the store as the store itself reads them: complete (newline-ended) JSON lines."""
-    count = 0
-    for path in store.glob("*.jsonl"):
-        data = path.read_bytes()
-        for line in data[: data.rfind(b"\n") + 1].splitlines():
-            try:
-                json.loads(line)
-            except ValueError:
-                continue  # a line torn by a kill
-            count += 1
-    return count
-
-
 def test_a_killed_two_process_job_resumes_from_the_shared_store(six_blocks, tmp_path):
     import psutil  # imported before the job starts: nothing slow between seeing the state and the kill
 
@@ -101,7 +88,7 @@ def test_a_killed_two_process_job_resumes_from_the_shared_store(six_blocks, tmp_
         # kill on a state, not a time: once both ranks are scoring (v(N) and at least two more values stored),
         # with some 60 of the 64 values still to come, so the job cannot have finished first
         deadline = time.monotonic() + 600
-        while _stored_lines(store) < 3:
+        while stored_values(store) < 3:
             assert job.poll() is None, f"the job ended (exit code {job.returncode}) before 3 values were stored"
             assert time.monotonic() < deadline, "no values stored after 600 s"
             time.sleep(0.005)
@@ -113,7 +100,7 @@ def test_a_killed_two_process_job_resumes_from_the_shared_store(six_blocks, tmp_
         if job.poll() is None:
             job.kill()
         job.wait()
-    killed_at = _stored_lines(store)
+    killed_at = stored_values(store)
     assert 3 <= killed_at < reference["evaluations"], "the job finished before it could be killed"
     assert not (tmp_path / "killed.json").exists()
     resumed = _score(str(folder), tmp_path / "resumed.json", store, extra, processes=2)

@@ -31,6 +31,7 @@ from cornerstone.errors import (ConfigError, CornerstoneError, EvaluationError, 
 from cornerstone.files import staged_directory
 
 from .conftest import tiny_model
+from .conftest import stored_values
 from .tasks import toy_docs, write_task
 
 runner = CliRunner()
@@ -246,20 +247,6 @@ def _score_command(folder: Path, tasks: Path, store: Path, out: Path, granularit
             "--out", str(out), "--json"]
 
 
-def _stored_lines(store: Path) -> int:
-    """The values in the store as the store itself reads them: complete (newline-ended) JSON lines."""
-    count = 0
-    for path in store.glob("*.jsonl"):
-        data = path.read_bytes()
-        for line in data[: data.rfind(b"\n") + 1].splitlines():
-            try:
-                json.loads(line)
-            except ValueError:
-                continue  # a line torn by a kill
-            count += 1
-    return count
-
-
 def _environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -316,20 +303,20 @@ def test_killed_scoring_resumes_and_gives_the_same_report(deep_model, tmp_path):
         # whatever evaluation comes next, a moment no clock chooses. At most 18 of the 64 values are stored
         # by then, so 46 evaluations and the report stand between the kill (milliseconds after the state is
         # seen) and the end of the run
-        target = _stored_lines(store) + rng.randint(1, 6)
+        target = stored_values(store) + rng.randint(1, 6)
         with open(tmp_path / f"killed-{attempt}.log", "w") as log:
             process = _start(_score_command(folder, tasks, store, tmp_path / "killed.json"),
                              stdout=subprocess.DEVNULL, stderr=log)
             try:
-                _wait_for(process, lambda: _stored_lines(store) >= target, f"{target} values were stored")
+                _wait_for(process, lambda: stored_values(store) >= target, f"{target} values were stored")
                 process.send_signal(signal.SIGKILL)
             finally:
                 _stop(process)
         assert process.returncode == -signal.SIGKILL
-        kills.append(_stored_lines(store))
+        kills.append(stored_values(store))
     assert kills == sorted(set(kills)), f"every run after a kill stored new values: {kills}"
     assert kills[-1] < expected["evaluations"] and not (tmp_path / "killed.json").exists()
-    before = _stored_lines(store)
+    before = stored_values(store)
     resumed = subprocess.run(_score_command(folder, tasks, store, tmp_path / "resumed.json"),
                              capture_output=True, text=True, env=_environment(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr
@@ -354,7 +341,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_with_their_exit_codes(sent, code, word,
     process = _start(_with_ctrl_c(_score_command(folder, tasks, store, tmp_path / "r.json", granularity="sublayer")),
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(process, lambda: _stored_lines(store) >= 1, "the first value was stored")
+        _wait_for(process, lambda: stored_values(store) >= 1, "the first value was stored")
         process.send_signal(sent)
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -362,7 +349,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_with_their_exit_codes(sent, code, word,
     assert process.returncode == code, stderr
     assert f"error: {word}" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "r.json").exists()
-    assert 1 <= _stored_lines(store) < 2**12  # stopped mid-game, keeping what it had computed
+    assert 1 <= stored_values(store) < 2**12  # stopped mid-game, keeping what it had computed
 
 
 # -- fuzzing -------------------------------------------------------------------------------------

@@ -179,7 +179,8 @@ def _score_command(folder, toy_folder, out, store):
 
 
 def test_a_killed_shapley_run_resumes_and_gives_the_uninterrupted_report(tiny_llama_dir, toy_folder, tmp_path):
-    from .test_hardening import _stop, _stored_lines, _wait_for
+    from .conftest import stored_values
+    from .test_hardening import _stop, _wait_for
 
     uninterrupted = subprocess.run(_score_command(tiny_llama_dir, toy_folder, tmp_path / "a.json", tmp_path / "a"),
                                    capture_output=True, text=True, timeout=600)
@@ -190,11 +191,11 @@ def test_a_killed_shapley_run_resumes_and_gives_the_uninterrupted_report(tiny_ll
         process = subprocess.Popen(_score_command(tiny_llama_dir, toy_folder, tmp_path / "b.json", store),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            _wait_for(process, lambda: _stored_lines(store) >= kill_at, f"{kill_at} stored values")
+            _wait_for(process, lambda: stored_values(store) >= kill_at, f"{kill_at} stored values")
             process.send_signal(signal.SIGKILL)
         finally:
             _stop(process)
-    lines = _stored_lines(store)
+    lines = stored_values(store)
     assert 0 < lines < expected["evaluations"], "the kills should land mid-run"
     resumed = subprocess.run(_score_command(tiny_llama_dir, toy_folder, tmp_path / "b.json", store),
                              capture_output=True, text=True, timeout=600)
