@@ -232,11 +232,12 @@ def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, leng
     return best
 
 
-def _summaries(models: Sequence[str], specs: Sequence[harness.TaskSpec], *, include_paths: Sequence[str | Path],
-               batch_size: int, device: str, dtype: str, trust_remote_code: bool, allow_pickle: bool) -> list[ModelSummary]:
+def _summaries(located: Sequence[tuple[str, str, bool, int]], specs: Sequence[harness.TaskSpec], *,
+               include_paths: Sequence[str | Path], batch_size: int, device: str, dtype: str,
+               allow_pickle: bool) -> list[ModelSummary]:
+    """Evaluate and time each model of ``located``: (spec, :func:`lm_eval_location`'s three answers)."""
     found = []
-    for spec in models:
-        pretrained, remote, size = lm_eval_location(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    for spec, pretrained, remote, size in located:
         scores = harness.evaluate_pretrained(pretrained, specs, include_paths=include_paths, batch_size=batch_size,
                                              device=device, dtype=dtype, trust_remote_code=remote)
         found.append((spec, pretrained, remote, size, scores))
@@ -287,16 +288,16 @@ def compare(
     from .scores import machine, package_versions
 
     device = resolve_device(device)
-    for spec in [base, pruned, *([healed] if healed else [])]:  # before lm-eval, which would try the network
-        lm_eval_location(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    # every model resolved before lm-eval, which would try the network for a misspelt one
+    located = [(spec, *lm_eval_location(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
+               for spec in [base, pruned, *([healed] if healed else [])]]
     found = scored_documents(pruned, report)
     scored, source = found if found is not None else ({}, None)
     specs = harness.load_tasks(list(tasks), include_paths=include_paths, limit=limit, seed=seed,
                                exclude=None if allow_overlap else {name: r.doc_indices for name, r in scored.items()})
     documents = _document_summary(specs, scored, source, allow_overlap)
-    summaries = _summaries([base, pruned, *([healed] if healed else [])], specs, include_paths=include_paths,
-                           batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                           allow_pickle=allow_pickle)
+    summaries = _summaries(located, specs, include_paths=include_paths, batch_size=batch_size, device=device,
+                           dtype=dtype, allow_pickle=allow_pickle)
     base_summary, pruned_summary = summaries[:2]
     chance = {spec.name: spec.chance for spec in specs}
     pruned_retention = Retention.of(base_summary, pruned_summary, chance)
