@@ -20,6 +20,7 @@ that ranks a cornerstone low would have a planner without cornerstone protection
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -184,6 +185,12 @@ def compare_reports(
     methods = []
     for (report, path), label, table in zip(loaded, names, scored):
         importance = {name: table[name][2] for name in players}
+        # a loaded report is finite by its schema; a report object edited in Python is not re-validated, and
+        # one NaN would sort arbitrarily and give a Spearman that contradicts the Kendall
+        broken = next((name for name, value in importance.items() if not math.isfinite(value)), None)
+        if broken is not None:
+            raise ReportError(f"{label}: player {broken} has a non-finite importance ({importance[broken]})",
+                              hint="Re-score the model; a report read from a file is checked for this when loaded.")
         # least important first; ties go to the later player, the usual redundant one (as in the planner)
         least_first = sorted(players, key=lambda name: (importance[name], -index[name]))
         effects = ({name: report.players[name].effect for name in players} if report.granularity == granularity else {})

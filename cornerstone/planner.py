@@ -32,15 +32,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import PlanError
 from .estimators import Progress
-from .files import atomic_write, read_validated
-from .scores import ScoreReport
+from .files import atomic_write, parse_yaml, read_validated
+from .harness import DocumentRecord
+from .players import _PLAYER_ID
+from .scores import ScoreReport, as_checked_mapping, first_non_finite, player_name_problem
 
 PLAN_SCHEMA_VERSION = 1
 _DROP = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
@@ -87,23 +89,26 @@ class Planner(BaseModel):
 class PlannedRemoval(BaseModel):
     """One player the plan drops, with the numbers that put it there."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
-    layer: int
+    layer: int = Field(ge=0)
     kind: Literal["attn", "mlp", "block"]
     importance: float
-    rank: int = Field(description="1 = least important of all players at the plan's granularity.")
-    parameters: int
+    rank: int = Field(ge=1, description="1 = least important of all players at the plan's granularity.")
+    parameters: int = Field(ge=0)
     reason: str
-    step: int | None = Field(None, description="Greedy: the order of removal.")
-    score_after: float | None = Field(None, description="Greedy: measured score with this and every earlier removal.")
-    stderr: float | None = Field(None, description="The importance's standard error in the report (paired over documents).")
-    effect: str | None = Field(None, description="hurts / none measurable / helps: the importance interval's verdict.")
+    step: int | None = Field(None, ge=1, description="Greedy: the order of removal.")
+    score_after: float | None = Field(None, ge=0.0, le=1.0,
+                                      description="Greedy: measured score with this and every earlier removal.")
+    stderr: float | None = Field(None, ge=0.0,
+                                 description="The importance's standard error in the report (paired over documents).")
+    effect: Literal["hurts", "none measurable", "helps"] | None = Field(
+        None, description="hurts / none measurable / helps: the importance interval's verdict.")
 
 
 class ProtectedPlayer(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     importance: float
@@ -111,33 +116,139 @@ class ProtectedPlayer(BaseModel):
 
 
 class ParameterCount(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    original: int = Field(ge=1)
+    removed: int = Field(ge=0)
+    remaining: int = Field(ge=0)
+    removed_fraction: float = Field(ge=0.0, le=1.0)
+
+
+class PlanModel(BaseModel):
+    """The model a plan is for: exactly these fields (a plan is applied to a model and written into its
+    export, so nothing free-form rides along). Every key is written; a value is null where the report had none."""
+
     model_config = ConfigDict(extra="forbid")
 
-    original: int
-    removed: int
-    remaining: int
-    removed_fraction: float
+    spec: str | None
+    fingerprint: str | None
+    model_type: str | None
+    architecture: str | None
+    num_hidden_layers: int | None = Field(ge=1)
+    parameters: int = Field(ge=1)
+
+
+class PlanSource(BaseModel):
+    """The report a plan was made from, as far as ``export``, ``eval`` and ``heal`` read it."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    path: str | None
+    method: str
+    granularity: Literal["block", "sublayer"]
+    tasks: list[str] | None
+    base_score: float = Field(ge=0.0, le=1.0)
+    chance: float = Field(ge=0.0, le=1.0)
+    cornerstones: list[str]
+    # None, or absent in plans made before documents were recorded: `eval` then reads them from `path`
+    documents: dict[str, DocumentRecord] | None = None
+
+
+class BlockCount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    original: int = Field(ge=1)
+    remaining: int = Field(ge=1)
+
+
+def removed_blocks(removals: Sequence[Any]) -> set[int]:
+    """The blocks that ``removals`` (items with ``layer`` and ``kind``) empty: whole blocks, and blocks
+    whose attention and FFN sublayers both go."""
+    whole = {r.layer for r in removals if r.kind == "block"}
+    sublayers: dict[int, int] = {}
+    for r in removals:
+        if r.kind != "block":
+            sublayers[r.layer] = sublayers.get(r.layer, 0) + 1
+    return whole | {layer for layer, n in sublayers.items() if n == 2}
 
 
 class Plan(BaseModel):
     """What to cut from a model, why, and what is predicted to remain."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     schema_version: int = PLAN_SCHEMA_VERSION
     created: str
-    model: dict[str, Any]
-    report: dict[str, Any]
+    model: Annotated[dict[str, Any], as_checked_mapping(PlanModel)]
+    report: Annotated[dict[str, Any], as_checked_mapping(PlanSource)]
     planner: Planner
     granularity: Literal["block", "sublayer"]
     removed: list[PlannedRemoval]
     protected: list[ProtectedPlayer]
     parameters: ParameterCount
-    blocks: dict[str, int]
+    blocks: Annotated[dict[str, int], as_checked_mapping(BlockCount)]
+    # finite, not bounded: plans written before the estimate was clipped to [0, 1] hold e.g. 1.19 (nothing acts on it)
     predicted_score: float | None = Field(None, description="Measured (greedy) or an additive estimate, clipped to "
                                           "the metric's range [0, 1]; see predicted_by.")
     predicted_by: str | None = None
     predicted_measured: bool = Field(False, description="Whether predicted_score was measured on the scored documents.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Plan":
+        """A plan is applied to a model by its players' ids, so every number it carries must agree with
+        them and with each other (a plan is a file a person may edit); ``make_plan`` writes plans that pass."""
+        problem = self.inconsistency()
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def inconsistency(self) -> str | None:
+        """The first way the plan contradicts itself, as ``field: what was expected``; None if none."""
+        non_finite = first_non_finite(self.model_dump())  # the free-form document selections too
+        if non_finite:
+            return f"{non_finite}: Input should be a finite number"
+        kinds = {"block"} if self.granularity == "block" else {"attn", "mlp"}
+        layers = self.model["num_hidden_layers"]
+        if self.planner.granularity != self.granularity:
+            return f"planner.granularity: {self.planner.granularity}, but the plan is at {self.granularity} granularity"
+        seen: set[str] = set()
+        for index, removal in enumerate(self.removed):
+            where = f"removed.{index} ({removal.name})"
+            problem = player_name_problem(removal.name, removal.layer, removal.kind)
+            if problem:
+                return f"{where} {problem}"
+            if removal.kind not in kinds:
+                return f"{where}.kind: a {self.granularity} plan removes {' or '.join(sorted(kinds))} players"
+            if layers is not None and removal.layer >= layers:
+                return f"{where}.layer: {removal.layer} is past the model's {layers} blocks (model.num_hidden_layers)"
+            if removal.name in seen:
+                return f"removed: lists {removal.name} twice"
+            seen.add(removal.name)
+        for index, kept in enumerate(self.protected):
+            if not _PLAYER_ID.match(kept.name):
+                return f"protected.{index}.name: '{kept.name}' is not a player id (L5, L5.attn or L5.mlp)"
+            if kept.name in seen:
+                return f"protected: {kept.name} is also removed"
+        if isinstance(self.planner.drop, int) and len(self.removed) != self.planner.drop:
+            return f"removed: planner.drop is {self.planner.drop} players, but {len(self.removed)} are listed"
+        counts, removed = self.parameters, sum(r.parameters for r in self.removed)
+        if counts.original != self.model["parameters"]:
+            return f"parameters.original: {counts.original:,}, but model.parameters is {self.model['parameters']:,}"
+        if counts.removed != removed:
+            return f"parameters.removed: {counts.removed:,}, but the removed players hold {removed:,}"
+        if counts.remaining != counts.original - counts.removed:
+            return f"parameters.remaining: {counts.remaining:,} is not original - removed ({counts.original - counts.removed:,})"
+        if abs(counts.removed_fraction - counts.removed / counts.original) > 1e-9:
+            return f"parameters.removed_fraction: {counts.removed_fraction} is not removed / original ({counts.removed / counts.original})"
+        blocks = self.blocks
+        if layers is not None and blocks["original"] != layers:
+            return f"blocks.original: {blocks['original']}, but model.num_hidden_layers is {layers}"
+        if any(r.layer >= blocks["original"] for r in self.removed):
+            return f"removed: a player lies past the plan's {blocks['original']} blocks (blocks.original)"
+        if blocks["remaining"] != blocks["original"] - len(removed_blocks(self.removed)):
+            return (f"blocks.remaining: {blocks['remaining']}, but removing these players leaves "
+                    f"{blocks['original'] - len(removed_blocks(self.removed))} of {blocks['original']}")
+        return None
 
     @property
     def player_names(self) -> list[str]:
@@ -163,7 +274,7 @@ class Plan(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        return read_validated(cls, path, yaml.safe_load, "YAML", PlanError, "plan",
+        return read_validated(cls, path, parse_yaml, "YAML", PlanError, "plan",
                               hint="Write one with `cornerstone plan REPORT`.")
 
 
@@ -334,7 +445,7 @@ def _parameter_counts(report: ScoreReport, loaded: Any) -> dict[str, int]:
     from .players import parse_players, player_parameters
 
     if loaded is None:
-        loaded = load_model(report.model["spec"])
+        loaded = load_model(_report_spec(report))
     return {name: player_parameters(loaded.model, parse_players(loaded.model, [name])[0]) for name in report.players}
 
 
@@ -368,8 +479,11 @@ def make_plan(
     if planner.harmless_only and all(p.effect is None for p in report.players.values()):
         raise PlanError("harmless_only needs standard errors, and this report has none",
                         hint="Re-score with this version of cornerstone (ablation reports carry paired standard errors).")
-    num_blocks = int(report.model.get("num_hidden_layers") or 1 + max(p.layer for p in report.players.values()))
-    total_parameters = int(report.model["parameters"])
+    num_blocks = report.model.get("num_hidden_layers") or 1 + max(p.layer for p in report.players.values())
+    total_parameters = report.model.get("parameters")
+    if total_parameters is None:
+        raise PlanError(f"the report{f' {report_path!r}' if report_path else ''} does not record model.parameters, "
+                        "which shares of parameters and the plan's counts need", hint="Re-score the model with `cornerstone score`.")
     counts = _parameter_counts(report, loaded)
     candidates = _candidates(report, planner.granularity, counts)
     protected = _protection(candidates, planner, num_blocks)
@@ -402,13 +516,8 @@ def make_plan(
                                        stderr=c.stderr, effect=c.effect,
                                        step=step + 1 if step_scores else None,
                                        score_after=step_scores[step] if step_scores else None))
-    removed_blocks = {c.layer for c in chosen if c.kind == "block"}
-    by_layer: dict[int, int] = {}
-    for c in chosen:
-        if c.kind != "block":
-            by_layer[c.layer] = by_layer.get(c.layer, 0) + 1
-    removed_blocks |= {layer for layer, n in by_layer.items() if n == 2}
-    if len(removed_blocks) == num_blocks:
+    emptied = removed_blocks(chosen)
+    if len(emptied) == num_blocks:
         raise PlanError(f"dropping {target.text} would remove every block of the model")
     predicted, predicted_by = _prediction(report, chosen, step_scores)
     return Plan(
@@ -428,7 +537,7 @@ def make_plan(
         parameters=ParameterCount(original=total_parameters, removed=removed_parameters,
                                   remaining=total_parameters - removed_parameters,
                                   removed_fraction=removed_parameters / total_parameters),
-        blocks={"original": num_blocks, "remaining": num_blocks - len(removed_blocks)},
+        blocks={"original": num_blocks, "remaining": num_blocks - len(emptied)},
         predicted_score=predicted,
         predicted_by=predicted_by,
         predicted_measured=bool(step_scores),
@@ -467,6 +576,15 @@ def _prediction(report: ScoreReport, chosen: Sequence[_Candidate], step_scores: 
                      f"off{note}; measure the export with `cornerstone eval`")
 
 
+def _report_spec(report: ScoreReport) -> str:
+    """The model a report scored, for the steps that load it; a report without one cannot say."""
+    spec = report.model.get("spec")
+    if not spec:
+        raise PlanError("the report does not record which model it scored (model.spec)",
+                        hint="Re-score the model, or plan with --policy lowest from a report with per-player parameters.")
+    return spec
+
+
 def _report_value_function(report: ScoreReport, loaded: Any, store: str | Path | None) -> Any:
     """The value function the report was scored with: same model, tasks, documents and engine."""
     from . import harness
@@ -475,7 +593,7 @@ def _report_value_function(report: ScoreReport, loaded: Any, store: str | Path |
 
     settings = report.settings
     if loaded is None:
-        loaded = load_model(report.model["spec"], dtype=report.model.get("dtype") or "float32")
+        loaded = load_model(_report_spec(report), dtype=report.model.get("dtype") or "float32")
     if loaded.fingerprint != report.model.get("fingerprint"):
         raise PlanError(f"the model given is not the one the report scored ({report.model.get('spec')})",
                         hint="Pass the report's model, or score this model first (a folder's report made before "

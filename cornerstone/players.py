@@ -85,7 +85,9 @@ class Player:
     module_path: str
 
 
-_PLAYER_ID = re.compile(r"^L(\d+)(?:\.(attn|mlp))?$")
+# ASCII digits, no leading zero, no trailing newline (`\d` takes any script's digits, `$` a final "\n"): else
+# "L٣", "L05" or "L5\n" would match yet name no player
+_PLAYER_ID = re.compile(r"^L(0|[1-9][0-9]*)(?:\.(attn|mlp))?\Z")
 
 
 def model_type(model: torch.nn.Module) -> str:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .calibration import Calibration
 from .heal import Healing
 from .errors import ConfigError
+from .files import parse_yaml
 from .planner import Planner
 from .report import OUTPUT_FOLDER
 
@@ -137,11 +138,11 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; an unknown or invalid key is a :class:`ConfigError` that names it."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"recipe '{path}' does not exist", hint="See the example recipes in recipes/.") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"recipe '{path}' is not valid YAML: {exc}") from None
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {exc}", hint="See the example recipes in recipes/.") from None
     except OSError as exc:
         raise ConfigError(f"cannot read recipe '{path}': {exc.strerror or exc}") from None
     if not isinstance(data, dict):

@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .errors import OutputError
+from .errors import OutputError, ReportError
 from .files import atomic_write
 from .scores import ScoreReport
 
@@ -30,7 +30,7 @@ OUTPUT_FOLDER = "cornerstone-output"
 
 def default_report_path(report: ScoreReport, folder: str | Path = OUTPUT_FOLDER) -> Path:
     model = Path(str(report.model.get("spec", "model"))).name.replace("/", "_") or "model"
-    method = "-".join(filter(None, [report.method, report.settings.get("estimator", {}).get("estimator")]))
+    method = "-".join(filter(None, [report.method, (report.settings.get("estimator") or {}).get("estimator")]))
     return Path(folder) / f"{model}-{method}-{report.granularity}.json"
 
 
@@ -72,7 +72,7 @@ def plot_shares(report: ScoreReport, path: str | Path) -> Path:
     total = sum(max(p.importance, 0.0) for p in report.players.values()) or 1.0
     figure, axes = _bars_by_layer(report, lambda p: p.share,
                                   lambda p: 1.96 * p.stderr / total if p.stderr is not None else 0.0)
-    estimator = report.settings.get("estimator", {}).get("estimator", "")
+    estimator = (report.settings.get("estimator") or {}).get("estimator") or ""
     axes.set_xlabel("layer")
     axes.set_ylabel("share of Shapley mass")
     axes.set_title(f"{report.model.get('spec')}: Shapley shares ({estimator}), top-4 share "
@@ -108,7 +108,7 @@ def plot_importance(report: ScoreReport, path: str | Path) -> Path:
     figure, axes = _bars_by_layer(report, lambda p: p.importance)
     axes.set_xlabel("layer")
     axes.set_ylabel(f"{report.method} importance")
-    source = report.diagnostics.get("calibration", {}).get("source", "")
+    source = (report.diagnostics.get("calibration") or {}).get("source", "")
     axes.set_title(f"{report.model.get('spec')}: {report.method} ({report.granularity}), calibration text: {source}\n"
                    "(* = cornerstone: an outlier of its kind)", fontsize=9)
     axes.legend(fontsize=7, loc="upper right")
@@ -116,13 +116,19 @@ def plot_importance(report: ScoreReport, path: str | Path) -> Path:
 
 
 def plot_sweep(report: ScoreReport, path: str | Path) -> Path:
-    """The paper's Figure 3: score after removing each player, by layer, with full-model and chance lines."""
+    """The paper's Figure 3: score after removing each player, by layer, with full-model and chance lines.
+    A one-pass proxy's report is drawn by :func:`plot_importance`; a report without players is a :class:`ReportError`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
+    if not report.players:
+        raise ReportError("the report scores no players: there is nothing to plot",
+                          hint="Score the model first: `cornerstone score`.")
+    if not report.measures_scores:
+        return plot_importance(report, path)  # a one-pass proxy measures no score without a player
     figure, axes = plt.subplots(figsize=(min(14.0, max(6.0, 0.2 * len(report.players) + 2)), 4.0), dpi=120)
     kinds = sorted({s.kind for s in report.players.values()}, key=list(KIND_COLOURS).index)
     offsets = {"attn": -0.2, "mlp": 0.2, "block": 0.0}
@@ -210,10 +216,11 @@ def render(report: ScoreReport, console: Console | None = None) -> None:
     header.add_row("full model", f"{report.base_score:.4f}" + (f" ±{report.rule.z * base_error:.4f}" if base_error else "")
                    + f"   chance {report.chance:.4f}")
     if report.method == "shapley":
-        gap = report.diagnostics.get("efficiency_gap")
-        header.add_row("shapley", f"{report.settings['estimator'].get('estimator')}: top-4 share {report.top_share(4):.1%}, "
-                       f"sum of values - (v(N) - v(empty)) = {gap:+.4f} (efficiency check), Spearman with "
-                       f"leave-one-out {report.diagnostics.get('spearman_with_ablation', float('nan')):+.3f}")
+        gap, rho = report.diagnostics.get("efficiency_gap"), report.diagnostics.get("spearman_with_ablation")
+        header.add_row("shapley", f"{(report.settings.get('estimator') or {}).get('estimator')}: top-4 share "
+                       f"{report.top_share(4):.1%}, sum of values - (v(N) - v(empty)) = "
+                       f"{'n/a' if gap is None else f'{gap:+.4f}'} (efficiency check), Spearman with "
+                       f"leave-one-out {'n/a' if rho is None else f'{rho:+.3f}'}")
     where = report.diagnostics.get("machine")
     header.add_row("time", f"{report.timing.get('total_seconds', 0):.1f} s total, "
                    f"{report.timing.get('seconds_per_evaluation', 0):.2f} s per evaluation"

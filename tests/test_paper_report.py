@@ -44,6 +44,8 @@ def sweep_report(method="ablation", shares=None) -> ScoreReport:
              for t, (c, b) in TASKS.items()]
     rule = CornerstoneRule()
     cornerstones = [n for n, p in players.items() if rule.is_cornerstone(p.score_removed, 0.75, 0.375)]
+    for name in cornerstones:  # the flags and the list agree, as in every report `score` writes
+        players[name].cornerstone = True
     return ScoreReport(created="2026-01-01T00:00:00+00:00", method=method, granularity="sublayer",
                        model={"spec": "toy", "fingerprint": "toy", "dtype": "bfloat16"},
                        tasks=tasks, settings={"tasks": list(TASKS), "limit": 400, "seed": 0}, base_score=0.75,
