@@ -8,18 +8,20 @@ Errors are turned into a one-line message, a hint and a distinct exit code in on
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import click
 import typer
 from typer.core import TyperGroup
 
-from .errors import ConfigError, CornerstoneError
+from .distributed import ERROR_FILE
+from .errors import ConfigError, CornerstoneError, OutputError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -43,28 +45,103 @@ class _ErrorMappingGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except CornerstoneError as exc:
-            if _state["debug"]:
-                raise
-            typer.echo(f"error: {exc.message}", err=True)
-            if exc.hint:
-                typer.echo(f"hint: {exc.hint}", err=True)
-            raise typer.Exit(exc.exit_code) from None
+            _fail(exc)
         except KeyboardInterrupt as exc:
             if _state["debug"]:
                 raise
             terminated = isinstance(exc, Terminated)
-            typer.echo(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", err=True)
-            typer.echo("hint: nothing half-written was left; re-run the same command to resume from the value store.",
-                       err=True)
-            raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
+            _report(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}",
+                    "nothing half-written was left; re-run the same command to resume from the value store.",
+                    EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
         except _USAGE_ERRORS as exc:
             _usage_error(exc)
+        except ValueError as exc:
+            # a value the OS cannot take as a path, which no check above caught: a NUL byte (from a recipe,
+            # say) or text that is not UTF-8; any other ValueError is a bug and keeps its traceback
+            if not (isinstance(exc, UnicodeEncodeError) or "embedded null byte" in str(exc)):
+                raise
+            problem = "contains a NUL byte" if "null byte" in str(exc) else "is not UTF-8 text"
+            _fail(ConfigError(f"a path or name {problem}", hint=_TEXT_HINT), exc)
+        except OSError as exc:
+            # a path the system refuses (too long, a loop of links, a device gone) that no check above caught
+            name = exc.filename
+            where = f" '{_printable(os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name))}'" if name else ""
+            _fail(ConfigError(f"cannot use{where}: {exc.strerror or exc}",
+                              hint="Check the paths given on the command line (or in the recipe)."), exc)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         try:
+            _check_arguments(self, ctx, args)
             return super().parse_args(ctx, args)
+        except CornerstoneError as exc:
+            _fail(exc)
         except _USAGE_ERRORS as exc:
             _usage_error(exc)
+
+
+def _report(message: str, hint: str, code: int, kind: str = "CornerstoneError") -> NoReturn:
+    """Print ``error: MESSAGE`` and ``hint: HINT`` on stderr and exit with ``code``.
+
+    A rank of a multi-process job (:func:`cornerstone.distributed.launch` names a file in
+    ``$CORNERSTONE_ERROR_FILE``) writes them to that file instead: the launcher prints the error once.
+    """
+    path = os.environ.get(ERROR_FILE)
+    if path:
+        try:
+            Path(path).write_text(json.dumps({"type": kind, "message": message, "hint": hint, "exit_code": code}),
+                                  encoding="utf-8")
+        except OSError:
+            path = None
+    if not path:
+        typer.echo(f"error: {message}", err=True)
+        if hint:
+            typer.echo(f"hint: {hint}", err=True)
+    raise typer.Exit(code)
+
+
+def _fail(error: CornerstoneError, cause: BaseException | None = None) -> NoReturn:
+    if _state["debug"]:
+        raise cause or error
+    _report(error.message, error.hint, error.exit_code, type(error).__name__)
+
+
+def _check_arguments(group: TyperGroup, ctx: Any, args: list[str]) -> None:
+    """Refuse, before any work, a command-line argument that is not UTF-8 text (bytes such as \\xff in a
+    path arrive as surrogates) or holds a NUL byte: it would be written into the report, the plan or a
+    file name at the very end, and the run's result lost there."""
+    command = next((group.get_command(ctx, argument) for argument in args if argument in group.commands), None)
+    for position, argument in enumerate(args):
+        try:
+            argument.encode("utf-8")
+            if "\0" not in argument:
+                continue
+            problem = "contains a NUL byte"
+        except UnicodeEncodeError:
+            problem = "is not UTF-8 text"
+        option, _, value = argument.partition("=") if argument.startswith("--") and "=" in argument else ("", "", argument)
+        if not option and position and _takes_value(command, args[position - 1]):
+            option = args[position - 1]
+        raise ConfigError(f"{option or 'argument'} '{_printable(value)}' {problem}", hint=_TEXT_HINT)
+
+
+_TEXT_HINT = ("Give paths and names as UTF-8 text without NUL bytes (rename the file or folder); every path is "
+              "written into reports, plans and exports as UTF-8.")
+
+
+def _printable(text: str) -> str:
+    """``text`` with the bytes that are not UTF-8 shown as ``\\xff`` and NUL as ``\\0``, so the message can be printed."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace").replace("\0", "\\0")
+
+
+def _takes_value(command: Any, option: str) -> bool:
+    for parameter in getattr(command, "params", ()):
+        if option in getattr(parameter, "opts", ()):
+            return not (getattr(parameter, "is_flag", False) or getattr(parameter, "count", False))
+    return False
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
@@ -81,14 +158,12 @@ def _usage_error_types() -> tuple[type[Exception], ...]:
 _USAGE_ERRORS = _usage_error_types()
 
 
-def _usage_error(exc: Any) -> None:
+def _usage_error(exc: Any) -> NoReturn:
     """A bad option or argument: one line and a hint, like every other error, instead of click's usage box."""
     if _state["debug"]:
         raise exc
     command = exc.ctx.command_path if exc.ctx is not None else "cornerstone"
-    typer.echo(f"error: {exc.format_message()}", err=True)
-    typer.echo(f"hint: see `{command} --help`", err=True)
-    raise typer.Exit(exc.exit_code)
+    _report(exc.format_message(), f"see `{command} --help`", exc.exit_code)
 
 
 app = typer.Typer(
@@ -124,17 +199,110 @@ def _split(values: Optional[str]) -> list[str]:
     return [part.strip() for part in (values or "").split(",") if part.strip()]
 
 
-def _memory_map(text: Optional[str]) -> dict[Any, str] | None:
-    """``0=70GiB,cpu=200GiB`` as accelerate's ``max_memory`` ({0: "70GiB", "cpu": "200GiB"})."""
+def _number(low: float | None = None, high: float | None = None, *, above: bool = False) -> Callable[[Any], float]:
+    """The parser of a float option: a finite number, at least ``low`` (more than ``low`` with ``above``) and at
+    most ``high``. typer's own ``min``/``max`` let nan and inf through wherever no bound happens to stop them."""
+
+    def parse(value: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"'{value}' is not a number") from None
+        if not math.isfinite(number):
+            raise typer.BadParameter(f"{value} is not a finite number")
+        if low is not None and (number <= low if above else number < low):
+            raise typer.BadParameter(f"{value} is not {'more than' if above else 'at least'} {low:g}")
+        if high is not None and number > high:
+            raise typer.BadParameter(f"{value} is more than {high:g}")
+        return number
+
+    return parse
+
+
+def _device_option(value: Optional[str]) -> Optional[str]:
+    """``--device``: one this machine has (see :func:`cornerstone.loading.resolve_device`), checked before any work."""
+    if value is not None:
+        from .loading import resolve_device
+
+        resolve_device(value)
+    return value
+
+
+def _output_file(path: Optional[Path]) -> Optional[Path]:
+    """``--out`` of a long command: refused before any work when it cannot be written (a folder, under a
+    file, in a folder that is not writable, a name too long), instead of after the run, at save."""
+    if path is None:
+        return None
+    import tempfile
+
+    existing = path.parent
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write '{path}': '{existing}' is a file, not a folder")
+    longest = os.pathconf(existing, "PC_NAME_MAX")
+    if any(len(os.fsencode(part)) > longest for part in path.parts):
+        raise OutputError(f"cannot write '{path}': a name in it is longer than {longest} bytes")
+    if path.is_dir():
+        raise OutputError(f"--out '{path}' is a folder", hint=f"Give a file path, e.g. {path / 'result.json'}.")
+    try:  # a real write says what permissions, read-only mounts and root's exemptions allow; it leaves no file
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise OutputError(f"cannot write '{path}': the folder '{existing}' is not writable ({exc.strerror or exc})") from None
+    return path
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map_option(value: Optional[str]) -> Optional[str]:
+    if value is not None and value not in DEVICE_MAPS:
+        raise ConfigError(f"--device-map '{value}' is not a placement (use one of: {', '.join(DEVICE_MAPS)})",
+                          hint="--device-map auto spreads a model larger than one device over GPUs, CPU and disk.")
+    return value
+
+
+def _memory_option(value: Optional[str]) -> Optional[str]:
+    _memory_map(value)
+    return value
+
+
+def _memory_map(text: Optional[str]) -> dict[Any, Any] | None:
+    """``0=70GiB,cpu=200GiB`` as accelerate's ``max_memory`` ({0: "70GiB", "cpu": "200GiB"}): devices are GPU
+    indices, cpu or disk; amounts are bytes or a number with a unit. Anything else is a :class:`ConfigError`
+    naming the entry, before the model is loaded."""
     if not text:
         return None
-    memory: dict[Any, str] = {}
+    from accelerate.utils import convert_file_size_to_int, get_max_memory
+
+    devices = [*get_max_memory(), "disk"]  # what accelerate can place weights on here: GPU indices, cpu, mps
+    hint = (f"Write DEVICE=AMOUNT entries, e.g. 0=70GiB,1=70GiB,cpu=200GiB; devices here: "
+            f"{', '.join(map(str, devices))}.")
+    memory: dict[Any, Any] = {}
     for item in _split(text):
-        device, _, amount = item.partition("=")
-        if not amount:
-            raise ConfigError(f"--max-memory entry '{item}' has no amount", hint="Write DEVICE=AMOUNT, e.g. 0=70GiB,cpu=200GiB.")
-        memory[int(device) if device.isdigit() else device] = amount
+        device, _, amount = (part.strip() for part in item.partition("="))
+        key = int(device) if device.isdecimal() and device.isascii() else device
+        if key not in devices:
+            raise ConfigError(f"--max-memory entry '{item}' names no device of this machine ('{device}')", hint=hint)
+        size: Any = int(amount) if amount.isdecimal() and amount.isascii() else amount  # accelerate takes bytes as an int
+        try:
+            if convert_file_size_to_int(size) <= 0:
+                raise ValueError
+        except (ValueError, OverflowError):  # OverflowError: "infGB"
+            raise ConfigError(f"--max-memory entry '{item}': '{amount}' is not an amount of memory", hint=hint) from None
+        memory[key] = size
     return memory
+
+
+def _option_error(exc: Any, hints: dict[str, str], command: str, what: str) -> ConfigError:
+    """The first problem pydantic found in ``what`` settings made from options, as one line naming the option
+    and the value (pydantic's own text spans lines and ends in a documentation URL); ``hints`` by field."""
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    message = first["msg"].removeprefix("Value error, ")
+    given = "" if first["type"] == "value_error" or "input" not in first else f" (got {first['input']!r})"
+    return ConfigError(f"invalid {what} option --{field.replace('_', '-')}: {message}{given}",
+                       hint=hints.get(field, f"See `cornerstone {command} --help`."))
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:
@@ -164,6 +332,8 @@ TrustRemoteCodeOption = Annotated[
                        "that code runs on this machine. cornerstone's own DeciLM exports need no flag.")]
 AllowPickleOption = Annotated[
     bool, typer.Option("--allow-pickle", help="Load pickled .bin weights. Off by default: unpickling runs code from the file.")]
+DeviceOption = Annotated[Optional[str], typer.Option(callback=_device_option,
+                                                     help="cpu, cuda, cuda:N (or mps); default: cuda if available.")]
 IncludePathOption = Annotated[
     Optional[list[Path]],
     typer.Option("--include-path", help="Extra folder of lm-eval task YAMLs (repeatable), as in lm-eval."),
@@ -181,7 +351,7 @@ def score(
     ] = "kernel",
     budget: Annotated[int, typer.Option(min=4, help="Shapley sampling: most evaluations to spend.")] = 600,
     target_stderr: Annotated[
-        Optional[float], typer.Option("--target-stderr", help="Shapley sampling: stop once every standard error is below this.")
+        Optional[float], typer.Option("--target-stderr", parser=_number(0, above=True), metavar="FLOAT", help="Shapley sampling: stop once every standard error is below this.")
     ] = None,
     window: Annotated[int, typer.Option(min=1, help="Proximity estimator: longest run of consecutive players removed.")] = 3,
     players_: Annotated[
@@ -204,13 +374,13 @@ def score(
     calibration_samples: Annotated[int, typer.Option("--calibration-samples", min=1, help="Proxies: most calibration texts.")] = 128,
     max_length: Annotated[int, typer.Option("--max-length", min=2, help="Proxies: tokens per calibration text.")] = 256,
     avss_threshold: Annotated[
-        float, typer.Option("--avss-threshold", min=0.0, help="AVSS: an entry is near zero below this share of its token's RMS.")
+        float, typer.Option("--avss-threshold", parser=_number(0), metavar="FLOAT", help="AVSS: an entry is near zero below this share of its token's RMS.")
     ] = 0.01,
     avss_absolute: Annotated[bool, typer.Option("--avss-absolute", help="AVSS: the threshold is absolute, not relative to the RMS.")] = False,
-    avss_epsilon: Annotated[float, typer.Option("--avss-epsilon", min=0.0, help="AVSS: added to the sparsity before dividing.")] = 1e-3,
-    avss_share: Annotated[float, typer.Option("--avss-share", min=0.0, max=1.0, help="AVSS: cumulative share of the pruning candidates.")] = 0.25,
+    avss_epsilon: Annotated[float, typer.Option("--avss-epsilon", parser=_number(0), metavar="FLOAT", help="AVSS: added to the sparsity before dividing.")] = 1e-3,
+    avss_share: Annotated[float, typer.Option("--avss-share", parser=_number(0, 1), metavar="FLOAT", help="AVSS: cumulative share of the pruning candidates.")] = 0.25,
     outlier: Annotated[
-        float, typer.Option(min=1.0, help="Proxies' cornerstone rule: importance at least this many times the median of its kind.")
+        float, typer.Option(parser=_number(1), metavar="FLOAT", help="Proxies' cornerstone rule: importance at least this many times the median of its kind.")
     ] = 3.0,
     include_path: IncludePathOption = None,
     limit: Annotated[
@@ -234,22 +404,22 @@ def score(
         str, typer.Option(help="fast (reuses work across masks; lm-eval's per-document results) or lm-eval (its own loop per mask).")
     ] = "fast",
     dtype: Annotated[str, typer.Option(help="float32 (reference), bfloat16 (faster on CPUs with AMX) or float16.")] = "float32",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
+    device: DeviceOption = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of a hub model.")] = None,
     margin: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Cornerstone rule: removal leaves at most this share of the above-chance score.")
+        float, typer.Option(parser=_number(0, 1), metavar="FLOAT", help="Cornerstone rule: removal leaves at most this share of the above-chance score.")
     ] = 0.2,
-    out: Annotated[Optional[Path], typer.Option(help="Report path (JSON; a PNG plot goes beside it). Default: cornerstone-output/MODEL-METHOD-GRANULARITY.json.")] = None,
+    out: Annotated[Optional[Path], typer.Option(callback=_output_file, help="Report path (JSON; a PNG plot goes beside it). Default: cornerstone-output/MODEL-METHOD-GRANULARITY.json.")] = None,
     num_processes: Annotated[
         int, typer.Option("--num-processes", min=1, help="Split the evaluations over this many processes (torch.distributed; "
                           "one model replica each, one GPU each on a GPU machine).")
     ] = 1,
     force: Annotated[bool, typer.Option("--force", help="Run even when the estimate says the memory will not suffice.")] = False,
     device_map: Annotated[
-        Optional[str], typer.Option("--device-map", help="auto: place a model larger than one device across GPUs, CPU and disk (accelerate).")
+        Optional[str], typer.Option("--device-map", callback=_device_map_option, help="auto: place a model larger than one device across GPUs, CPU and disk (accelerate).")
     ] = None,
     max_memory: Annotated[
-        Optional[str], typer.Option("--max-memory", help="With --device-map: most memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+        Optional[str], typer.Option("--max-memory", callback=_memory_option, help="With --device-map: most memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
     ] = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     allow_pickle: AllowPickleOption = False,
@@ -261,10 +431,10 @@ def score(
     if device_map is not None and (num_processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise ConfigError("--device-map spreads one replica over every device; it cannot be combined with several processes",
                           hint="Use --device-map for a model larger than one device, --num-processes for one that fits.")
+    if max_memory is not None and device_map is None:
+        raise ConfigError("--max-memory applies with --device-map", hint="Add --device-map auto, or drop --max-memory.")
     placement = {"device_map": device_map, "max_memory": _memory_map(max_memory)} if device_map else {}
     ranks = distributed.from_environment()
-    if num_processes > 1 and ranks is None:
-        raise typer.Exit(distributed.launch(num_processes, _without_option(sys.argv[1:], "--num-processes")))
     from rich.console import Console
 
     from . import report as report_module
@@ -303,6 +473,10 @@ def score(
     resolve(model)  # a mistyped model path fails here, before the slower task loading
     with console.status("loading tasks"):
         specs = load_tasks(_split(tasks), include_paths=include_path or [], limit=None if all_docs else limit, seed=seed)
+    if num_processes > 1 and ranks is None:
+        # every option, the model path and the tasks are checked above, once, before the ranks start
+        distributed.launch(num_processes, _without_option(sys.argv[1:], "--num-processes"))
+        return
     if until_resolved is not None:
         specs = _split(tasks)  # type: ignore[assignment]  # drawn round by round (names checked above)
     with console.status(f"loading {model} ({dtype}; a GGUF file is dequantised once, then cached)"):
@@ -492,8 +666,8 @@ def plan(
                           keep_last=keep_last, keep=_split(keep), protect_cornerstones=not no_protect,
                           harmless_only=harmless_only)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"--{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        raise _option_error(exc, {"drop": "Write --drop 8 (a number of players) or --drop 25% (a share of the parameters)."},
+                            "plan", "planning") from None
     console = Console(stderr=True)
     with _progress_bar(console, "planning") as progress:
         made = make_plan(report, planner, progress=progress)
@@ -529,7 +703,7 @@ def export(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip reloading the export and comparing its logits.")] = False,
     allow_other_model: Annotated[bool, typer.Option("--allow-other-model", help="Apply a plan made for another model.")] = False,
     dtype: Annotated[str, typer.Option(help="Weights' dtype in the export: float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
+    device: DeviceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
@@ -564,16 +738,16 @@ def heal(
     out: Annotated[Path, typer.Option(help="Folder for the healed checkpoint (must not exist unless --overwrite).")],
     method: Annotated[str, typer.Option(help="lora (adapter merged into the weights) or full.")] = "lora",
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is alpha/rank * B A).")] = 32.0,
+    alpha: Annotated[float, typer.Option(parser=_number(0, above=True), metavar="FLOAT", help="LoRA alpha (the update is alpha/rank * B A).")] = 32.0,
     target_modules: Annotated[str, typer.Option("--target-modules", help="Comma-separated module names, or all-linear.")] = "all-linear",
-    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="Default 2e-4 (LoRA) or 2e-5 (full).")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", parser=_number(0, above=True), metavar="FLOAT", help="Default 2e-4 (LoRA) or 2e-5 (full).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 100,
     sequence_length: Annotated[int, typer.Option("--sequence-length", min=8, help="Tokens per training window.")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per step.")] = 8,
     samples: Annotated[Optional[int], typer.Option(min=1, help="Most training texts (seeded draw); default all.")] = None,
-    distill: Annotated[float, typer.Option(help="Weight of the distillation loss against --teacher's logits (0 = none).")] = 0.0,
+    distill: Annotated[float, typer.Option(parser=_number(0, 1), metavar="FLOAT", help="Weight of the distillation loss against --teacher's logits (0 = none).")] = 0.0,
     teacher: Annotated[Optional[str], typer.Option(help="The unpruned model, teacher for --distill.")] = None,
-    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 2.0,
+    temperature: Annotated[float, typer.Option(parser=_number(0, above=True), metavar="FLOAT", help="Distillation temperature.")] = 2.0,
     compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="float32, or bfloat16 autocast (faster on CPUs with bf16).")] = "float32",
     seed: Annotated[int, typer.Option(help="Seed of the LoRA init and the batch order.")] = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between resumable checkpoints.")] = 25,
@@ -582,10 +756,11 @@ def heal(
                                                 "too (by default a scored task's other documents only).")] = False,
     include_path: IncludePathOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
+    device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Fine-tune a pruned model briefly (LoRA by default) to win back what pruning cost; write it merged."""
+    from pydantic import ValidationError
     from rich.console import Console
 
     from .heal import Healing, heal as run_heal
@@ -596,9 +771,8 @@ def heal(
                           sequence_length=sequence_length, batch_size=batch_size, samples=samples, distill=distill,
                           teacher=teacher, temperature=temperature, compute_dtype=compute_dtype, seed=seed,
                           checkpoint_every=checkpoint_every)
-    except ValueError as exc:
-        raise ConfigError(f"invalid healing option: {str(exc).splitlines()[-1].strip()}",
-                          hint="See `cornerstone heal --help`.") from None
+    except ValidationError as exc:
+        raise _option_error(exc, {}, "heal", "healing") from None
     console = Console(stderr=True)
     with _progress_bar(console, "healing") as progress:
         result = run_heal(pruned, out, healing, include_paths=include_path or [], evaluation_tasks=_split(not_on),
@@ -623,8 +797,9 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="Seed for drawing the --limit documents.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="lm-eval batch size.")] = 16,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: cuda if available.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Comparison path (JSON; Markdown beside it). Default: cornerstone-output/eval-PRUNED.json.")] = None,
+    device: DeviceOption = None,
+    out: Annotated[Optional[Path], typer.Option(callback=_output_file, help="Comparison path (JSON; Markdown beside it). "
+                                                "Default: cornerstone-output/eval-PRUNED.json.")] = None,
     healed: Annotated[Optional[str], typer.Option(help="Also evaluate this `cornerstone heal` output, as a third column.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="The score report the plan was made from (default: the plan "
                                                    "saved in PRUNED says); its documents are left out.")] = None,

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import numbers
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -142,9 +143,12 @@ def task_manager(include_paths: Sequence[str | Path] = (), *, include_defaults: 
     Indexing lm-eval's own ~200 task folders takes seconds, so :func:`load_tasks` first tries a
     registry of the bundled and user folders alone and builds the full one only when needed.
     """
+    for given in include_paths:
+        if "\0" in str(given):  # the OS takes no path with one; resolve() would raise a bare ValueError
+            raise TaskError(f"include path '{str(given).replace(chr(0), '?')}' contains a NUL byte")
     paths = [str(bundled_tasks_dir())] + [str(Path(p).expanduser().resolve()) for p in include_paths]
     for path in paths[1:]:
-        if not Path(path).is_dir():
+        if not os.path.isdir(path):  # False, not an exception, for a name too long for the system too
             raise TaskError(f"include path '{path}' is not a folder")
     return _cached_manager(tuple(paths), include_defaults)
 
@@ -181,6 +185,15 @@ def _chance(task: Any, docs: Sequence[Any], output_type: str) -> float:
     if output_type != "multiple_choice" or not docs:
         return 0.0
     return sum(1.0 / max(1, len(task.doc_to_choice(doc))) for doc in docs) / len(docs)
+
+
+def request_count(spec: TaskSpec) -> int:
+    """The loglikelihood requests of ``spec``'s documents: one per choice of a multiple-choice document, one per
+    loglikelihood document."""
+    if spec.output_type != "multiple_choice":
+        return len(spec.doc_indices)
+    docs = spec.task.eval_docs
+    return sum(len(spec.task.doc_to_choice(docs[index])) for index in spec.doc_indices)
 
 
 def load_tasks(
@@ -222,6 +235,7 @@ def load_tasks(
         with _quiet(), _no_dataset_progress():
             task_dict = get_task_dict(list(names), manager)
     except Exception as exc:  # lm-eval raises bare exceptions when a dataset cannot be read
+        _explain_first_document(exc)
         raise TaskError(f"cannot load tasks {', '.join(names)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     specs: list[TaskSpec] = []
     for name, task in _leaf_tasks(task_dict):
@@ -241,6 +255,8 @@ def load_tasks(
             indices, selection = _recorded(name, documents[name], len(docs))
         else:
             indices, selection = _draw(name, len(docs), limit, seed, (exclude or {}).get(name, ()))
+        for index in indices:
+            check_document(name, task, docs[index], index, output_type)
         spec = TaskSpec(name=name, task=task, metric=_choose_metric(name, task), doc_indices=indices,
                         total_docs=len(docs), chance=_chance(task, [docs[i] for i in indices], output_type),
                         output_type=output_type, selection=selection)
@@ -250,6 +266,76 @@ def load_tasks(
                             hint="The task's data or prompt was edited; re-score so plan and evaluation use what was measured.")
         specs.append(spec)
     return specs
+
+
+def check_document(name: str, task: Any, doc: Any, index: int, output_type: str) -> None:
+    """Refuse a document lm-eval would score wrongly or crash on: the first problem is a
+    :class:`TaskError` naming the task, the document's index and the field.
+
+    lm-eval reads the gold answer of a multiple-choice document as an index into its choices or as
+    one of the choices' texts, and scores anything else as a wrong answer (-1, the string "0"), warns
+    (7 of 2 choices) or crashes (1.5, a missing label): each would pull the task's score below chance
+    without a word. Its templates and fields raise their own errors ("list index out of range").
+    """
+
+    def read(field: str) -> Any:
+        try:
+            return getattr(task, field)(doc)
+        except Exception as exc:  # jinja, ast and the task's own Python functions raise their own types
+            raise TaskError(f"task '{name}' document {index}: {_field(task, field)} cannot be read "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'})",
+                            hint=_DATA_HINT) from None
+
+    text, target = read("doc_to_text"), read("doc_to_target")
+    if output_type != "multiple_choice":
+        for field, value in (("doc_to_text", text), ("doc_to_target", target)):
+            if not isinstance(value, str):
+                raise TaskError(f"task '{name}' document {index}: {_field(task, field)} gave {_short(value)}, not text",
+                                hint=_DATA_HINT)
+        return
+    choices = read("doc_to_choice")
+    if not isinstance(choices, list) or not choices or not all(isinstance(choice, str) for choice in choices):
+        raise TaskError(f"task '{name}' document {index}: {_field(task, 'doc_to_choice')} gave {_short(choices)}, "
+                        "not a non-empty list of texts", hint=_DATA_HINT)
+    # winogrande-style tasks put the choices in the context: the prompt is then the gold index
+    field, gold = ("doc_to_text", text) if isinstance(text, int) and not isinstance(text, bool) else ("doc_to_target", target)
+    for label in gold if isinstance(gold, list) and gold else [gold]:
+        integer = isinstance(label, numbers.Integral) and not isinstance(label, bool)
+        if not ((integer and 0 <= label < len(choices)) or (isinstance(label, str) and label in choices)):
+            raise TaskError(f"task '{name}' document {index}: gold label {_short(label)} ({_field(task, field)}) is not "
+                            f"a choice: expected an index 0..{len(choices) - 1} or one of its {len(choices)} choices' texts",
+                            hint=_DATA_HINT)
+
+
+_DATA_HINT = ("Fix that document in the task's data (or its YAML's doc_to_text/doc_to_choice/doc_to_target); "
+              "a gold label is an integer index into the choices.")
+
+
+def _field(task: Any, field: str) -> str:
+    """``doc_to_target 'label'``: the task's setting for ``field``, as its YAML spells it."""
+    setting = getattr(getattr(task, "config", None), field, None)
+    return f"{field} {setting!r}" if isinstance(setting, str) else field
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _explain_first_document(exc: BaseException) -> None:
+    """lm-eval reads a task's first document while it builds the task, and a bad one fails there with a bare
+    error ("list index out of range" for a label beyond the choices). When that is what happened, raise
+    the :class:`TaskError` :func:`check_document` gives for that document instead."""
+    frame_locals = []
+    trace = exc.__traceback__
+    while trace is not None:
+        frame_locals.append(trace.tb_frame.f_locals)
+        trace = trace.tb_next
+    for found in reversed(frame_locals):
+        task, doc = found.get("self"), found.get("test_doc")
+        if doc is not None and hasattr(getattr(task, "config", None), "task"):
+            check_document(str(task.config.task), task, doc, 0, str(task.config.output_type))
+            return
 
 
 def _recorded(name: str, record: DocumentRecord, total: int) -> tuple[list[int], dict[str, Any]]:

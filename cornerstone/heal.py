@@ -44,7 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError, HealError
-from .files import staged_directory
+from .files import check_output, staged_directory
 from .players import text_config
 
 HEAL_MANIFEST = "cornerstone-heal.json"
@@ -125,6 +125,11 @@ def training_texts(healing: Healing, include_paths: Sequence[str | Path] = (),
     tasks = training_tasks(healing.data)
     samples = healing.samples or ALL_TEXTS
     if not tasks:
+        if not Path(healing.data).is_file():
+            hint = ("Give one .txt (blank-line separated), .jsonl (a 'text' field per line) or .json file, or "
+                    "comma-separated lm-eval task names.")
+            what = "is a folder" if Path(healing.data).is_dir() else "does not exist"
+            raise ConfigError(f"--data '{healing.data}' {what}", hint=hint)
         texts = calibration_texts(Calibration(source=healing.data, samples=samples, seed=healing.seed))
         return texts, {"file": healing.data, "texts": len(texts)}
     specs = harness.load_tasks(tasks, include_paths=include_paths, exclude=exclude)
@@ -255,6 +260,7 @@ def heal(
         raise HealError(f"'{source}' is not an exported model folder", hint="Give the --out folder of `cornerstone export`.")
     if out.exists() and not overwrite:
         raise HealError(f"'{out}' already exists", hint="Choose another --out, or pass --overwrite.")
+    check_output(out, overwrite=overwrite, marker=HEAL_MANIFEST, protected=(source,))  # before training, not after
     from .evaluate import scored_documents
 
     found = None if allow_overlap else scored_documents(source)
@@ -276,6 +282,12 @@ def heal(
     tokenizer = AutoTokenizer.from_pretrained(source)
     sequences = pack(tokenizer, texts, healing.sequence_length)
     layers = int(getattr(text_config(model.config), "num_hidden_layers", -1))
+    teacher = None  # checked before any training: its vocabulary must be the pruned model's
+    if healing.distill > 0:
+        with torch.random.fork_rng(devices=[]):  # loading draws no numbers from the seeded stream the LoRA init uses
+            taught = load_model(healing.teacher, dtype="float32", device=device)
+        _check_teacher(healing.teacher, taught.model, taught.tokenizer, model, tokenizer)
+        teacher = taught.model.eval()
 
     if healing.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -287,9 +299,6 @@ def heal(
             parameter.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=healing.rate(), weight_decay=0.0)
-    teacher = None
-    if healing.distill > 0:
-        teacher = load_model(healing.teacher, dtype="float32", device=device).model.eval()
 
     key = _settings_key(healing, fingerprint_folder(source))
     checkpoint = checkpoint_dir(out)
@@ -335,7 +344,8 @@ def heal(
         first_loss=_mean_loss(history[:max(1, len(history) // 10)]),
         last_loss=_mean_loss(history[-max(1, len(history) // 10):]), history=history,
         seconds=time.perf_counter() - started)
-    with staged_directory(out, if_exists="replace" if overwrite else "error") as staging:
+    with staged_directory(out, if_exists="replace" if overwrite else "error", marker=HEAL_MANIFEST,
+                          protected=(source,)) as staging:
         with no_progress_bars():
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
@@ -352,6 +362,20 @@ def heal(
         del reloaded
     shutil.rmtree(checkpoint, ignore_errors=True)
     return result
+
+
+def _check_teacher(name: str | None, teacher: torch.nn.Module, teacher_tokenizer: Any, student: torch.nn.Module,
+                   tokenizer: Any) -> None:
+    """Refuse a distillation teacher whose logits do not speak the pruned model's vocabulary: the KL term
+    compares the two distributions token id by token id, so the vocabularies must be the same, in size
+    and in which text each id stands for."""
+    sizes = [model.get_output_embeddings().weight.shape[0] for model in (teacher, student)]
+    if sizes[0] != sizes[1]:
+        raise HealError(f"the teacher '{name}' has a vocabulary of {sizes[0]:,} tokens, the pruned model {sizes[1]:,}",
+                        hint="Distil from the unpruned model the pruned one was cut from (same tokenizer).")
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise HealError(f"the teacher '{name}' has another tokenizer than the pruned model (same size, {sizes[0]:,} "
+                        "tokens, other texts)", hint="Distil from the unpruned model the pruned one was cut from.")
 
 
 def _task_names(names: Sequence[str], include_paths: Sequence[str | Path]) -> set[str]:

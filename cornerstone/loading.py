@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,11 +191,27 @@ def fingerprint_folder(folder: Path) -> str:
     return "folder-sha256:" + digest.hexdigest()
 
 
+def available_devices() -> list[str]:
+    """The devices a model can be placed on here: cpu, then each CUDA GPU (``cuda``, ``cuda:N``) and Apple's mps."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
 def resolve_device(device: str | None) -> str:
+    """``device``, or the default (``auto``/None: cuda where there is a GPU, else cpu); a device this machine
+    does not have (``mps`` without Apple silicon, ``tpu``, ``cuda:3`` of two GPUs, a typo) is a :class:`ConfigError`
+    naming what is available, not torch's traceback."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' requested but CUDA is not available", hint="Use --device cpu.")
+    available = available_devices()
+    if device not in available:
+        raise ConfigError(f"--device '{device}' is not available here (available: {', '.join(available)})",
+                          hint="Use one of those, or leave --device out to take a GPU where there is one.")
     return device
 
 
@@ -270,12 +287,16 @@ def remote_code_trusted(folder: Path, trust_remote_code: bool = False) -> bool:
 def _from_pretrained(location: str, torch_dtype: torch.dtype, *, allow_pickle: bool = False,
                      placement: dict[str, Any] | None = None, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    # transformers logs a table of missing and unexpected weights; check_weights_match says it in one line
+    hf_logging.set_verbosity_error()
     try:
         with no_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype,
-                                                         use_safetensors=None if allow_pickle else True,
-                                                         **(placement or {}), **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype,
+                                                               use_safetensors=None if allow_pickle else True,
+                                                               output_loading_info=True, **(placement or {}), **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except OSError:
         raise  # a missing file: the caller knows whether that means "not found" (hub) or "incomplete" (folder)
@@ -283,7 +304,49 @@ def _from_pretrained(location: str, torch_dtype: torch.dtype, *, allow_pickle: b
         raise ModelLoadError(f"cannot load '{location}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                              hint="The files may be corrupt or truncated (re-download or re-export them), or made "
                                   "by a newer transformers.") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_weights_match(location, model, info)
     return model, tokenizer
+
+
+# A key of one decoder block: "model.layers.3.mlp.up_proj.weight" (GPT-2: "transformer.h.3.attn...").
+_LAYER_KEY = re.compile(r"^(.*?(?:^|\.)(?:layers|h))\.([0-9]+)\.")
+
+
+def check_weights_match(location: str | Path, model: torch.nn.Module, info: dict[str, Any]) -> None:
+    """Refuse a load where the weights and config.json disagree (transformers' ``output_loading_info``).
+
+    transformers fills a weight the files lack with random numbers and drops a weight the model has no
+    place for, with a warning: a config that says more layers than the weights hold would be scored
+    with a randomly initialised block, one that says fewer would lose a block without a word. Any
+    missing, unexpected or mismatched key is a :class:`ModelLoadError`; a layer-count disagreement
+    names ``num_hidden_layers`` and the count the weights hold. Tied and non-persistent weights are
+    not reported by transformers, so a sound checkpoint passes.
+    """
+    missing = set(info.get("missing_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ())
+    mismatched = list(info.get("mismatched_keys") or ())
+    if not (missing or unexpected or mismatched):
+        return
+    config_path = Path(str(location)) / "config.json"
+    declared = getattr(text_config(model.config), "num_hidden_layers", None)
+    blocks: dict[tuple[str, int], set[str]] = {}
+    for key in model.state_dict():
+        if found := _LAYER_KEY.match(key):
+            blocks.setdefault((found[1], int(found[2])), set()).add(key)
+    absent = {block for block, keys in blocks.items() if keys <= missing}
+    extra = {(found[1], int(found[2])) for key in unexpected if (found := _LAYER_KEY.match(key))} - set(blocks)
+    held = len((set(blocks) - absent) | extra)
+    hint = "Restore the config.json that came with these weights (or re-download / re-export the model)."
+    if declared is not None and (absent or extra) and held != declared:
+        raise ModelLoadError(f"'{config_path}' says num_hidden_layers={declared} but the weights hold {held} layers",
+                             hint=hint)
+    problems = [f"{len(keys)} {what} (e.g. {sorted(map(str, keys))[0]})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched))
+                if keys]
+    raise ModelLoadError(f"the weights of '{location}' do not match its config.json: "
+                         f"{', '.join(problems)} weights", hint=hint)
 
 
 def dequantised_folder(gguf: Path) -> tuple[Path, str, bool]:
@@ -333,6 +396,10 @@ def _hub_commit(repo_id: str, revision: str | None) -> str | None:
 
 def resolve(spec: str) -> tuple[str, Path | str]:
     """Classify a model argument: ``("alias"|"gguf"|"folder"|"hub", location)``."""
+    if "\0" in spec:  # the OS takes no path with one, and pathlib would answer "does not exist"
+        shown = spec.replace("\0", "\\0")
+        raise ConfigError(f"the model '{shown}' contains a NUL byte",
+                          hint="Give the model as a path, hub id or alias without NUL bytes.")
     if spec in BUNDLED_MODELS:
         return "alias", BUNDLED_MODELS[spec].locate()
     path = Path(spec).expanduser()

@@ -7,8 +7,9 @@ full model has been evaluated (every method needs v(N) first, so measuring it co
             = P * bytes(dtype)  +  cache_bytes  +  B * T * (V + 4 H) * 4
     time    = evaluations * seconds(v(N)) / processes
 
-with P parameters, B the batch size, T the longest request in tokens, V the vocabulary and H the
-hidden size (the float32 logits of a batch dominate the activations). ``evaluations`` is the
+with P parameters, B the rows of the largest batch (the batch size, or the number of requests when
+there are fewer), T the longest request in tokens, V the vocabulary and H the hidden size (the
+float32 logits of a batch dominate the activations). ``evaluations`` is the
 method's upper bound (ablation: n + 1; Shapley: its budget plus the n + 1 single removals; a
 proxy: 1), and the first evaluation includes the one-off tokenisation, so the time errs long.
 A run whose memory exceeds what the device has free is refused unless forced.
@@ -68,16 +69,19 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def estimate_run(model: torch.nn.Module, *, evaluations: int, seconds_per_evaluation: float, batch_size: int,
-                 longest_request: int, cache_bytes: int, processes: int = 1, timed_now: bool = True) -> RunEstimate:
+                 longest_request: int, cache_bytes: int, processes: int = 1, timed_now: bool = True,
+                 requests: int | None = None) -> RunEstimate:
     """The memory and time of a run on ``model`` (already loaded, so its weights are counted but not
-    asked of the free memory again)."""
+    asked of the free memory again). ``requests``: how many sequences one evaluation scores; no batch
+    holds more, whatever ``batch_size`` allows."""
     config = text_config(model.config)
     parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     first = next(model.parameters())
     weight_bytes = parameters * first.element_size()
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
-    activation_bytes = batch_size * longest_request * (vocab + 4 * hidden) * 4
+    rows = min(batch_size, requests) if requests else batch_size
+    activation_bytes = rows * longest_request * (vocab + 4 * hidden) * 4
     return RunEstimate(
         parameters=parameters, weight_bytes=weight_bytes, cache_bytes=cache_bytes, activation_bytes=activation_bytes,
         memory_bytes=weight_bytes + cache_bytes + activation_bytes, available_bytes=available_memory(first.device),

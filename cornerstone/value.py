@@ -105,6 +105,12 @@ class ValueFunction:
         return int(self._lm.max_length), 0
 
     @property
+    def requests(self) -> int:
+        """Sequences one evaluation scores (a multiple-choice document asks one per choice): no forward
+        pass holds more rows, whatever the batch size."""
+        return sum(harness.request_count(spec) for spec in self.tasks)
+
+    @property
     def chance(self) -> float:
         return sum(spec.chance for spec in self.tasks) / len(self.tasks)
 
