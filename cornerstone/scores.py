@@ -565,7 +565,8 @@ def score(
     longest, cache_bytes = value.footprint()
     estimate = estimate_run(loaded.model, evaluations=_evaluations_needed(estimator, len(playing)),
                             seconds_per_evaluation=full_model.seconds, batch_size=batch_size, longest_request=longest,
-                            cache_bytes=cache_bytes, processes=ranks.world if ranks else 1, timed_now=timed_now)
+                            cache_bytes=cache_bytes, processes=ranks.world if ranks else 1, timed_now=timed_now,
+                            requests=value.requests)
     if on_estimate is not None:
         on_estimate(estimate)
     check_fits(estimate, force=force)
