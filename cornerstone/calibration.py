@@ -83,7 +83,7 @@ def calibration_texts(calibration: Calibration, tasks: Sequence[harness.TaskSpec
 def _read_text_file(path: Path) -> list[str]:
     hint = "Give 'tasks', 'bundled', or a .txt (blank-line separated), .jsonl (a 'text' field per line) or .json file."
     if not path.is_file():
-        raise ConfigError(f"calibration file '{path}' does not exist", hint=hint)
+        raise ConfigError(f"calibration file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}", hint=hint)
     try:
         raw = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":

@@ -354,3 +354,6 @@ def test_paths_the_system_refuses_are_one_line(work):
     refused(work, ["tasks", "--include-path", long], TaskError.exit_code, "is not a folder")
     refused(work, [*score_args(work, "--method", "avss", "--no-store"), "--calibration", long + ".txt"],
             ConfigError.exit_code, "File name too long")
+    (work / "texts").mkdir()
+    refused(work, [*score_args(work, "--method", "avss", "--no-store"), "--calibration", work / "texts"],
+            ConfigError.exit_code, "is a folder")
