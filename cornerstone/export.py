@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel
 
 from .errors import ExportError, PlanError
-from .files import staged_directory
+from .files import check_output, staged_directory
 from .loading import LoadedModel, load_model
 from .masking import removed
 from .planner import Plan
@@ -211,6 +211,21 @@ def load_exported(folder: str | Path, dtype: torch.dtype | None = None) -> Any:
                                                 trust_remote_code=remote_code_trusted(folder)).eval()
 
 
+def check_model(plan: Plan, loaded: LoadedModel, named: str = "the plan") -> None:
+    """Refuse (:class:`PlanError`) to apply ``plan`` to a model other than the one it was made for: its
+    ``model.fingerprint`` must be the loaded model's. A plan without one (null or empty: edited, or
+    written by another tool) cannot be checked and is refused too; ``--allow-other-model`` skips both."""
+    fingerprint = plan.model.get("fingerprint")
+    hint = ("Export the model the plan was made for (or pass --allow-other-model; a folder's plan made "
+            "before fingerprints covered the whole weights no longer matches it).")
+    if not (fingerprint or "").strip():
+        raise PlanError(f"{named} names no model fingerprint (model.fingerprint is {fingerprint!r}), so it cannot be "
+                        f"checked against {loaded.spec}",
+                        hint="Plan again from this model's report, or pass --allow-other-model to apply it unchecked.")
+    if fingerprint != loaded.fingerprint:
+        raise PlanError(f"the plan was made for {plan.model.get('spec') or fingerprint}, not for {loaded.spec}", hint=hint)
+
+
 def export(
     model: LoadedModel | str,
     plan: Plan | str | Path,
@@ -232,11 +247,14 @@ def export(
     """
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    named = "the plan" if isinstance(plan, Plan) else f"plan '{plan}'"
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    if plan.model.get("fingerprint") not in (None, loaded.fingerprint) and not allow_other_model:
-        raise PlanError(f"the plan was made for {plan.model.get('spec')}, not for {loaded.spec}",
-                        hint="Export the model the plan was made for (or pass --allow-other-model; a folder's plan made "
-                             "before fingerprints covered the whole weights no longer matches it).")
+    if not allow_other_model:
+        check_model(plan, loaded, named)
+    out = Path(out)
+    # the model being read, never written into nor replaced: its folder or GGUF file and the GGUF's cache
+    sources = [loaded.location, *([loaded.extra["dequantised_cache"]] if "dequantised_cache" in loaded.extra else [])]
+    check_output(out, overwrite=overwrite, marker=EXPORT_MANIFEST, protected=sources)  # before any work
     players = parse_players(loaded.model, plan.player_names)
     blocks = _whole_blocks(players)
     if blocks is not None:
@@ -249,8 +267,8 @@ def export(
         raise ExportError(f"the exported model has {parameters:,} parameters but the plan predicts "
                           f"{plan.parameters.remaining:,}",
                           hint="The plan was made from a report of a different model; re-plan from this model's report.")
-    out = Path(out)
-    with staged_directory(out, if_exists="replace" if overwrite else "error") as staging:
+    with staged_directory(out, if_exists="replace" if overwrite else "error", marker=EXPORT_MANIFEST,
+                          protected=sources) as staging:
         with no_progress_bars():
             slim.save_pretrained(staging, max_shard_size=max_shard_size)
             loaded.tokenizer.save_pretrained(staging)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Callable
@@ -20,53 +22,184 @@ from .errors import CornerstoneError, OutputError
 Model = TypeVar("Model", bound=BaseModel)
 
 
+def output_modes() -> tuple[int, int]:
+    """(folder mode, file mode) a new output gets: 0o777 and 0o666 less the process umask, as ``mkdir``
+    and ``open`` would give. ``tempfile`` creates its staging names 0700 / 0600, private whatever the
+    umask, so a serving account could not read an export or a report without this."""
+    mask = _umask()
+    return 0o777 & ~mask, 0o666 & ~mask
+
+
+def _umask() -> int:
+    # /proc reads the umask without changing it; os.umask can only set it, so the fallback sets it
+    # back at once (a thread creating a file in between would get the fallback's mask: ours is the same)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_modes(root: Path) -> None:
+    """Give ``root`` and everything under it :func:`output_modes` (links are left alone)."""
+    folder_mode, file_mode = output_modes()
+    os.chmod(root, folder_mode)
+    for parent, folders, files in os.walk(root):
+        for name in folders + files:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                os.chmod(path, folder_mode if name in folders else file_mode)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder, so a reader never sees half a file."""
+    """Write through a temporary file in the same folder, so a reader never sees half a file; the
+    file gets the mode the umask gives (:func:`output_modes`), not ``mkstemp``'s 0600."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
         with os.fdopen(handle, "wb") as out:
             out.write(data)
+            os.fchmod(out.fileno(), output_modes()[1])
         os.replace(staging, path)
     except OSError as exc:
         raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from exc
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "host"
+
+
+def _staging_prefix(target: Path, role: Literal["partial", "old"]) -> str:
+    """The name a staging folder starts with: its owner (pid@host) is in it, so a later run can tell
+    the leftovers of a killed run from the folders of a run still writing (:func:`remove_leftovers`)."""
+    return f".{target.name}-{role}-{os.getpid()}@{_host()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or a pid no kill can name: not ours to judge dead
+    return True
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Remove the staging folders (``.NAME-partial-*``, ``.NAME-old-*``) a killed run left beside
+    ``target``: only those made on this host by a process that no longer exists. A run killed between
+    moving the old ``target`` aside and putting the new one in place left no ``target``: the old one
+    is put back. Returns what was removed."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}-(partial|old)-([0-9]+)@([A-Za-z0-9._-]+)-[a-z0-9_]+")
+    removed_paths = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if not found or found[3] != _host() or _alive(int(found[2])) or not entry.is_dir() or entry.is_symlink():
+            continue
+        kept = entry / target.name
+        if found[1] == "old" and not os.path.lexists(target) and kept.is_dir():
+            os.replace(kept, target)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed_paths.append(entry)
+    return removed_paths
+
+
+def check_output(target: str | Path, *, overwrite: bool, marker: str | None = None,
+                 protected: Collection[str | Path] = ()) -> None:
+    """Refuse (:class:`OutputError`) an output folder whose writing would destroy what cornerstone did not write.
+
+    ``target`` may not be, lie inside or contain any of the ``protected`` paths (the model being read:
+    symlinks resolved). An existing ``target`` is an error unless ``overwrite``, and then it must be a
+    folder (not a link) holding the file ``marker``: the manifest cornerstone writes into every
+    output of this kind. A plain file, an unrelated folder or the model's own folder is never replaced.
+    The leftovers of killed runs beside ``target`` are removed first (:func:`remove_leftovers`), which
+    may put back an output a killed run had moved aside.
+    """
+    shown, target = str(target), Path(os.path.abspath(target))  # '.' and '..' have no name to stage beside
+    if not target.name:
+        raise OutputError(f"'{shown}' cannot be an output folder", hint="Choose a new folder for --out.")
+    remove_leftovers(target)
+    real = target.resolve()
+    for source in protected:
+        if not os.path.lexists(source):
+            continue  # a hub id, not a path: nothing on disk to protect
+        source_real = Path(os.path.abspath(source)).resolve()
+        if real == source_real or source_real in real.parents or real in source_real.parents:
+            where = ("is" if real == source_real else "is inside" if source_real in real.parents else "contains")
+            raise OutputError(f"--out '{shown}' {where} the model being read ('{source}')",
+                              hint="Write the output to a folder of its own, outside the model's folder.")
+    if not os.path.lexists(target):
+        return
+    if not overwrite:
+        raise OutputError(f"'{shown}' already exists", hint="Choose another --out, or pass --overwrite.")
+    if marker is None:
+        raise TypeError("overwrite needs the marker file that identifies an output cornerstone wrote")
+    hint = f"--overwrite replaces only a folder cornerstone wrote (one holding {marker}); choose another --out."
+    if target.is_symlink():
+        raise OutputError(f"'{shown}' is a symbolic link, not an output cornerstone wrote", hint=hint)
+    if not target.is_dir():
+        raise OutputError(f"'{shown}' is a file, not an output folder cornerstone wrote", hint=hint)
+    if not (target / marker).is_file():
+        raise OutputError(f"'{shown}' is not an output cornerstone wrote (it has no {marker})", hint=hint)
+
+
 @contextmanager
-def staged_directory(target: Path, if_exists: Literal["error", "replace", "keep"] = "error") -> Iterator[Path]:
+def staged_directory(target: Path, if_exists: Literal["error", "replace", "keep"] = "error", *,
+                     marker: str | None = None, protected: Collection[str | Path] = ()) -> Iterator[Path]:
     """Yield a hidden staging folder beside ``target``; rename it to ``target`` only when the block succeeds.
 
     A failure or an interruption removes the staging folder, so ``target`` is either absent or
-    complete. ``if_exists`` decides what happens when ``target`` already exists at the end: an
-    :class:`OutputError` (``error``), replace it (``replace``), or keep the existing copy and drop
-    the new one (``keep``: another process finished the same work first).
+    complete; the staging folders of a run killed outright are removed by the next run to the same
+    ``target`` (:func:`remove_leftovers`). ``if_exists`` decides what happens when ``target`` exists:
+    an :class:`OutputError` (``error``), replace it (``replace``: only a folder holding ``marker``, see
+    :func:`check_output`, checked before and again after the block), or keep the existing copy and drop
+    the new one (``keep``: another process finished the same work first). A replaced folder is moved
+    aside by one rename and removed only once the new one is in place. ``protected`` paths (the model
+    being read) are never written into or replaced. The result gets the umask's modes (:func:`output_modes`).
     """
-    target = Path(target)
-    if if_exists == "error" and target.exists():
-        raise OutputError(f"'{target}' already exists", hint="Choose another --out, or pass --overwrite.")
+    shown, target = target, Path(os.path.abspath(target))
+    if if_exists != "keep":
+        check_output(shown, overwrite=if_exists == "replace", marker=marker, protected=protected)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-partial-", dir=target.parent))
+        if if_exists == "keep":
+            remove_leftovers(target)  # check_output did it for the others
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target, "partial"), dir=target.parent))
     except OSError as exc:
-        raise OutputError(f"cannot create a folder beside '{target}': {exc.strerror or exc}") from exc
+        raise OutputError(f"cannot create a folder beside '{shown}': {exc.strerror or exc}") from exc
     try:
         yield staging
-        if target.exists():
+        _apply_modes(staging)
+        if os.path.lexists(target):
             if if_exists == "keep":
                 shutil.rmtree(staging)
                 return
             if if_exists == "error":
-                raise OutputError(f"'{target}' appeared while it was being written", hint="Choose another --out.")
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+                raise OutputError(f"'{shown}' appeared while it was being written", hint="Choose another --out.")
+            check_output(shown, overwrite=True, marker=marker, protected=protected)
+            retired = Path(tempfile.mkdtemp(prefix=_staging_prefix(target, "old"), dir=target.parent))
             os.replace(target, retired / target.name)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                os.replace(retired / target.name, target)  # the old output back where it was
+                shutil.rmtree(retired, ignore_errors=True)
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError):  # a full disk or a revoked permission half way through
-            raise OutputError(f"cannot write '{target}': {exc.strerror or exc}",
+            raise OutputError(f"cannot write '{shown}': {exc.strerror or exc}",
                               hint="Nothing was left behind; free space or choose another --out.") from exc
         raise
 

@@ -120,6 +120,23 @@ class Recipe(_Section):
     reports: str = Field(OUTPUT_FOLDER, description="Folder for the score report, plan and evaluation (the "
                          "committed recipes name reports/, where their results are kept).")
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        """The name becomes file names in ``reports`` (``NAME-scores.json``, ...): it must be one plain file
+        name, so a recipe cannot write outside that folder or make a name the file system refuses at the end of a run."""
+        if (not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\"))
+                or any(ord(char) < 32 or ord(char) == 127 for char in name)):
+            raise ValueError(f"must be a plain file name (no '/', '\\', control characters, '.' or '..', not empty), "
+                             f"got {name!r}")
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate (YAML's "\\ud800"): no file system takes it
+            raise ValueError(f"must be UTF-8 text, got {name!r}") from None
+        if size > 200:
+            raise ValueError(f"must be at most 200 bytes (it starts file names), got {size}")
+        return name
+
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
     where = ".".join(str(part) for part in error["loc"])
@@ -131,7 +148,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
             candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
             section = candidates[0] if candidates else section
         return f"unknown key '{where}'", "Allowed there: " + ", ".join(section.model_fields) + "."
-    return f"'{where}': {error['msg']}", "See the example recipes in recipes/."
+    return f"'{where}': {error['msg'].removeprefix('Value error, ')}", "See the example recipes in recipes/."
 
 
 def load_recipe(path: str | Path) -> Recipe:

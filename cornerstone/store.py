@@ -2,22 +2,36 @@
 
 One append-only JSON-lines file per *game*: everything a value depends on (see :func:`game_key`).
 Two runs on the same game, in one process, in parallel processes or on different days, read and
-extend the same file, and a coalition computed by one is never computed again by another. Each
-evaluation is one line written with a single ``write`` on an ``O_APPEND`` descriptor and flushed to
-disk before the caller goes on, so a kill loses at most the evaluation in flight; a torn last line
-(a kill mid-write) is ignored on reading.
+extend the same file: a run looks a coalition up before computing it, so a value one run has stored
+is never computed again by a run that asks for it later. Runs at the same time do not claim
+coalitions from each other: two runs that reach an unknown coalition before either has stored it
+both compute it (the same value; whichever line is read last is kept). Each evaluation is one line
+written with a single ``write`` on an ``O_APPEND`` descriptor and flushed to disk before the caller
+goes on, so a kill loses at most the evaluation in flight.
+
+A line is used only if it is a valid record (:class:`StoredValue`): a line torn by a kill, edited by
+hand or damaged on disk (not JSON, not UTF-8, a missing key, a string or non-finite number) is
+skipped, with one warning per store naming how many lines were skipped, and its value is computed
+again: a bad line never stops a run and never reaches a report.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
 from .errors import OutputError
+from .files import parse_json
+
+log = logging.getLogger(__name__)
 
 
 def default_store_root() -> Path:
@@ -57,6 +71,50 @@ def game_key(model: dict[str, Any], tasks: Sequence[dict[str, Any]], *, engine: 
     }
 
 
+class StoredValue(BaseModel):
+    """One line of the store: what :class:`~cornerstone.value.Evaluation` is rebuilt from, checked as
+    strictly as the reports made from it. Keys beyond these are allowed (a later version may add some);
+    every number is finite; ``removed`` is sorted and unique (the key it is found by); ``score`` is the
+    mean of ``per_task``, whose tasks are ``per_doc``'s. With the game's tasks in the validation
+    context (``{"tasks": {name: document count or None}}``) the tasks must be the game's and each
+    ``per_doc`` list must hold one value per document."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    removed: list[str]
+    score: float
+    per_task: dict[str, float] = Field(min_length=1)
+    per_doc: dict[str, list[float]]
+    seconds: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> "StoredValue":
+        if self.removed != sorted(set(self.removed)):
+            raise ValueError("removed must list distinct player names in sorted order")
+        if set(self.per_doc) != set(self.per_task):
+            raise ValueError("per_doc and per_task name different tasks")
+        mean = sum(self.per_task.values()) / len(self.per_task)
+        if not math.isclose(self.score, mean, rel_tol=1e-9, abs_tol=1e-12):
+            raise ValueError(f"score {self.score} is not the mean of per_task ({mean})")
+        tasks = (info.context or {}).get("tasks")
+        if tasks:
+            if set(self.per_task) != set(tasks):
+                raise ValueError(f"per_task names {sorted(self.per_task)}, the game's tasks are {sorted(tasks)}")
+            for name, count in tasks.items():
+                if count is not None and len(self.per_doc[name]) != count:
+                    raise ValueError(f"per_doc.{name} holds {len(self.per_doc[name])} values for {count} documents")
+        return self
+
+
+def _game_tasks(game: dict[str, Any]) -> dict[str, int | None]:
+    """{task name: document count (None where the game does not list them)} of a :func:`game_key`."""
+    tasks = game.get("tasks") or []
+    if not all(isinstance(task, dict) and isinstance(task.get("name"), str) for task in tasks):
+        return {}
+    return {task["name"]: len(task["doc_indices"]) if isinstance(task.get("doc_indices"), list) else None
+            for task in tasks}
+
+
 class ValueStore:
     """v(S) records of one game under ``root``, keyed by the sorted names of the removed players."""
 
@@ -75,6 +133,9 @@ class ValueStore:
                               hint="Pass a writable --store folder, or --no-store.") from None
         self._records: dict[tuple[str, ...], dict[str, Any]] = {}
         self._offset = 0
+        self._lines = 0  # complete lines read so far, to name a bad one
+        self._tasks = _game_tasks(game)
+        self._warned = False
         self._refresh()
 
     def __len__(self) -> int:
@@ -87,14 +148,40 @@ class ValueStore:
         with self.path.open("rb") as handle:
             handle.seek(self._offset)
             data = handle.read()
-        complete = data[: data.rfind(b"\n") + 1]
-        for line in complete.splitlines():
-            try:
-                record = json.loads(line)
+        complete = data[: data.rfind(b"\n") + 1]  # an incomplete last line may still be being written
+        skipped: list[tuple[int, str]] = []
+        for line in complete.split(b"\n")[:-1]:
+            self._lines += 1
+            if not line.strip():
+                continue
+            record, problem = self._parse(line)
+            if record is None:
+                skipped.append((self._lines, problem))
+            else:
                 self._records[tuple(record["removed"])] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line torn by a kill, later overwritten by nothing: skip it
         self._offset += len(complete)
+        if skipped and not self._warned:
+            self._warned = True
+            first, problem = skipped[0]
+            log.warning(f"value store '{self.path}': skipped {len(skipped)} line{'s' if len(skipped) > 1 else ''} that "
+                        f"{'are' if len(skipped) > 1 else 'is'} not a valid value record (line {first}: {problem}); "
+                        "their values are computed again")
+
+    def _parse(self, line: bytes) -> tuple[dict[str, Any] | None, str]:
+        """(the record, "") or (None, what is wrong with the line)."""
+        try:
+            data = parse_json(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None, "not UTF-8 text"
+        except ValueError as exc:  # also a line torn by a kill, ended by the next record's newline
+            return None, f"not JSON ({exc})"
+        try:
+            StoredValue.model_validate(data, context={"tasks": self._tasks})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            return None, f"{where + ': ' if where else ''}{error['msg'].removeprefix('Value error, ')}"
+        return data, ""
 
     def get(self, removed: tuple[str, ...]) -> dict[str, Any] | None:
         record = self._records.get(removed)
