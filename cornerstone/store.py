@@ -163,9 +163,12 @@ class ValueStore:
         if skipped and not self._warned:
             self._warned = True
             first, problem = skipped[0]
-            log.warning(f"value store '{self.path}': skipped {len(skipped)} line{'s' if len(skipped) > 1 else ''} that "
-                        f"{'are' if len(skipped) > 1 else 'is'} not a valid value record (line {first}: {problem}); "
-                        "their values are computed again")
+            problem = " ".join(problem.split())  # a key read from the line may hold a newline
+            many = len(skipped) > 1
+            # one line, as the CLI's error: lines are (logging's last-resort handler prints the bare message)
+            log.warning(f"warning: value store '{self.path}': skipped {len(skipped)} line{'s' if many else ''} that "
+                        f"{'are' if many else 'is'} not a valid value record (line {first}: {problem}); "
+                        f"{'their values are' if many else 'its value is'} computed again")
 
     def _parse(self, line: bytes) -> tuple[dict[str, Any] | None, str]:
         """(the record, "") or (None, what is wrong with the line)."""

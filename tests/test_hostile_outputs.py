@@ -144,6 +144,11 @@ def _link_to_export(root: Path) -> Path:
     return root / "latest"
 
 
+def _link_into_model(root: Path) -> Path:
+    (root / "alias").symlink_to(root / "model")
+    return root / "alias" / "slim"
+
+
 @pytest.mark.parametrize("target, words", [
     (_plain_file, "is a file, not an output folder cornerstone wrote"),
     (_unrelated_folder, f"is not an output cornerstone wrote (it has no {EXPORT_MANIFEST})"),
@@ -151,11 +156,19 @@ def _link_to_export(root: Path) -> Path:
     (lambda root: root / "model", "is the model being read"),
     (lambda root: root / "model" / "slim", "is inside the model being read"),
     (lambda root: root, "contains the model being read"),
+    (_link_into_model, "is inside the model being read"),
     (lambda root: Path("/"), "cannot be an output folder"),
-], ids=["plain-file", "unrelated-folder", "symlink", "source-model", "inside-source", "contains-source", "root"])
+], ids=["plain-file", "unrelated-folder", "symlink", "source-model", "inside-source", "contains-source",
+        "link-into-source", "root"])
 def test_overwrite_refuses_what_cornerstone_did_not_write(work, target, words):
     out = target(work["root"])
     refused(export_args(work, out, "--overwrite"), OutputError.exit_code, words, work["root"])
+
+
+def test_overwrite_of_an_unrelated_current_folder_is_refused(work, monkeypatch):
+    monkeypatch.chdir(_unrelated_folder(work["root"]))
+    refused(export_args(work, ".", "--overwrite"), OutputError.exit_code, "'.' is not an output cornerstone wrote",
+            work["root"])
 
 
 def test_the_model_folder_is_protected_without_overwrite_too(work):
@@ -325,6 +338,9 @@ BAD_LINES = {
     "per_doc of the wrong length": edited(_set("per_doc", {"t": [1.0, 0.0, 1.0]})),
     "negative seconds": edited(_set("seconds", -1.0)),
     "a repeated key": b'{"removed":["L0"],"score":0.5,"score":0.5,"per_task":{"t":0.5},"per_doc":{"t":[1.0,0.0]},"seconds":0.5}',
+    "a repeated key with a newline": b'{"removed":["L0"],"a\\nb":1,"a\\nb":2,"score":0.5}',
+    "an empty object": b"{}",
+    "null": b"null",
 }
 
 
