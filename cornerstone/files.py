@@ -31,8 +31,8 @@ def output_modes() -> tuple[int, int]:
 
 
 def _umask() -> int:
-    # /proc reads the umask without changing it; os.umask can only set it, so the fallback sets it
-    # back at once (a thread creating a file in between would get the fallback's mask: ours is the same)
+    # /proc reads the umask without changing it. os.umask can only set it: the fallback sets the usual
+    # 022 for the instant before it puts the old mask back (never 0, which would make a thread's file world-writable)
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -127,11 +127,13 @@ def check_output(target: str | Path, *, overwrite: bool, marker: str | None = No
     if not target.name:
         raise OutputError(f"'{shown}' cannot be an output folder", hint="Choose a new folder for --out.")
     remove_leftovers(target)
-    real = target.resolve()
-    for source in protected:
-        if not os.path.lexists(source):
-            continue  # a hub id, not a path: nothing on disk to protect
-        source_real = Path(os.path.abspath(source)).resolve()
+    try:
+        real = target.resolve()
+        sources = [(source, Path(os.path.abspath(source)).resolve()) for source in protected
+                   if os.path.lexists(source)]  # a hub id is not a path: nothing on disk to protect
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a folder that cannot be listed
+        raise OutputError(f"cannot resolve '{shown}': {getattr(exc, 'strerror', None) or exc}") from None
+    for source, source_real in sources:
         if real == source_real or source_real in real.parents or real in source_real.parents:
             where = ("is" if real == source_real else "is inside" if source_real in real.parents else "contains")
             raise OutputError(f"--out '{shown}' {where} the model being read ('{source}')",
