@@ -698,7 +698,7 @@ def export(
     model: ModelArgument,
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="A plan YAML written by `cornerstone plan`.")],
     out: Annotated[Path, typer.Option(help="Folder to write the slim checkpoint to (must not exist unless --overwrite).")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export at --out (only a folder cornerstone wrote).")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip reloading the export and comparing its logits.")] = False,
     allow_other_model: Annotated[bool, typer.Option("--allow-other-model", help="Apply a plan made for another model.")] = False,
@@ -755,7 +755,7 @@ def heal(
     allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help="Train on the documents the plan was scored on "
                                                 "too (by default a scored task's other documents only).")] = False,
     include_path: IncludePathOption = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier healed folder at --out (only a folder cornerstone wrote).")] = False,
     device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -201,14 +201,24 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 def load_exported(folder: str | Path, dtype: torch.dtype | None = None) -> Any:
     """Load an exported folder the way a user would: stock transformers, and remote code only when the
-    config maps to cornerstone's own modeling files, unchanged (the DeciLM layout)."""
+    config maps to cornerstone's own modeling files, unchanged (the DeciLM layout). Weights and config
+    must agree (:func:`~cornerstone.loading.check_weights_match`): ``heal`` reads folders a person may
+    have edited, and transformers would fill a missing block with random numbers."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    from .loading import remote_code_trusted
+    from .loading import check_weights_match, remote_code_trusted
 
     folder = Path(folder)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto",
-                                                trust_remote_code=remote_code_trusted(folder)).eval()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # check_weights_match says in one line what transformers' table would
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", output_loading_info=True,
+                                                           trust_remote_code=remote_code_trusted(folder))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_weights_match(folder, model, info)
+    return model.eval()
 
 
 def check_model(plan: Plan, loaded: LoadedModel, named: str = "the plan") -> None:

@@ -288,9 +288,9 @@ def check_document(name: str, task: Any, doc: Any, index: int, output_type: str)
 
     text, target = read("doc_to_text"), read("doc_to_target")
     if output_type != "multiple_choice":
-        for field, value in (("doc_to_text", text), ("doc_to_target", target)):
+        for entry, value in (("doc_to_text", text), ("doc_to_target", target)):
             if not isinstance(value, str):
-                raise TaskError(f"task '{name}' document {index}: {_field(task, field)} gave {_short(value)}, not text",
+                raise TaskError(f"task '{name}' document {index}: {_field(task, entry)} gave {_short(value)}, not text",
                                 hint=_DATA_HINT)
         return
     choices = read("doc_to_choice")

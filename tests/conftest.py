@@ -7,9 +7,11 @@ the package is missing.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -200,3 +202,56 @@ def _private_value_store(tmp_path, monkeypatch):
     """Each test keeps its v(S) values in its own folder: a value stored by one test (same tiny-model
     fingerprint) must never stand in for a computation another test checks."""
     monkeypatch.setenv("CORNERSTONE_VALUES", str(tmp_path / "values"))
+
+
+# -- refused commands: the hostile-input tests' one check ------------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every path under ``root``, folders and links included (an empty `.NAME-old-*` left behind must
+    show): a file's sha256, a link's target or ``folder``, and the mode. Names that are not UTF-8 are
+    kept, escaped."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            what = "link:" + os.readlink(path)
+        elif stat.S_ISDIR(info.st_mode):
+            what = "folder"
+        else:
+            what = hashlib.sha256(path.read_bytes()).hexdigest()
+        found[os.fsencode(path.relative_to(root)).decode("utf-8", "backslashreplace")] = (what, info.st_mode)
+    return found
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    """The paths whose entry differs between two :func:`snapshot` s (added, removed or changed)."""
+    return {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)}
+
+
+def error_line(stderr: str) -> str:
+    """The error line of ``stderr``, after checking that it ends in one error line and one hint line and holds
+    no other error, traceback or URL (progress lines such as ``loaded MODEL`` may come first)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) >= 2 and lines[-2].startswith("error: ") and lines[-1].startswith("hint: "), stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1, stderr
+    assert "Traceback" not in stderr and "http" not in lines[-2], stderr
+    return lines[-2]
+
+
+def refused(root: Path, args: list, code: int, *words: str) -> str:
+    """Run the CLI on ``args``: it must exit ``code`` with one error line holding ``words`` and a hint, and
+    change nothing under ``root``. Returns the error line."""
+    from typer.testing import CliRunner
+
+    from cornerstone.cli import app
+
+    before = snapshot(root)
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    assert result.exit_code == code, (args, result.exit_code, result.output)
+    assert isinstance(result.exception, SystemExit), result.exception
+    line = error_line(result.stderr)
+    for word in words:
+        assert word in line, line
+    assert changed(before, snapshot(root)) == set(), "a refused command changed files"
+    return line

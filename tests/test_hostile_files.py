@@ -10,7 +10,6 @@ a one-line error; never another exception, never a silently different plan.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -20,38 +19,17 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from cornerstone.cli import app
 from cornerstone.errors import (ConfigError, CornerstoneError, EvaluationError, PlanError, PlayerError,
                                 ReportError)
 from cornerstone.planner import Plan, Planner, make_plan
 from cornerstone.scores import ScoreReport
 
+from .conftest import refused
 from .tasks import toy_docs, write_task
 
-runner = CliRunner()
 # protection on, nothing kept by position: every player of the 3-block model is a candidate
 PLANNER = Planner(granularity="sublayer", drop=2, keep_first=0, keep_last=0)
-
-
-def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    """Every file under ``folder``: its sha256 and mode (what a refused command must leave as it was)."""
-    return {str(path.relative_to(folder)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode)
-            for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def refused(args: list[str], code: int, words: str, folder: Path) -> str:
-    """Run the CLI; it must exit ``code`` with one error line containing ``words`` and a hint, and change nothing in ``folder``."""
-    before = snapshot(folder)
-    result = runner.invoke(app, args)
-    assert result.exit_code == code, (args, result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
-    assert words in lines[0], lines[0]
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    assert snapshot(folder) == before
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +133,10 @@ def test_an_edited_report_is_refused_by_report_plan_and_compare(what, scored, tm
     edit(data)
     bad = write_json(tmp_path / "bad.json", data)
     good = write_json(tmp_path / "good.json", scored["report"])
-    line = refused(["report", str(bad)], ReportError.exit_code, words, tmp_path)
+    line = refused(tmp_path, ["report", str(bad)], ReportError.exit_code, words)
     assert str(bad) in line
-    refused(["plan", str(bad), "--drop", "1", "--granularity", "sublayer"], ReportError.exit_code, words, tmp_path)
-    refused(["compare", str(good), str(bad)], ReportError.exit_code, words, tmp_path)
+    refused(tmp_path, ["plan", str(bad), "--drop", "1", "--granularity", "sublayer"], ReportError.exit_code, words)
+    refused(tmp_path, ["compare", str(good), str(bad)], ReportError.exit_code, words)
 
 
 def test_every_committed_report_and_plan_still_loads():
@@ -175,9 +153,8 @@ def test_every_committed_report_and_plan_still_loads():
 
 def test_a_player_id_with_a_non_ascii_digit_is_one_line(scored, tmp_path):
     for raw in ("L\u0663", "L05", "L\uff11.attn"):  # Arabic-Indic 3, a leading zero, a fullwidth 1
-        refused(["score", str(scored["model"]), "--tasks", "toy_hostile", "--include-path", str(scored["tasks"]),
-                 "--players", raw, "--no-store", "--out", str(tmp_path / "r.json")], PlayerError.exit_code,
-                "not a player id", tmp_path)
+        refused(tmp_path, ["score", str(scored["model"]), "--tasks", "toy_hostile", "--include-path", str(scored["tasks"]),
+                 "--players", raw, "--no-store", "--out", str(tmp_path / "r.json")], PlayerError.exit_code, "not a player id")
 
 
 # -- 2. duplicate keys and YAML aliases ---------------------------------------------------------------
@@ -187,10 +164,9 @@ def test_a_duplicate_json_key_is_refused_not_silently_dropped(scored, tmp_path):
     first = players_of(scored["report"])[0]
     entry = json.dumps(scored["report"]["players"][first])
     # the same player twice: json would keep the last copy silently
-    doubled = text.replace(f'"players": {{', f'"players": {{\n"{first}": {entry},', 1)
+    doubled = text.replace('"players": {', f'"players": {{\n"{first}": {entry},', 1)
     (tmp_path / "dup.json").write_text(doubled)
-    refused(["plan", str(tmp_path / "dup.json"), "--drop", "1"], ReportError.exit_code,
-            f"the key '{first}' appears twice", tmp_path)
+    refused(tmp_path, ["plan", str(tmp_path / "dup.json"), "--drop", "1"], ReportError.exit_code, f"the key '{first}' appears twice")
 
 
 BOMB = """model: &a [{a}]
@@ -205,16 +181,14 @@ def test_yaml_aliases_and_duplicate_keys_are_refused_in_plans_and_recipes(scored
     bomb = plan_text.replace("model:\n", "model:\n  " + "\n  ".join(levels) + "\n", 1)
     (tmp_path / "bomb.yaml").write_text(bomb)
     out = tmp_path / "slim"
-    refused(["export", str(scored["model"]), str(tmp_path / "bomb.yaml"), "--out", str(out)], PlanError.exit_code,
-            "aliases", tmp_path)
+    refused(tmp_path, ["export", str(scored["model"]), str(tmp_path / "bomb.yaml"), "--out", str(out)], PlanError.exit_code, "aliases")
     assert not out.exists()
     (tmp_path / "dup.yaml").write_text(plan_text + "granularity: block\n")
-    refused(["export", str(scored["model"]), str(tmp_path / "dup.yaml"), "--out", str(out)], PlanError.exit_code,
-            "found the key 'granularity' twice", tmp_path)
+    refused(tmp_path, ["export", str(scored["model"]), str(tmp_path / "dup.yaml"), "--out", str(out)], PlanError.exit_code, "found the key 'granularity' twice")
     (tmp_path / "recipe.yaml").write_text("name: &n quick\nmodel: *n\n")
-    refused(["run", str(tmp_path / "recipe.yaml")], ConfigError.exit_code, "aliases", tmp_path)
+    refused(tmp_path, ["run", str(tmp_path / "recipe.yaml")], ConfigError.exit_code, "aliases")
     (tmp_path / "recipe2.yaml").write_text("name: a\nname: b\n")
-    refused(["run", str(tmp_path / "recipe2.yaml")], ConfigError.exit_code, "twice", tmp_path)
+    refused(tmp_path, ["run", str(tmp_path / "recipe2.yaml")], ConfigError.exit_code, "twice")
 
 
 # -- 3. plans are validated before use ----------------------------------------------------------------
@@ -269,8 +243,7 @@ def test_an_edited_plan_is_refused_by_export(what, scored, tmp_path):
     edit(data)
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     out = tmp_path / "slim"
-    line = refused(["export", str(scored["model"]), str(tmp_path / "plan.yaml"), "--out", str(out)],
-                   PlanError.exit_code, words, tmp_path)
+    line = refused(tmp_path, ["export", str(scored["model"]), str(tmp_path / "plan.yaml"), "--out", str(out)], PlanError.exit_code, words)
     assert "plan.yaml" in line and not out.exists()
 
 
@@ -288,9 +261,8 @@ def test_plan_and_compare_refuse_non_finite_reports(scored, tmp_path):
         data = copy.deepcopy(scored["report"])
         data[field] = value
         bad = write_json(tmp_path / f"bad-{field}.json", data)
-        refused(["plan", str(bad), "--drop", "1", "--granularity", "sublayer"], ReportError.exit_code,
-                f"{field}: Input should be a finite number", tmp_path)
-        refused(["compare", str(good), str(bad)], ReportError.exit_code, "finite", tmp_path)
+        refused(tmp_path, ["plan", str(bad), "--drop", "1", "--granularity", "sublayer"], ReportError.exit_code, f"{field}: Input should be a finite number")
+        refused(tmp_path, ["compare", str(good), str(bad)], ReportError.exit_code, "finite")
     # a report object edited in Python is not re-validated: compare refuses it rather than rank a NaN
     from cornerstone.compare import compare_reports
 
@@ -315,8 +287,8 @@ def test_score_refuses_to_write_a_report_with_a_non_finite_number(tiny_llama_dir
     write_task(tmp_path / "tasks", "toy_nan_estimate", toy_docs(4))
     out = tmp_path / "out"
     out.mkdir()
-    refused(["score", str(tiny_llama_dir), "--tasks", "toy_nan_estimate", "--include-path", str(tmp_path / "tasks"),
-             "--no-store", "--out", str(out / "r.json")], EvaluationError.exit_code, "non-finite", tmp_path)
+    refused(tmp_path, ["score", str(tiny_llama_dir), "--tasks", "toy_nan_estimate", "--include-path", str(tmp_path / "tasks"),
+             "--no-store", "--out", str(out / "r.json")], EvaluationError.exit_code, "non-finite")
     assert not any(out.iterdir())
 
 
@@ -326,7 +298,7 @@ def test_report_plot_without_players_is_one_line(scored, tmp_path):
     data = copy.deepcopy(scored["report"])
     data["players"], data["cornerstones"] = {}, []
     bad = write_json(tmp_path / "empty.json", data)
-    refused(["report", str(bad), "--plot", str(tmp_path / "empty.png")], ReportError.exit_code, "no players", tmp_path)
+    refused(tmp_path, ["report", str(bad), "--plot", str(tmp_path / "empty.png")], ReportError.exit_code, "no players")
     assert not (tmp_path / "empty.png").exists()
 
 

@@ -7,11 +7,9 @@ folder and compares a snapshot of that folder (paths, sha256, modes) before and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -22,44 +20,11 @@ from typer.testing import CliRunner
 from cornerstone.cli import app
 from cornerstone.errors import (ConfigError, HealError, ModelLoadError, OutputError, PlayerError, TaskError)
 
-from .conftest import ARCHITECTURE_NAMES, tiny_model, tiny_tokenizer
+from .conftest import ARCHITECTURE_NAMES, error_line, refused, snapshot, tiny_model, tiny_tokenizer
 from .tasks import toy_docs, write_task
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
-
-
-def snapshot(root: Path) -> dict[str, tuple[str | None, int]]:
-    """Every path under ``root`` with its sha256 (files) and mode."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(info.st_mode) else None
-        found[os.fsencode(path.relative_to(root)).decode("utf-8", "backslashreplace")] = (digest, info.st_mode)
-    return found
-
-
-def one_line(stderr: str) -> str:
-    """The error line of ``stderr``, after checking that it ends in one error line and one hint line and holds
-    no other error or traceback (progress lines such as ``loaded MODEL`` may come first)."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) >= 2 and lines[-2].startswith("error: ") and lines[-1].startswith("hint: "), stderr
-    assert sum(line.startswith("error: ") for line in lines) == 1, stderr
-    assert "Traceback" not in stderr and "http" not in lines[-2], stderr
-    return lines[-2]
-
-
-def refused(root: Path, args: list, code: int, *words: str) -> str:
-    """Run the CLI on ``args``; check its exit code, its one-line error (holding ``words``) and that nothing
-    under ``root`` changed. Returns the error line."""
-    before = snapshot(root)
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert result.exit_code == code, result.output
-    line = one_line(result.stderr)
-    for word in words:
-        assert word in line, line
-    assert snapshot(root) == before, "a refused run changed files"
-    return line
 
 
 @pytest.fixture
@@ -229,7 +194,7 @@ def test_a_failing_multi_process_job_prints_its_error_once_with_its_exit_code(wo
     else:
         done, code, words = _processes(work, "--players", "L9"), PlayerError.exit_code, "player 'L9' is out of range"
     assert done.returncode == code, done.stderr[-2000:]
-    assert words in one_line(done.stderr)
+    assert words in error_line(done.stderr)
     assert "ChildFailedError" not in done.stderr and "torch.distributed" not in done.stderr
     assert snapshot(work) == before
 
@@ -277,6 +242,17 @@ def heal_args(work: Path, *extra) -> list:
 def test_healing_option_errors_name_the_option_not_a_documentation_url(slim, work, extra, words):
     line = refused(work, heal_args(work, *extra), ConfigError.exit_code, words)
     assert "pydantic" not in line
+
+
+def test_healing_an_export_whose_config_disagrees_with_its_weights_is_refused(slim, work):
+    """heal reads an export folder a person may have edited: a block missing from the weights would be
+    trained from random numbers."""
+    config_path = slim / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_hidden_layers"] += 1
+    config_path.write_text(json.dumps(config))
+    refused(work, heal_args(work), ModelLoadError.exit_code, f"num_hidden_layers={config['num_hidden_layers']}",
+            f"the weights hold {config['num_hidden_layers'] - 1} layers")
 
 
 def test_healing_data_that_is_a_folder_says_so(slim, work):
@@ -341,7 +317,7 @@ def test_drop_errors_say_what_drop_takes(work, drop):
     before = snapshot(work)
     result = runner.invoke(app, ["plan", str(work / "report.json"), "--drop", drop])
     assert result.exit_code == ConfigError.exit_code, result.output
-    assert one_line(result.stderr).startswith("error: invalid planning option --drop: ")
+    assert error_line(result.stderr).startswith("error: invalid planning option --drop: ")
     assert "--drop 8 (a number of players) or --drop 25% (a share of the parameters)" in result.stderr
     assert snapshot(work) == before
 
@@ -349,7 +325,7 @@ def test_drop_errors_say_what_drop_takes(work, drop):
 # -- 10. the edge: what the system refuses is one line too ----------------------------------------------
 
 
-def test_paths_the_system_refuses_are_one_line(work):
+def test_paths_the_system_refuses_are_error_line(work):
     long = "/tmp/" + "x" * 300
     refused(work, ["tasks", "--include-path", long], TaskError.exit_code, "is not a folder")
     refused(work, [*score_args(work, "--method", "avss", "--no-store"), "--calibration", long + ".txt"],

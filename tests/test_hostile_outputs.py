@@ -11,17 +11,19 @@ outside the intended output changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from cornerstone.cli import app
@@ -31,40 +33,11 @@ from cornerstone.files import _host as host_name
 from cornerstone.files import output_modes, remove_leftovers
 from cornerstone.store import ValueStore
 
+from .conftest import changed, refused, snapshot
 from .tasks import toy_docs, write_task
+from .test_hostile_files import VALUES, mutate, paths
 
 runner = CliRunner()
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int]]:
-    """Every path under ``root``, folders included (an empty `.NAME-old-*` left behind must show): the
-    sha256 of a file's bytes (a link's target for a link) and its mode."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink():
-            found[str(path.relative_to(root))] = ("link:" + os.readlink(path), 0)
-        elif path.is_dir():
-            found[str(path.relative_to(root))] = ("folder", path.stat().st_mode)
-        else:
-            found[str(path.relative_to(root))] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode)
-    return found
-
-
-def changed(before: dict, after: dict) -> set[str]:
-    return {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)}
-
-
-def refused(args: list[str], code: int, words: str, root: Path) -> str:
-    """Run the CLI: exit ``code``, one error line holding ``words`` and one hint line, nothing under ``root`` changed."""
-    before = snapshot(root)
-    result = runner.invoke(app, args)
-    assert result.exit_code == code, (args, result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
-    assert words in lines[0], lines[0]
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert changed(before, snapshot(root)) == set()
-    return lines[0]
 
 
 def succeeded(args: list[str]) -> Any:
@@ -162,18 +135,16 @@ def _link_into_model(root: Path) -> Path:
         "link-into-source", "root"])
 def test_overwrite_refuses_what_cornerstone_did_not_write(work, target, words):
     out = target(work["root"])
-    refused(export_args(work, out, "--overwrite"), OutputError.exit_code, words, work["root"])
+    refused(work["root"], export_args(work, out, "--overwrite"), OutputError.exit_code, words)
 
 
 def test_overwrite_of_an_unrelated_current_folder_is_refused(work, monkeypatch):
     monkeypatch.chdir(_unrelated_folder(work["root"]))
-    refused(export_args(work, ".", "--overwrite"), OutputError.exit_code, "'.' is not an output cornerstone wrote",
-            work["root"])
+    refused(work["root"], export_args(work, ".", "--overwrite"), OutputError.exit_code, "'.' is not an output cornerstone wrote")
 
 
 def test_the_model_folder_is_protected_without_overwrite_too(work):
-    refused(export_args(work, work["model"] / "slim"), OutputError.exit_code, "is inside the model being read",
-            work["root"])
+    refused(work["root"], export_args(work, work["model"] / "slim"), OutputError.exit_code, "is inside the model being read")
 
 
 def test_a_recipe_with_overwrite_true_runs_again_onto_its_own_export(tiny_llama_dir, tmp_path, monkeypatch):
@@ -207,11 +178,11 @@ def test_heal_overwrite_replaces_only_an_earlier_healed_folder(work):
     succeeded(heal + [str(root / "healed")])  # an earlier healed folder: replaced
     assert {path.split(os.sep)[0] for path in changed(before, snapshot(root))} == {"healed"}
     assert staging_names(root) == []
-    refused(heal + [str(slim)], OutputError.exit_code, "is the model being read", root)  # its own input
-    refused(heal + [str(_unrelated_folder(root))], OutputError.exit_code, "it has no cornerstone-heal.json", root)
+    refused(root, heal + [str(slim)], OutputError.exit_code, "is the model being read")  # its own input
+    refused(root, heal + [str(_unrelated_folder(root))], OutputError.exit_code, "it has no cornerstone-heal.json")
     # an export is cornerstone's, but not a healed folder: heal does not replace what export wrote
     succeeded(export_args(work, root / "other-export"))
-    refused(heal + [str(root / "other-export")], OutputError.exit_code, "it has no cornerstone-heal.json", root)
+    refused(root, heal + [str(root / "other-export")], OutputError.exit_code, "it has no cornerstone-heal.json")
 
 
 # -- 2. a killed run's staging folders are removed by the next run ---------------------------------------
@@ -285,7 +256,7 @@ def test_a_recipe_name_that_is_not_a_plain_file_name_is_refused(work, name, word
               "reports": str(work["root"] / "reports")}
     path = work["root"] / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))  # safe_dump escapes NUL, newlines and surrogates in double quotes
-    line = refused(["run", str(path)], ConfigError.exit_code, words, work["root"])
+    line = refused(work["root"], ["run", str(path)], ConfigError.exit_code, words)
     assert "'name'" in line and "\x00" not in line
 
 
@@ -404,7 +375,7 @@ def test_a_plan_without_a_model_fingerprint_is_refused(work, fingerprint):
     data["model"]["fingerprint"] = fingerprint
     work["plan"].write_text(yaml.safe_dump(data, sort_keys=False))
     out = work["root"] / "slim"
-    line = refused(export_args(work, out), PlanError.exit_code, "names no model fingerprint", work["root"])
+    line = refused(work["root"], export_args(work, out), PlanError.exit_code, "names no model fingerprint")
     assert str(work["plan"]) in line and not out.exists()
     succeeded(export_args(work, out, "--allow-other-model"))
     assert (out / EXPORT_MANIFEST).is_file()
@@ -414,7 +385,7 @@ def test_a_plan_for_another_model_exits_with_the_plan_code(work):
     data = yaml.safe_load(work["plan"].read_text())
     data["model"]["fingerprint"] = "folder-sha256:" + "0" * 64
     work["plan"].write_text(yaml.safe_dump(data, sort_keys=False))
-    refused(export_args(work, work["root"] / "slim"), PlanError.exit_code, "the plan was made for", work["root"])
+    refused(work["root"], export_args(work, work["root"] / "slim"), PlanError.exit_code, "the plan was made for")
 
 
 def test_remove_leftovers_never_touches_a_live_run(tmp_path):
@@ -422,3 +393,27 @@ def test_remove_leftovers_never_touches_a_live_run(tmp_path):
     mine = tmp_path / f".out-partial-{os.getpid()}@{host_name()}-zzzz0000"
     mine.mkdir()
     assert remove_leftovers(target) == [] and mine.is_dir()
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_store_record_mutations_are_used_as_written_or_skipped_with_one_warning(data, caplog):
+    """Every single-field mutation of a valid record (the values the report and plan properties use) is
+    either read back exactly as written, a record a value function can use, or skipped with one
+    warning; never an exception, never a record with another meaning."""
+    where = data.draw(st.sampled_from(paths(good())))
+    mutated = mutate(good(), where, data.draw(st.sampled_from(VALUES)))
+    caplog.clear()
+    with tempfile.TemporaryDirectory() as folder, caplog.at_level(logging.WARNING, logger="cornerstone.store"):
+        with ValueStore(folder, GAME).path.open("ab") as handle:
+            handle.write(json.dumps(mutated).encode() + b"\n")  # NaN and Infinity as Python's json writes them
+        reread = ValueStore(folder, GAME)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "cornerstone.store"]
+    if len(reread) == 0:
+        assert len(warnings) == 1 and "skipped 1 line" in warnings[0], warnings
+        return
+    assert warnings == [] and reread.get(tuple(mutated["removed"])) == mutated
+    numbers = [mutated["score"], mutated["seconds"], *mutated["per_task"].values(), *mutated["per_doc"]["t"]]
+    assert all(isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) for n in numbers)
+    assert mutated["per_task"].keys() == {"t"} and len(mutated["per_doc"]["t"]) == 2
+    assert math.isclose(mutated["score"], mutated["per_task"]["t"])
