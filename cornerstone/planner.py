@@ -37,7 +37,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import PlanError
+from .errors import PlanError, ReportError
 from .estimators import Progress
 from .files import atomic_write, parse_yaml, read_validated
 from .harness import DocumentRecord
@@ -482,7 +482,7 @@ def make_plan(
     num_blocks = report.model.get("num_hidden_layers") or 1 + max(p.layer for p in report.players.values())
     total_parameters = report.model.get("parameters")
     if total_parameters is None:
-        raise PlanError(f"the report{f' {report_path!r}' if report_path else ''} does not record model.parameters, "
+        raise ReportError(f"the report{f' {report_path!r}' if report_path else ''} does not record model.parameters, "
                         "which shares of parameters and the plan's counts need", hint="Re-score the model with `cornerstone score`.")
     counts = _parameter_counts(report, loaded)
     candidates = _candidates(report, planner.granularity, counts)
@@ -580,7 +580,7 @@ def _report_spec(report: ScoreReport) -> str:
     """The model a report scored, for the steps that load it; a report without one cannot say."""
     spec = report.model.get("spec")
     if not spec:
-        raise PlanError("the report does not record which model it scored (model.spec)",
+        raise ReportError("the report does not record which model it scored (model.spec)",
                         hint="Re-score the model, or plan with --policy lowest from a report with per-player parameters.")
     return spec
 

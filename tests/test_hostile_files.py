@@ -151,6 +151,15 @@ def test_every_committed_report_and_plan_still_loads():
         Plan.load(path)
 
 
+@pytest.mark.parametrize("field, policy", [("parameters", "lowest"), ("spec", "greedy")])
+def test_a_report_without_the_model_field_a_plan_needs_is_a_report_error(scored, tmp_path, field, policy):
+    data = copy.deepcopy(scored["report"])
+    del data["model"][field]
+    bad = write_json(tmp_path / "bad.json", data)
+    refused(tmp_path, ["plan", str(bad), "--drop", "1", "--granularity", "sublayer", "--policy", policy,
+                       "--out", str(tmp_path / "plan.yaml")], ReportError.exit_code, f"model.{field}")
+
+
 def test_a_player_id_with_a_non_ascii_digit_is_one_line(scored, tmp_path):
     for raw in ("L\u0663", "L05", "L\uff11.attn"):  # Arabic-Indic 3, a leading zero, a fullwidth 1
         refused(tmp_path, ["score", str(scored["model"]), "--tasks", "toy_hostile", "--include-path", str(scored["tasks"]),
