@@ -1,8 +1,8 @@
 """Benchmark: how faithful are the one-pass proxies to the measured ground truth, and what do their cuts keep?
 
     python bench/proxy_fidelity.py --model smollm2-135m \\
-        --truth reports/smollm2-135m-drop8-real-scores.json \\
-        --truth reports/smollm2-135m-real-shapley-kernel-block-bf16.json
+        --truth reports/pruning/smollm2-135m-drop8-real-scores.json \\
+        --truth reports/proxies/smollm2-135m-real-shapley-kernel-block-bf16.json
 
 For one model, side by side in one run:
   1. scores the model with each proxy (avss, bi, angular at block granularity; cosine per sublayer),
@@ -13,7 +13,7 @@ For one model, side by side in one run:
      judged alone), exports the slim checkpoint with the exporter and evaluates base and every
      distinct cut once with lm-eval on held-out documents (``--eval-seed``), printing retention.
 
-Writes the proxy reports, ``PREFIX-compare.{json,md}`` and ``PREFIX-retention.{json,md}`` in reports/.
+Writes the proxy reports, ``PREFIX-compare.{json,md}`` and ``PREFIX-retention.{json,md}`` in reports/proxies/.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size.")
     parser.add_argument("--eval-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="dtype of the lm-eval runs (base and every cut alike).")
-    parser.add_argument("--prefix", default=None, help="Report file prefix. Default: reports/proxy-fidelity-MODEL.")
+    parser.add_argument("--prefix", default=None, help="Report file prefix. Default: reports/proxies/proxy-fidelity-MODEL.")
     args = parser.parse_args()
-    prefix = Path(args.prefix or f"reports/proxy-fidelity-{args.model}")
+    prefix = Path(args.prefix or f"reports/proxies/proxy-fidelity-{args.model}")
     truths = [ScoreReport.load(path) for path in args.truth]
     settings = truths[0].settings
 

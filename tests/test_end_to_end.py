@@ -118,7 +118,7 @@ def test_smollm2_export_reloads_in_a_fresh_process_with_the_masked_logits(smollm
     from cornerstone.planner import Planner, make_plan
     from cornerstone.players import parse_players
 
-    committed = Path(__file__).resolve().parents[1] / "reports" / "smollm2-135m-ablation-sublayer.json"
+    committed = Path(__file__).resolve().parents[1] / "reports" / "sweeps" / "smollm2-135m-ablation-sublayer.json"
     plan = make_plan(committed, Planner(granularity=granularity, drop=drop), loaded=smollm2)
     assert len(plan.removed) == drop and not {f"L{r.layer}" for r in plan.removed} & {"L0", "L29"}
     cornerstone_layers = {int(name[1:].split(".")[0]) for name in plan.report["cornerstones"]}

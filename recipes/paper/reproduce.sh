@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every number and figure of reports/paper/ (see reports/README.md), one model at a time:
+# Regenerates every number and figure of reports/paper/ (see reports/paper/README.md), one model at a time:
 #   bash recipes/paper/reproduce.sh smollm2-135m      # ~55 min on 2 CPU cores
 #   bash recipes/paper/reproduce.sh gemma3-270m       # ~80 min
 # Each step is one documented command; a killed run resumes from the v(S) store when started again.
