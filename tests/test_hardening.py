@@ -1,7 +1,7 @@
 """Hardening: every bad input gives one line, a hint and its own exit code; interrupted runs lose nothing;
 nothing from a model's files runs unless the user says so; parsers survive fuzzing.
 
-The table of bad inputs here is the one in the README ("When things go wrong").
+The table of bad inputs here is the one in docs/errors.md ("When things go wrong").
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ _ARGUMENTS = st.lists(st.sampled_from([
 ]), max_size=6)
 
 
-# Every exit code the CLI documents for these commands (README, "When things go wrong"): 9 is a non-finite
+# Every exit code the CLI documents for these commands (docs/errors.md, "When things go wrong"): 9 is a non-finite
 # log-likelihood, which no argument list can cause before a model is even resolved; 14 is healing, which
 # no argument here starts; 1 would be an error without a kind.
 _DOCUMENTED_EXIT_CODES = (0, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13)

@@ -1,5 +1,5 @@
 """Hostile inputs (issue 18, options, task data, model loading and healing): every bad input is one
-``error:`` line and one ``hint:`` line with the README's exit code, and changes no file.
+``error:`` line and one ``hint:`` line with the exit code of docs/errors.md, and changes no file.
 
 Each test keeps everything it uses (model copy, task data, outputs, the value store) in its own
 folder and compares a snapshot of that folder (paths, sha256, modes) before and after the refused run.

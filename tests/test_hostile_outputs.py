@@ -4,8 +4,8 @@ One test (or a few) per item of issue 18's groups 1 and 6 and the value store: `
 an export cornerstone wrote (never a file, an unrelated folder or the model being read); the staging
 folders of a killed run are removed by the next run; outputs get the umask's modes; a recipe name cannot
 leave the reports folder; bad value-store lines are skipped with one warning and recomputed; a plan without
-a model fingerprint is refused. Every refusal is one `error:` line, one `hint:` line and the README's exit
-code, and a snapshot of the whole work folder (paths, sha256, modes, folders included) shows that nothing
+a model fingerprint is refused. Every refusal is one `error:` line, one `hint:` line and the exit code of
+docs/errors.md, and a snapshot of the whole work folder (paths, sha256, modes, folders included) shows that nothing
 outside the intended output changed.
 """
 
