@@ -6,6 +6,7 @@ sublayer, attention and FFN in two colours, with the full-model score and chance
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,14 @@ def save(report: ScoreReport, path: str | Path) -> tuple[Path, list[Path]]:
     if report.method == "shapley":
         plots.append(plot_shares(report, path.with_name(path.stem + "-shares.png")))
     return path, plots
+
+
+def _fit_title(text: str, width_inches: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``width_inches`` at ``fontsize``. matplotlib never wraps a
+    title, and a sweep over many tasks names them all, so its title would run off the image. A
+    character is taken as 0.6 em wide (DejaVu Sans averages less), so a line errs short, not long."""
+    per_line = max(20, int(width_inches * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(line, per_line, break_on_hyphens=False) for line in text.split("\n"))
 
 
 def _save_figure(figure: Any, path: Path) -> Path:
@@ -149,7 +158,9 @@ def plot_sweep(report: ScoreReport, path: str | Path) -> Path:
     axes.set_xlabel("layer")
     axes.set_ylabel("score (" + ", ".join(sorted({t.metric for t in report.tasks})) + ")")
     task_names = ", ".join(t.name for t in report.tasks)
-    axes.set_title(f"{report.model.get('spec')}: {report.method} sweep on {task_names}\n(* = cornerstone)", fontsize=9)
+    # centred on the axes, which the legend outside on the right pushes left of the figure's centre
+    axes.set_title(_fit_title(f"{report.model.get('spec')}: {report.method} sweep on {task_names}\n(* = cornerstone)",
+                              0.85 * figure.get_figwidth(), 9), fontsize=9)
     axes.set_ylim(0, min(1.0, max(report.base_score, max((s.score_removed or 0) for s in report.players.values())) + 0.1))
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
     return _save_figure(figure, path)
@@ -187,7 +198,8 @@ def plot_sweep_by_task(report: ScoreReport, path: str | Path) -> Path:
     for axes in list(grid.flat)[len(report.tasks):]:
         axes.axis("off")
     grid.flat[0].legend(fontsize=6, loc="lower right")
-    figure.suptitle(f"{report.model.get('spec')}: {report.method} sweep per task (* = cornerstone for that task)", fontsize=9)
+    figure.suptitle(_fit_title(f"{report.model.get('spec')}: {report.method} sweep per task (* = cornerstone for that task)",
+                               figure.get_figwidth(), 9), fontsize=9)
     return _save_figure(figure, Path(path))
 
 
