@@ -22,11 +22,13 @@ from typer.core import TyperGroup
 
 from .distributed import ERROR_FILE
 from .errors import ConfigError, CornerstoneError, OutputError
+from .heal import Healing
+from .planner import Planner
+from .proxies import AVSS
+from .settings import CalibrationText, EvalSettings, EvalTasks, ExportSettings, ScoreSettings, TaskSelection
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_TERMINATED = 143  # 128 + SIGTERM
-# 25 documents x 4 bundled tasks x 61 evaluations: the README's main job takes ~3 minutes on 2 CPU cores.
-DEFAULT_LIMIT = 25
 _state = {"debug": False}
 
 
@@ -195,6 +197,12 @@ def _root(
     _state["debug"] = debug
 
 
+def _default(model: type[Any], field: str) -> Any:
+    """An option's default: the settings model's (:mod:`cornerstone.settings`), the one set of defaults
+    that the CLI, recipes and the API share."""
+    return model.model_fields[field].get_default(call_default_factory=True)
+
+
 def _split(values: Optional[str]) -> list[str]:
     return [part.strip() for part in (values or "").split(",") if part.strip()]
 
@@ -344,16 +352,16 @@ IncludePathOption = Annotated[
 def score(
     model: ModelArgument = "smollm2-135m",
     method: Annotated[str, typer.Option(help="ablation (leave one out), shapley, or a one-pass proxy: avss (activation "
-                                        "variance/sparsity), bi (block influence), angular (angular distance) or cosine (sublayer cosine).")] = "ablation",
+                                        "variance/sparsity), bi (block influence), angular (angular distance) or cosine (sublayer cosine).")] = _default(ScoreSettings, "method"),
     estimator: Annotated[
         str, typer.Option(help="Shapley estimator: kernel (KernelSHAP regression, paired, exact border), permutation "
                           "(antithetic, truncated), proximity (the paper's) or exact.")
-    ] = "kernel",
-    budget: Annotated[int, typer.Option(min=4, help="Shapley sampling: most evaluations to spend.")] = 600,
+    ] = _default(ScoreSettings, "estimator"),
+    budget: Annotated[int, typer.Option(min=4, help="Shapley sampling: most evaluations to spend.")] = _default(ScoreSettings, "budget"),
     target_stderr: Annotated[
         Optional[float], typer.Option("--target-stderr", parser=_number(0, above=True), metavar="FLOAT", help="Shapley sampling: stop once every standard error is below this.")
-    ] = None,
-    window: Annotated[int, typer.Option(min=1, help="Proximity estimator: longest run of consecutive players removed.")] = 3,
+    ] = _default(ScoreSettings, "target_stderr"),
+    window: Annotated[int, typer.Option(min=1, help="Proximity estimator: longest run of consecutive players removed.")] = _default(ScoreSettings, "window"),
     players_: Annotated[
         Optional[str], typer.Option("--players", help="Comma-separated players to score (the rest stay present), e.g. L0.attn,L0.mlp,L1.")
     ] = None,
@@ -366,28 +374,28 @@ def score(
     ] = None,
     tasks: Annotated[
         str, typer.Option(help="Comma-separated lm-eval task names, groups or tags.")
-    ] = "cornerstone_bundled",
+    ] = ",".join(_default(TaskSelection, "names")),
     calibration: Annotated[
         str, typer.Option(help="Proxies: the text read in the one pass: tasks (the --tasks documents), bundled, or a "
                           ".txt/.jsonl/.json file.")
-    ] = "tasks",
-    calibration_samples: Annotated[int, typer.Option("--calibration-samples", min=1, help="Proxies: most calibration texts.")] = 128,
-    max_length: Annotated[int, typer.Option("--max-length", min=2, help="Proxies: tokens per calibration text.")] = 256,
+    ] = _default(CalibrationText, "source"),
+    calibration_samples: Annotated[int, typer.Option("--calibration-samples", min=1, help="Proxies: most calibration texts.")] = _default(CalibrationText, "samples"),
+    max_length: Annotated[int, typer.Option("--max-length", min=2, help="Proxies: tokens per calibration text.")] = _default(CalibrationText, "max_length"),
     avss_threshold: Annotated[
         float, typer.Option("--avss-threshold", parser=_number(0), metavar="FLOAT", help="AVSS: an entry is near zero below this share of its token's RMS.")
-    ] = 0.01,
+    ] = _default(AVSS, "threshold"),
     avss_absolute: Annotated[bool, typer.Option("--avss-absolute", help="AVSS: the threshold is absolute, not relative to the RMS.")] = False,
-    avss_epsilon: Annotated[float, typer.Option("--avss-epsilon", parser=_number(0), metavar="FLOAT", help="AVSS: added to the sparsity before dividing.")] = 1e-3,
-    avss_share: Annotated[float, typer.Option("--avss-share", parser=_number(0, 1), metavar="FLOAT", help="AVSS: cumulative share of the pruning candidates.")] = 0.25,
+    avss_epsilon: Annotated[float, typer.Option("--avss-epsilon", parser=_number(0), metavar="FLOAT", help="AVSS: added to the sparsity before dividing.")] = _default(AVSS, "epsilon"),
+    avss_share: Annotated[float, typer.Option("--avss-share", parser=_number(0, 1), metavar="FLOAT", help="AVSS: cumulative share of the pruning candidates.")] = _default(AVSS, "prune_share"),
     outlier: Annotated[
         float, typer.Option(parser=_number(1), metavar="FLOAT", help="Proxies' cornerstone rule: importance at least this many times the median of its kind.")
-    ] = 3.0,
+    ] = _default(ScoreSettings, "outlier"),
     include_path: IncludePathOption = None,
     limit: Annotated[
         int,
         typer.Option(min=1, help="Documents per task, drawn at random with --seed. Every removal is one full "
                      "evaluation, so the sweep costs (players + 1) x limit x tasks documents."),
-    ] = DEFAULT_LIMIT,
+    ] = _default(TaskSelection, "limit"),
     all_docs: Annotated[bool, typer.Option("--all-docs", help="Use every document of every task (ignores --limit).")] = False,
     until_resolved: Annotated[
         Optional[int], typer.Option("--until-resolved", min=2, metavar="MAX_DOCS",
@@ -398,17 +406,17 @@ def score(
         Optional[int], typer.Option(min=1, help="With --until-resolved: the number of players a plan will drop; resolve "
                                     "which side of that boundary each player is on.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for drawing the --limit documents (the same ones for every removal).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 32,
+    seed: Annotated[int, typer.Option(help="The run's one seed: the --limit documents (the same ones for every removal), the calibration texts and the Shapley sampling.")] = _default(TaskSelection, "seed"),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = _default(ScoreSettings, "batch_size"),
     engine: Annotated[
         str, typer.Option(help="fast (reuses work across masks; lm-eval's per-document results) or lm-eval (its own loop per mask).")
-    ] = "fast",
+    ] = _default(ScoreSettings, "engine"),
     dtype: Annotated[str, typer.Option(help="float32 (reference), bfloat16 (faster on CPUs with AMX) or float16.")] = "float32",
     device: DeviceOption = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of a hub model.")] = None,
     margin: Annotated[
         float, typer.Option(parser=_number(0, 1), metavar="FLOAT", help="Cornerstone rule: removal leaves at most this share of the above-chance score.")
-    ] = 0.2,
+    ] = _default(ScoreSettings, "margin"),
     out: Annotated[Optional[Path], typer.Option(callback=_output_file, help="Report path (JSON; a PNG plot goes beside it). Default: cornerstone-output/MODEL-METHOD-GRANULARITY.json.")] = None,
     num_processes: Annotated[
         int, typer.Option("--num-processes", min=1, help="Split the evaluations over this many processes (torch.distributed; "
@@ -435,50 +443,34 @@ def score(
         raise ConfigError("--max-memory applies with --device-map", hint="Add --device-map auto, or drop --max-memory.")
     placement = {"device_map": device_map, "max_memory": _memory_map(max_memory)} if device_map else {}
     ranks = distributed.from_environment()
+    from pydantic import ValidationError
     from rich.console import Console
 
     from . import report as report_module
-    from .estimators import make_estimator
-    from .store import default_store_root
-    from .harness import load_tasks
     from .loading import load_model, resolve
-    from .scores import CornerstoneRule
     from .scores import score as run_score
 
-    from .calibration import Calibration
-
-    if granularity not in (None, "sublayer", "block"):
-        raise ConfigError(f"unknown granularity '{granularity}'", hint="Use sublayer or block.")
-    proxy_options = dict(calibration=Calibration(source=calibration, samples=calibration_samples, max_length=max_length,
-                                                 seed=seed),
-                         threshold=avss_threshold, relative=not avss_absolute, epsilon=avss_epsilon, prune_share=avss_share)
-    chosen = make_estimator(method, estimator, granularity=granularity, budget=budget, target_stderr=target_stderr,
-                            window=window, seed=seed, proxy_options=proxy_options)
-    if engine not in ("fast", "lm-eval"):
-        raise ConfigError(f"unknown engine '{engine}'", hint="Use fast or lm-eval.")
+    try:
+        settings = ScoreSettings(
+            method=method, estimator=estimator, granularity=granularity, budget=budget, target_stderr=target_stderr,
+            window=window, players=_split(players_) or None, batch_size=batch_size, engine=engine, margin=margin,
+            outlier=outlier, store=False if no_store else str(store) if store else True, until_resolved=until_resolved,
+            boundary=boundary, force=force,
+            tasks=TaskSelection(names=_split(tasks), include_paths=[str(p) for p in include_path or []],
+                                limit=None if all_docs else limit, seed=seed),
+            calibration=CalibrationText(source=calibration, samples=calibration_samples, max_length=max_length),
+            avss=dict(threshold=avss_threshold, relative=not avss_absolute, epsilon=avss_epsilon, prune_share=avss_share))
+    except ValidationError as exc:
+        raise _option_error(exc, {}, "score", "scoring") from None
     console = Console(stderr=as_json, quiet=ranks is not None and not ranks.main)
-    if until_resolved is not None:
-        from functools import partial
-
-        from .sequential import Sequential, score_until_resolved
-
-        if all_docs or method != "ablation":
-            raise ConfigError("--until-resolved adds documents to a --limit draw for --method ablation",
-                              hint="Drop --all-docs, or score with --method ablation.")
-        sequential = Sequential(start=limit, max_docs=until_resolved, boundary=boundary, seed=seed)
-        run_score = partial(score_until_resolved, sequential=sequential, log=console.print)  # type: ignore[assignment]
-    elif boundary is not None:
-        raise ConfigError("--boundary only applies with --until-resolved")
     device = distributed.rank_device(ranks, device)
     resolve(model)  # a mistyped model path fails here, before the slower task loading
     with console.status("loading tasks"):
-        specs = load_tasks(_split(tasks), include_paths=include_path or [], limit=None if all_docs else limit, seed=seed)
+        specs = settings.tasks.load()
     if num_processes > 1 and ranks is None:
         # every option, the model path and the tasks are checked above, once, before the ranks start
         distributed.launch(num_processes, _without_option(sys.argv[1:], "--num-processes"))
         return
-    if until_resolved is not None:
-        specs = _split(tasks)  # type: ignore[assignment]  # drawn round by round (names checked above)
     with console.status(f"loading {model} ({dtype}; a GGUF file is dequantised once, then cached)"):
         loaded = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
                             allow_pickle=allow_pickle, **placement)
@@ -490,23 +482,9 @@ def score(
         console.print("placed: " + (", ".join(f"{count} modules on {where}" for where, count in counts.items())
                                     or f"the whole model on {loaded.device}"))
     with _progress_bar(console, "scoring") as progress:
-        result = run_score(
-            loaded,
-            specs,
-            estimator=chosen,
-            players=_split(players_) or None,
-            include_paths=include_path or [],
-            limit=None if all_docs else limit,
-            seed=seed,
-            store=None if no_store else (store or default_store_root()),
-            batch_size=batch_size,
-            engine=engine,
-            rule=CornerstoneRule(margin=margin, outlier=outlier),
-            progress=progress,
-            ranks=ranks,
-            force=force,
-            on_estimate=lambda estimate: console.print(estimate.describe()),
-        )
+        # the sequential rounds draw their own documents, from the task names
+        result = run_score(loaded, None if settings.until_resolved else specs, settings, progress=progress, ranks=ranks,
+                           on_estimate=lambda estimate: console.print(estimate.describe()), log=console.print)
     if ranks is not None and not ranks.main:
         return  # every rank holds the same report; rank 0 writes and prints it
     json_path, plot_paths = report_module.save(result, out or report_module.default_report_path(result))
@@ -644,10 +622,10 @@ def plan(
     report: Annotated[Path, typer.Argument(help="A JSON report written by `cornerstone score`.")],
     drop: Annotated[str, typer.Option(help="How much to drop: a number of players (8) or a share of parameters (25%).")],
     policy: Annotated[str, typer.Option(help="lowest (one shot by importance), greedy (remove one, re-measure the rest, "
-                                        "repeat; loads the model) or contiguous (the lowest-importance run of consecutive players).")] = "lowest",
-    granularity: Annotated[str, typer.Option(help="block or sublayer (sublayer plans need a sublayer report).")] = "block",
-    keep_first: Annotated[int, typer.Option("--keep-first", min=0, help="Never drop the first k blocks.")] = 1,
-    keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Never drop the last k blocks.")] = 1,
+                                        "repeat; loads the model) or contiguous (the lowest-importance run of consecutive players).")] = _default(Planner, "policy"),
+    granularity: Annotated[str, typer.Option(help="block or sublayer (sublayer plans need a sublayer report).")] = _default(Planner, "granularity"),
+    keep_first: Annotated[int, typer.Option("--keep-first", min=0, help="Never drop the first k blocks.")] = _default(Planner, "keep_first"),
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Never drop the last k blocks.")] = _default(Planner, "keep_last"),
     keep: Annotated[Optional[str], typer.Option(help="Players never dropped, comma-separated (L5,L7.attn).")] = None,
     no_protect: Annotated[bool, typer.Option("--no-protect", help="Let cornerstones be dropped too.")] = False,
     harmless_only: Annotated[bool, typer.Option("--harmless-only", help="Drop only players whose removal has no "
@@ -699,7 +677,7 @@ def export(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="A plan YAML written by `cornerstone plan`.")],
     out: Annotated[Path, typer.Option(help="Folder to write the slim checkpoint to (must not exist unless --overwrite).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export at --out (only a folder cornerstone wrote).")] = False,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 2GB.")] = _default(ExportSettings, "max_shard_size"),
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip reloading the export and comparing its logits.")] = False,
     allow_other_model: Annotated[bool, typer.Option("--allow-other-model", help="Apply a plan made for another model.")] = False,
     dtype: Annotated[str, typer.Option(help="Weights' dtype in the export: float32, bfloat16 or float16.")] = "float32",
@@ -714,12 +692,13 @@ def export(
     from .export import export as run_export
     from .loading import load_model
 
+    settings = ExportSettings(out=str(out), overwrite=overwrite, max_shard_size=max_shard_size, verify=not no_verify,
+                              allow_other_model=allow_other_model)
     console = Console(stderr=True)
     with console.status(f"loading {model}"):
         loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     with console.status(f"exporting to {out}"):
-        result = run_export(loaded, plan_path, out, overwrite=overwrite, max_shard_size=max_shard_size,
-                            verify=not no_verify, allow_other_model=allow_other_model)
+        result = run_export(loaded, plan_path, settings=settings)
     if as_json:
         _print_json(result.model_dump())
         return
@@ -736,21 +715,21 @@ def heal(
     pruned: Annotated[str, typer.Argument(metavar="PRUNED", help="An exported folder (`cornerstone export --out`).")],
     data: Annotated[str, typer.Option(help="Training text: a .txt/.jsonl/.json file, or comma-separated lm-eval tasks not used for evaluation.")],
     out: Annotated[Path, typer.Option(help="Folder for the healed checkpoint (must not exist unless --overwrite).")],
-    method: Annotated[str, typer.Option(help="lora (adapter merged into the weights) or full.")] = "lora",
-    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
-    alpha: Annotated[float, typer.Option(parser=_number(0, above=True), metavar="FLOAT", help="LoRA alpha (the update is alpha/rank * B A).")] = 32.0,
-    target_modules: Annotated[str, typer.Option("--target-modules", help="Comma-separated module names, or all-linear.")] = "all-linear",
+    method: Annotated[str, typer.Option(help="lora (adapter merged into the weights) or full.")] = _default(Healing, "method"),
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = _default(Healing, "rank"),
+    alpha: Annotated[float, typer.Option(parser=_number(0, above=True), metavar="FLOAT", help="LoRA alpha (the update is alpha/rank * B A).")] = _default(Healing, "alpha"),
+    target_modules: Annotated[str, typer.Option("--target-modules", help="Comma-separated module names, or all-linear.")] = _default(Healing, "target_modules"),
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", parser=_number(0, above=True), metavar="FLOAT", help="Default 2e-4 (LoRA) or 2e-5 (full).")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 100,
-    sequence_length: Annotated[int, typer.Option("--sequence-length", min=8, help="Tokens per training window.")] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per step.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = _default(Healing, "steps"),
+    sequence_length: Annotated[int, typer.Option("--sequence-length", min=8, help="Tokens per training window.")] = _default(Healing, "sequence_length"),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per step.")] = _default(Healing, "batch_size"),
     samples: Annotated[Optional[int], typer.Option(min=1, help="Most training texts (seeded draw); default all.")] = None,
-    distill: Annotated[float, typer.Option(parser=_number(0, 1), metavar="FLOAT", help="Weight of the distillation loss against --teacher's logits (0 = none).")] = 0.0,
+    distill: Annotated[float, typer.Option(parser=_number(0, 1), metavar="FLOAT", help="Weight of the distillation loss against --teacher's logits (0 = none).")] = _default(Healing, "distill"),
     teacher: Annotated[Optional[str], typer.Option(help="The unpruned model, teacher for --distill.")] = None,
-    temperature: Annotated[float, typer.Option(parser=_number(0, above=True), metavar="FLOAT", help="Distillation temperature.")] = 2.0,
-    compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="float32, or bfloat16 autocast (faster on CPUs with bf16).")] = "float32",
-    seed: Annotated[int, typer.Option(help="Seed of the LoRA init and the batch order.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between resumable checkpoints.")] = 25,
+    temperature: Annotated[float, typer.Option(parser=_number(0, above=True), metavar="FLOAT", help="Distillation temperature.")] = _default(Healing, "temperature"),
+    compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="float32, or bfloat16 autocast (faster on CPUs with bf16).")] = _default(Healing, "compute_dtype"),
+    seed: Annotated[int, typer.Option(help="Seed of the LoRA init, the batch order and the --samples draw.")] = _default(Healing, "seed"),
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between resumable checkpoints.")] = _default(Healing, "checkpoint_every"),
     not_on: Annotated[Optional[str], typer.Option("--not-on", help="Comma-separated tasks you will evaluate on: refuse to train on them.")] = None,
     allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help="Train on the documents the plan was scored on "
                                                 "too (by default a scored task's other documents only).")] = False,
@@ -763,7 +742,7 @@ def heal(
     from pydantic import ValidationError
     from rich.console import Console
 
-    from .heal import Healing, heal as run_heal
+    from .heal import heal as run_heal
 
     try:
         healing = Healing(data=data, method=method, rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
@@ -790,12 +769,12 @@ def heal(
 def eval_command(
     base: Annotated[str, typer.Argument(help="The original model (alias, folder, .gguf or hub id).")],
     pruned: Annotated[str, typer.Argument(help="The exported folder.")],
-    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks; cornerstone_real reads ../shared/data.")] = "cornerstone_bundled",
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks; cornerstone_real reads ../shared/data.")] = ",".join(_default(EvalTasks, "names")),
     include_path: IncludePathOption = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Documents per task (seeded random, from those not "
-                                                 "scored); default all of them.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for drawing the --limit documents.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="lm-eval batch size.")] = 16,
+                                                 "scored); default all of them.")] = _default(EvalTasks, "limit"),
+    seed: Annotated[int, typer.Option(help="Seed for drawing the --limit documents.")] = _default(EvalTasks, "seed"),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="lm-eval batch size.")] = _default(EvalSettings, "batch_size"),
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     device: DeviceOption = None,
     out: Annotated[Optional[Path], typer.Option(callback=_output_file, help="Comparison path (JSON; Markdown beside it). "
@@ -812,15 +791,16 @@ def eval_command(
     """Evaluate PRUNED (and --healed) against BASE with lm-eval's standard hf path; print a side-by-side table."""
     from rich.console import Console
 
-    from . import evaluate as evaluate_module
+    from .evaluate import compare, default_eval_path, save
 
+    settings = EvalSettings(tasks=EvalTasks(names=_split(tasks), include_paths=[str(p) for p in include_path or []],
+                                            limit=limit, seed=seed),
+                            batch_size=batch_size, allow_overlap=allow_overlap)
     console = Console(stderr=True)
     with console.status(f"evaluating {base} and {pruned} with lm-eval"):
-        comparison = evaluate_module.compare(base, pruned, _split(tasks), include_paths=include_path or [], limit=limit,
-                                             seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-                                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                             healed=healed, report=report, allow_overlap=allow_overlap)
-    json_path, markdown_path = evaluate_module.save(comparison, out or evaluate_module.default_eval_path(pruned))
+        comparison = compare(base, pruned, settings=settings, device=device, dtype=dtype,
+                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, healed=healed, report=report)
+    json_path, markdown_path = save(comparison, out or default_eval_path(pruned))
     if as_json:
         _print_json(comparison.model_dump_json(indent=2))
         return

@@ -22,9 +22,10 @@ from . import harness
 from .errors import TaskError
 from .estimators import macro_stderr
 from .files import atomic_write
-from .loading import check_weights_format, dequantised_folder, load_model, remote_code_trusted, resolve
+from .loading import LoadedModel, check_weights_format, dequantised_folder, load_model, remote_code_trusted, resolve
 from .players import text_config
 from .report import OUTPUT_FOLDER
+from .settings import EvalSettings
 
 
 class ModelSummary(BaseModel):
@@ -232,45 +233,50 @@ def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, leng
     return best
 
 
-def _summaries(located: Sequence[tuple[str, str, bool, int]], specs: Sequence[harness.TaskSpec], *,
+def _summaries(located: Sequence[tuple[str | LoadedModel, str, bool, int]], specs: Sequence[harness.TaskSpec], *,
                include_paths: Sequence[str | Path], batch_size: int, device: str, dtype: str,
                allow_pickle: bool) -> list[ModelSummary]:
-    """Evaluate and time each model of ``located``: (spec, :func:`lm_eval_location`'s three answers)."""
+    """Evaluate and time each model of ``located``: (model, :func:`lm_eval_location`'s three answers). A model
+    already loaded is timed as it is; the others are loaded once, for timing."""
     found = []
-    for spec, pretrained, remote, size in located:
+    for model, pretrained, remote, size in located:
         scores = harness.evaluate_pretrained(pretrained, specs, include_paths=include_paths, batch_size=batch_size,
                                              device=device, dtype=dtype, trust_remote_code=remote)
-        found.append((spec, pretrained, remote, size, scores))
-    loaded = [load_model(spec, dtype=dtype, device=device, trust_remote_code=remote, allow_pickle=allow_pickle)
-              for spec, _, remote, _, _ in found]
+        found.append((model, pretrained, remote, size, scores))
+    loaded = [model if isinstance(model, LoadedModel)
+              else load_model(model, dtype=dtype, device=device, trust_remote_code=remote, allow_pickle=allow_pickle)
+              for model, _, remote, _, _ in found]
     speeds = tokens_per_second([model.model for model in loaded])
-    return [ModelSummary(spec=spec, pretrained=pretrained, parameters=model.num_parameters, bytes_on_disk=size,
+    return [ModelSummary(spec=given if isinstance(given, str) else given.spec, pretrained=pretrained, parameters=model.num_parameters, bytes_on_disk=size,
                          tokens_per_second=speed, scores={k: v["score"] for k, v in scores.items()},  # type: ignore[misc]
                          stderr={k: v["stderr"] for k, v in scores.items()},
                          mean_score=sum(v["score"] for v in scores.values()) / len(scores),  # type: ignore[misc]
                          mean_stderr=macro_stderr([v["stderr"] for v in scores.values()]))  # type: ignore[misc]
-            for (spec, pretrained, _, size, scores), model, speed in zip(found, loaded, speeds)]
+            for (given, pretrained, _, size, scores), model, speed in zip(found, loaded, speeds)]
 
 
 def compare(
-    base: str,
-    pruned: str,
-    tasks: Sequence[str] = (harness.BUNDLED_TASK_GROUP,),
+    base: str | LoadedModel,
+    pruned: str | LoadedModel,
+    tasks: Sequence[str] | None = None,
+    settings: EvalSettings | None = None,
     *,
-    include_paths: Sequence[str | Path] = (),
-    limit: int | None = None,
-    seed: int | None = 0,
-    batch_size: int = 16,
+    healed: str | LoadedModel | None = None,
+    report: str | Path | None = None,
     device: str | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-    healed: str | None = None,
-    report: str | Path | None = None,
-    allow_overlap: bool = False,
+    **options: Any,
 ) -> Comparison:
     """Evaluate ``base`` and ``pruned`` (and ``healed``, a ``cornerstone heal`` output) on the same
     documents of ``tasks`` and put them side by side.
+
+    ``settings`` (:class:`~cornerstone.settings.EvalSettings`) are those of ``cornerstone eval`` and a
+    recipe's ``eval:``; ``tasks`` (names) and ``options`` set its fields by name (``include_paths``,
+    ``limit`` and ``seed`` are those of ``settings.tasks``). Each model is a spec (alias, folder, .gguf
+    or hub id) or an already loaded model (:func:`~cornerstone.loading.load_model`): lm-eval reads it
+    from its folder, and a loaded model is timed as it is instead of being loaded again.
 
     ``retention_t = score_pruned(t) / score_base(t)``; ``mean_retention`` is the ratio of the mean
     scores. ``above_chance_kept_t = (pruned - chance) / (base - chance)`` is the share of the base
@@ -286,18 +292,23 @@ def compare(
     """
     from .loading import resolve_device
     from .scores import machine, package_versions
+    from .settings import with_options
 
+    nested = {"include_paths": "tasks", "limit": "tasks", "seed": "tasks", "names": "tasks"}
+    settings = with_options(settings, EvalSettings, {**options, **({"names": list(tasks)} if tasks is not None else {})},
+                            nested, function="compare")
+    selection = settings.tasks
     device = resolve_device(device)
     # every model resolved before lm-eval, which would try the network for a misspelt one
-    located = [(spec, *lm_eval_location(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
-               for spec in [base, pruned, *([healed] if healed else [])]]
-    found = scored_documents(pruned, report)
+    located = [(model, *lm_eval_location(model.spec if isinstance(model, LoadedModel) else model,
+                                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
+               for model in [base, pruned, *([healed] if healed else [])]]
+    found = scored_documents(pruned.location if isinstance(pruned, LoadedModel) else pruned, report)
     scored, source = found if found is not None else ({}, None)
-    specs = harness.load_tasks(list(tasks), include_paths=include_paths, limit=limit, seed=seed,
-                               exclude=None if allow_overlap else {name: r.doc_indices for name, r in scored.items()})
-    documents = _document_summary(specs, scored, source, allow_overlap)
-    summaries = _summaries(located, specs, include_paths=include_paths, batch_size=batch_size, device=device,
-                           dtype=dtype, allow_pickle=allow_pickle)
+    specs = selection.load(exclude=None if settings.allow_overlap else {name: r.doc_indices for name, r in scored.items()})
+    documents = _document_summary(specs, scored, source, settings.allow_overlap)
+    summaries = _summaries(located, specs, include_paths=selection.include_paths, batch_size=settings.batch_size,
+                           device=device, dtype=dtype, allow_pickle=allow_pickle)
     base_summary, pruned_summary = summaries[:2]
     chance = {spec.name: spec.chance for spec in specs}
     pruned_retention = Retention.of(base_summary, pruned_summary, chance)
@@ -306,9 +317,9 @@ def compare(
         tasks=[{**spec.describe(), "doc_indices": spec.doc_indices, "content_sha256": spec.content_hash}
                for spec in specs],
         documents=documents,
-        settings={"tasks": list(tasks), "include_paths": [str(p) for p in include_paths], "limit": limit, "seed": seed,
-                  "batch_size": batch_size, "device": device, "dtype": dtype, "throughput": "batch 4 x 256 tokens",
-                  "torch_threads": torch.get_num_threads(), "machine": machine()},
+        settings={"tasks": list(selection.names), "include_paths": list(selection.include_paths), "limit": selection.limit,
+                  "seed": selection.seed, "batch_size": settings.batch_size, "device": device, "dtype": dtype,
+                  "throughput": "batch 4 x 256 tokens", "torch_threads": torch.get_num_threads(), "machine": machine()},
         base=base_summary,
         pruned=pruned_summary,
         **pruned_retention.model_dump(),

@@ -38,6 +38,7 @@ from .loading import LoadedModel, load_model
 from .masking import removed
 from .planner import Plan
 from .quiet import no_progress_bars
+from .settings import ExportSettings
 from .players import architecture, decoder_layers, model_type, owned_modules, parse_players, text_config
 
 EXPORT_MANIFEST = "cornerstone-export.json"
@@ -239,15 +240,17 @@ def check_model(plan: Plan, loaded: LoadedModel, named: str = "the plan") -> Non
 def export(
     model: LoadedModel | str,
     plan: Plan | str | Path,
-    out: str | Path,
+    out: str | Path | None = None,
+    settings: ExportSettings | None = None,
     *,
     recipe: dict[str, Any] | None = None,
-    overwrite: bool = False,
-    max_shard_size: str = "2GB",
-    verify: bool = True,
-    allow_other_model: bool = False,
+    **options: Any,
 ) -> ExportResult:
     """Cut ``plan``'s players from ``model`` and write the slim checkpoint to ``out``.
+
+    ``settings`` (:class:`~cornerstone.settings.ExportSettings`: ``out``, ``overwrite``,
+    ``max_shard_size``, ``verify``, ``allow_other_model``) are those of ``cornerstone export`` and a
+    recipe's ``export:``; ``out`` and ``options`` set its fields by name.
 
     The folder holds the safetensors weights (sharded above ``max_shard_size``), config, tokenizer,
     generation config, a model card (``README.md``), the plan (``cornerstone-plan.yaml``), the
@@ -255,13 +258,18 @@ def export(
     ``verify`` the written folder is loaded back and its logits compared with the original model
     under the plan's mask (max abs difference <= 1e-5 in float32) before the folder is put in place.
     """
+    from .settings import with_options
+
+    settings = with_options(settings, ExportSettings, {**options, **({"out": out} if out is not None else {})},
+                            function="export")
+    overwrite, max_shard_size = settings.overwrite, settings.max_shard_size
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     named = "the plan" if isinstance(plan, Plan) else f"plan '{plan}'"
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    if not allow_other_model:
+    if not settings.allow_other_model:
         check_model(plan, loaded, named)
-    out = Path(out)
+    out = Path(settings.out)
     # the model being read, never written into nor replaced: its folder or GGUF file and the GGUF's cache
     sources = [loaded.location, *([loaded.extra["dequantised_cache"]] if "dequantised_cache" in loaded.extra else [])]
     check_output(out, overwrite=overwrite, marker=EXPORT_MANIFEST, protected=sources)  # before any work
@@ -293,7 +301,7 @@ def export(
 
             (staging / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
         difference = None
-        if verify:
+        if settings.verify:
             with no_progress_bars():
                 reloaded = load_exported(staging, dtype=slim.dtype)
             difference = max_logit_difference(loaded.model, players, reloaded)

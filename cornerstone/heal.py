@@ -234,7 +234,7 @@ def _loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: t
 def heal(
     pruned: str | Path,
     out: str | Path,
-    healing: Healing,
+    healing: Healing | None = None,
     *,
     include_paths: Sequence[str | Path] = (),
     evaluation_tasks: Sequence[str] = (),
@@ -242,8 +242,12 @@ def heal(
     device: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     allow_overlap: bool = False,
+    **options: Any,
 ) -> HealResult:
     """Fine-tune the exported model in ``pruned`` on ``healing.data`` and write the merged result to ``out``.
+
+    ``healing`` is the heal step's settings (those of ``cornerstone heal`` and a recipe's ``heal:``);
+    ``options`` set its fields by name, e.g. ``heal(folder, out, data="notes.txt", steps=50)``.
 
     See the module docstring for the method, loss and checkpoints. ``evaluation_tasks`` are the
     tasks the healed model will be judged on: training on any of them is refused. Training on a task
@@ -254,6 +258,9 @@ def heal(
     from .loading import fingerprint_folder, load_model, resolve_device
     from .quiet import no_progress_bars
 
+    from .settings import with_options
+
+    healing = with_options(healing, Healing, options, function="heal")
     started = time.perf_counter()
     source, out = Path(pruned), Path(out)
     if not (source / "config.json").is_file():

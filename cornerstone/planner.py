@@ -451,14 +451,18 @@ def _parameter_counts(report: ScoreReport, loaded: Any) -> dict[str, int]:
 
 def make_plan(
     report: ScoreReport | str | Path,
-    planner: Planner,
+    planner: Planner | None = None,
     *,
     loaded: Any = None,
     value: Any = None,
     store: str | Path | None = None,
     progress: Progress | None = None,
+    **options: Any,
 ) -> Plan:
     """Choose the players to drop from ``report`` with ``planner``'s policy and constraints.
+
+    ``planner`` is the plan step's settings (those of ``cornerstone plan`` and a recipe's ``plan:``);
+    ``options`` set its fields by name, e.g. ``make_plan(report, drop=8)``.
 
     ``greedy`` measures as it goes: it uses ``value`` (a :class:`~cornerstone.value.ValueFunction`)
     or builds one on ``loaded`` (or on the report's model) with the report's tasks and documents.
@@ -467,6 +471,9 @@ def make_plan(
     importance_i``, labelled as such and clipped to [0, 1] (:func:`_prediction`). The plan keeps
     the report's document record, so ``cornerstone eval`` measures the export on other documents.
     """
+    from .settings import with_options
+
+    planner = with_options(planner, Planner, options, function="make_plan")
     report_path = None
     if not isinstance(report, ScoreReport):
         report_path = str(report)

@@ -24,64 +24,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .calibration import Calibration
-from .heal import Healing
 from .errors import ConfigError
 from .files import parse_yaml
+from .heal import Healing
 from .planner import Planner
 from .report import OUTPUT_FOLDER
+from .settings import EvalSettings, ExportSettings, ScoreSettings, TaskSelection
+
+__all__ = ["EvalStep", "ExportStep", "HealStep", "Recipe", "RunResult", "ScoreStep", "TaskSelection", "load_recipe",
+           "run_recipe"]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TaskSelection(_Section):
-    """lm-eval task names, groups or tags, and which documents to use."""
+class ScoreStep(ScoreSettings):
+    """``score:``: the score step's settings (:class:`~cornerstone.settings.ScoreSettings`), whose tasks are
+    the recipe's ``tasks:``; ``report`` reuses a saved report instead of scoring again."""
 
-    names: list[str] = Field(default_factory=lambda: ["cornerstone_bundled"])
-    include_paths: list[str] = Field(default_factory=list)
-    limit: int | None = Field(25, ge=1, description="Documents per task (seeded random); null for all.")
-    seed: int = 0
-
-
-class ScoreStep(_Section):
-    """How to score; ``report`` reuses a saved report instead of scoring again."""
-
-    method: Literal["ablation", "shapley", "avss", "bi", "angular", "cosine"] = "ablation"
-    estimator: Literal["kernel", "permutation", "proximity", "exact"] = "kernel"
-    granularity: Literal["block", "sublayer"] | None = Field(
-        None, description="Default: block, or sublayer for cosine (the only granularity it scores).")
-    calibration: Calibration = Field(default_factory=Calibration, description="Proxies: the text of the one pass.")
-    avss: dict[str, Any] = Field(default_factory=dict, description="AVSS options: threshold, relative, epsilon, prune_share.")
-
-    @field_validator("avss")
-    @classmethod
-    def _check_avss(cls, options: dict[str, Any]) -> dict[str, Any]:
-        from .proxies import AVSS
-
-        unknown = sorted(set(options) - {"threshold", "relative", "epsilon", "prune_share"})
-        if unknown:
-            raise ValueError(f"unknown AVSS option {', '.join(unknown)}; allowed: threshold, relative, epsilon, prune_share")
-        AVSS(**options)
-        return options
-    budget: int = Field(600, ge=4)
-    target_stderr: float | None = None
-    window: int = Field(3, ge=1)
-    engine: Literal["fast", "lm-eval"] = "fast"
-    batch_size: int = Field(32, ge=1)
-    margin: float = Field(0.2, ge=0.0, le=1.0)
-    store: bool = True
     report: str | None = None
 
 
-class ExportStep(_Section):
-    out: str
-    overwrite: bool = False
-    max_shard_size: str = "2GB"
-    verify: bool = True
+# The export and eval sections are those steps' settings as they stand.
+ExportStep = ExportSettings
+EvalStep = EvalSettings
 
 
 class HealStep(Healing):
@@ -90,14 +59,6 @@ class HealStep(Healing):
 
     out: str
     overwrite: bool = False
-
-
-class EvalStep(_Section):
-    """``eval:``: judged on documents the plan was not chosen on, unless ``allow_overlap``."""
-
-    tasks: TaskSelection = Field(default_factory=TaskSelection)
-    batch_size: int = Field(16, ge=1)
-    allow_overlap: bool = False
 
 
 class Recipe(_Section):
@@ -119,6 +80,19 @@ class Recipe(_Section):
     eval: EvalStep | None = None
     reports: str = Field(OUTPUT_FOLDER, description="Folder for the score report, plan and evaluation (the "
                          "committed recipes name reports/, where their results are kept).")
+
+    @model_validator(mode="after")
+    def _scored_tasks(self) -> "Recipe":
+        """The scored tasks are the recipe's ``tasks:`` (or ``score.tasks:``, which must then agree): the
+        score section is the whole of the score step's settings, as the CLI and the API take them."""
+        if "tasks" in self.score.model_fields_set:
+            if "tasks" in self.model_fields_set and self.tasks != self.score.tasks:
+                raise ValueError("tasks: and score.tasks: name different tasks; give the scored tasks once")
+            self.tasks = self.score.tasks
+        else:
+            self.score = ScoreStep.model_validate({**self.score.model_dump(exclude_unset=True),
+                                                   "tasks": self.tasks.model_dump(exclude_unset=True)})
+        return self
 
     @field_validator("name")
     @classmethod
@@ -169,6 +143,8 @@ def load_recipe(path: str | Path) -> Recipe:
     except ValidationError as exc:
         message, hint = _describe(exc.errors()[0], Recipe)
         raise ConfigError(f"recipe '{path}': {message}", hint=hint) from None
+    except ConfigError as exc:  # a check across a section's fields (ScoreSettings), in the CLI's words
+        raise ConfigError(f"recipe '{path}': {exc.message}", hint=exc.hint) from None
 
 
 class RunResult(BaseModel):
@@ -185,15 +161,12 @@ class RunResult(BaseModel):
 def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
                progress: Callable[[int, int, str], None] | None = None) -> RunResult:
     """Run every step of ``recipe`` in order; the model is loaded once and shared by scoring, planning and export."""
-    from . import evaluate as evaluate_module
     from . import report as report_module
-    from .estimators import make_estimator
+    from .evaluate import compare, save
     from .export import export
-    from .harness import load_tasks
     from .loading import load_model
     from .planner import make_plan
-    from .scores import CornerstoneRule, ScoreReport, score
-    from .store import default_store_root
+    from .scores import ScoreReport, score
 
     reports = Path(recipe.reports)
     loaded = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device, revision=recipe.revision,
@@ -205,48 +178,32 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
         report_path = Path(step.report)
         log(f"score: reusing {report_path}")
     else:
-        estimator = make_estimator(step.method, step.estimator, budget=step.budget, target_stderr=step.target_stderr,
-                                   granularity=step.granularity or ("sublayer" if step.method == "cosine" else "block"),
-                                   window=step.window, seed=recipe.tasks.seed,
-                                   proxy_options=dict(calibration=step.calibration, **step.avss))
-        specs = load_tasks(recipe.tasks.names, include_paths=recipe.tasks.include_paths,
-                           limit=recipe.tasks.limit, seed=recipe.tasks.seed)
-        report = score(loaded, specs, estimator=estimator, include_paths=recipe.tasks.include_paths,
-                       limit=recipe.tasks.limit, seed=recipe.tasks.seed, batch_size=step.batch_size, engine=step.engine,
-                       store=default_store_root() if step.store else None, rule=CornerstoneRule(margin=step.margin),
-                       progress=progress)
+        report = score(loaded, settings=step, progress=progress, log=log)
         report_path, _ = report_module.save(report, reports / f"{recipe.name}-scores.json")
         log(f"score: {report.evaluations} evaluations, cornerstones {', '.join(report.cornerstones) or 'none'} -> {report_path}")
-    plan = make_plan(report, recipe.plan, loaded=loaded, store=default_store_root() if step.store else None,
-                     progress=progress)
+    plan = make_plan(report, recipe.plan, loaded=loaded, store=step.store_folder(), progress=progress)
     plan.report["path"] = str(report_path)
     plan_path = plan.save(reports / f"{recipe.name}-plan.yaml")
     log(f"plan: drop {', '.join(plan.player_names)} ({plan.parameters.removed_fraction:.1%} of parameters) -> {plan_path}")
-    exported = export(loaded, plan, recipe.export.out, recipe=recipe.model_dump(mode="json"),
-                      overwrite=recipe.export.overwrite, max_shard_size=recipe.export.max_shard_size,
-                      verify=recipe.export.verify)
+    exported = export(loaded, plan, settings=recipe.export, recipe=recipe.model_dump(mode="json"))
     log(f"export: {exported.format} checkpoint, {exported.parameters:,} parameters, max logit difference "
         f"{exported.max_abs_logit_diff} -> {exported.path}")
     result = RunResult(report=str(report_path), plan=str(plan_path), export=exported.model_dump())
-    del loaded  # healing and evaluation load the models from disk, as users of the checkpoints will
     if recipe.heal is not None:
+        del loaded  # healing loads the pruned model (and a teacher) from disk: do not hold the base too
         from .heal import heal
 
-        healing = Healing(**recipe.heal.model_dump(exclude={"out", "overwrite"}))
-        healed = heal(exported.path, recipe.heal.out, healing, include_paths=recipe.tasks.include_paths,
+        healed = heal(exported.path, recipe.heal.out, recipe.heal, include_paths=recipe.tasks.include_paths,
                       evaluation_tasks=recipe.eval.tasks.names if recipe.eval else (), overwrite=recipe.heal.overwrite,
                       device=recipe.device, progress=progress)
         log(f"heal: {healed.steps} steps, loss {healed.first_loss:.3f} -> {healed.last_loss:.3f} -> {healed.path}")
         result.heal = healed.model_dump(exclude={"history"})
     if recipe.eval is not None:
-        tasks = recipe.eval.tasks
-        comparison = evaluate_module.compare(recipe.model, exported.path, tasks.names, include_paths=tasks.include_paths,
-                                             limit=tasks.limit, seed=tasks.seed, batch_size=recipe.eval.batch_size,
-                                             device=recipe.device, dtype=recipe.dtype,
-                                             trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle,
-                                             healed=recipe.heal.out if recipe.heal else None,
-                                             allow_overlap=recipe.eval.allow_overlap)
-        files = evaluate_module.save(comparison, reports / f"{recipe.name}-eval.json")
+        # lm-eval reads every model from disk; the base model still loaded is timed as it is, not loaded again
+        comparison = compare(recipe.model if recipe.heal else loaded, exported.path, settings=recipe.eval,
+                             device=recipe.device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
+                             allow_pickle=recipe.allow_pickle, healed=recipe.heal.out if recipe.heal else None)
+        files = save(comparison, reports / f"{recipe.name}-eval.json")
         healed_text = (f", healed {comparison.healed_retention.mean_retention:.1%}"
                        if comparison.healed_retention is not None else "")
         log(f"eval: mean retention {comparison.mean_retention:.1%}{healed_text}, speed-up {comparison.speedup:.2f}x -> {files[0]}")

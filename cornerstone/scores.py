@@ -30,6 +30,7 @@ from .value import ValueFunction
 if TYPE_CHECKING:
     from .distributed import Ranks
     from .proxies import _Proxy
+    from .settings import ScoreSettings
 
 SCHEMA_VERSION = 1
 # Metric scores (acc, acc_norm: harness.PREFERRED_METRICS) and their chance levels are shares.
@@ -513,30 +514,30 @@ def package_versions() -> dict[str, str]:
 
 def score(
     model: str | LoadedModel = DEFAULT_MODEL,
-    tasks: Sequence[str] | Sequence[harness.TaskSpec] = (harness.BUNDLED_TASK_GROUP,),
+    tasks: Sequence[str] | Sequence[harness.TaskSpec] | None = None,
+    settings: ScoreSettings | None = None,
     *,
     estimator: Ablation | _Shapley | _Proxy | None = None,
-    players: Sequence[str] | None = None,
-    include_paths: Sequence[str | Path] = (),
-    limit: int | None = None,
-    seed: int | None = None,
-    batch_size: int = 32,
-    engine: str = "fast",
+    rule: CornerstoneRule | None = None,
     dtype: str = "float32",
     device: str | None = None,
-    store: str | Path | None = None,
-    rule: CornerstoneRule | None = None,
     progress: Progress | None = None,
     ranks: Ranks | None = None,
-    force: bool = False,
     on_estimate: Callable[[RunEstimate], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> ScoreReport:
     """Score the players of ``model`` on ``tasks`` and mark its cornerstones.
 
-    ``model`` is a spec for :func:`~cornerstone.loading.load_model` or an already loaded model;
-    ``tasks`` are lm-eval task names (loaded with ``include_paths``/``limit``/``seed``) or specs from
-    :func:`~cornerstone.harness.load_tasks`. ``players`` restricts the game to those players (the
-    others stay present throughout); by default every player at the estimator's granularity plays.
+    ``settings`` (:class:`~cornerstone.settings.ScoreSettings`, the settings of ``cornerstone score``
+    and of a recipe's ``score:``) says how; ``options`` set any of its fields by name (``limit``,
+    ``seed`` and ``include_paths`` are those of ``settings.tasks``), e.g. ``score(loaded, ["cs_capitals"],
+    limit=30)``. ``model`` is a spec for :func:`~cornerstone.loading.load_model` (loaded with
+    ``dtype``/``device``) or an already loaded model; ``tasks`` are lm-eval task names (default:
+    ``settings.tasks.names``) or specs already loaded with :func:`~cornerstone.harness.load_tasks`.
+    ``estimator`` and ``rule``, when given, are used instead of the ones the settings describe.
+    ``players`` restricts the game to those players (the others stay present throughout); by default
+    every player at the estimator's granularity plays.
     ``importance_i`` is the estimator's value for player i (ablation: ``v(N) - v(N \\ {i})``;
     Shapley estimators: phi_i) and ``share_i = max(importance_i, 0) / sum_j max(importance_j, 0)``:
     negative values are clipped to zero for shares, as the paper does. ``store`` is a folder that
@@ -544,19 +545,37 @@ def score(
     (:func:`cornerstone.distributed.from_environment`) splits the evaluations across the processes of
     a torchrun / ``accelerate launch`` job; every rank returns the same report. Once the full model is
     evaluated the run is sized (:func:`cornerstone.sizing.estimate_run`), ``on_estimate`` is called
-    with the estimate, and a run that will not fit in memory is refused unless ``force``.
+    with the estimate, and a run that will not fit in memory is refused unless ``force``. With
+    ``until_resolved`` the documents grow round by round (:mod:`cornerstone.sequential`; ``log`` hears
+    of each round).
     """
+    from .settings import ScoreSettings, with_options
+
+    settings = with_options(settings, ScoreSettings, options, {"include_paths": "tasks", "limit": "tasks", "seed": "tasks"},
+                            function="score")
+    loaded_tasks = bool(tasks) and all(isinstance(task, harness.TaskSpec) for task in tasks)  # type: ignore[union-attr]
+    if tasks is not None and not loaded_tasks:
+        settings = with_options(settings, ScoreSettings, {"names": [str(task) for task in tasks]}, {"names": "tasks"},
+                                function="score")
+    sequential = settings.sequential()
+    if sequential is not None:
+        from .sequential import score_until_resolved
+
+        names = [spec.name for spec in tasks] if loaded_tasks else settings.tasks.names  # type: ignore[union-attr]
+        once = settings.model_copy(update={"until_resolved": None, "boundary": None})
+        return score_until_resolved(model, names, sequential=sequential, include_paths=settings.tasks.include_paths,
+                                    log=log, settings=once, estimator=estimator, rule=rule, dtype=dtype, device=device,
+                                    progress=progress, ranks=ranks, on_estimate=on_estimate)
+    include_paths, players, batch_size, engine = (settings.tasks.include_paths, settings.players, settings.batch_size,
+                                                  settings.engine)
     started = time.perf_counter()
-    estimator = estimator or Ablation()
-    rule = rule or CornerstoneRule()
-    if all(isinstance(task, harness.TaskSpec) for task in tasks):
-        specs = list(tasks)
-    else:
-        specs = harness.load_tasks([str(t) for t in tasks], include_paths=include_paths, limit=limit, seed=seed)
+    estimator = estimator or settings.make_estimator()
+    rule = rule or settings.rule()
+    specs = list(tasks) if loaded_tasks else settings.tasks.load()  # type: ignore[arg-type]
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     playing = (parse_players(loaded.model, list(players)) if players
                else enumerate_players(loaded.model, estimator.granularity))
-    value = ValueFunction(loaded, specs, batch_size=batch_size, engine=engine, store=store,  # type: ignore[arg-type]
+    value = ValueFunction(loaded, specs, batch_size=batch_size, engine=engine, store=settings.store_folder(),  # type: ignore[arg-type]
                           ranks=ranks)
     scoring_started = time.perf_counter()
     full_model = value.evaluate([])  # every method starts from v(N); timing it sizes the run
@@ -568,7 +587,7 @@ def score(
                             requests=value.requests)
     if on_estimate is not None:
         on_estimate(estimate)
-    check_fits(estimate, force=force)
+    check_fits(estimate, force=settings.force)
     result = estimator.estimate(value, playing, progress)
     scoring_seconds = time.perf_counter() - scoring_started
     full, estimates = result.full, result.players
