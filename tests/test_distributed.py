@@ -146,11 +146,11 @@ def test_a_model_placed_by_device_map_scores_like_one_in_memory(tmp_path):
     tiny_tokenizer().save_pretrained(folder)
     tasks = write_task(tmp_path / "tasks", "toy_placed", toy_docs(8))
     specs = harness.load_tasks(["toy_placed"], include_paths=[tasks])
-    in_memory = score(load_model(str(folder), device="cpu"), specs, estimator=Ablation())
+    in_memory = score(load_model(str(folder), device="cpu"), specs, estimator=Ablation(), store=None)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     placed = load_model(str(folder), device_map="auto", max_memory={"cpu": weights // 2})
     assert "disk" in placed.extra["device_map"].values() and placed.device == "cpu"
-    offloaded = score(placed, specs, estimator=Ablation())
+    offloaded = score(placed, specs, estimator=Ablation(), store=None)  # computed again, not read from the store
     assert offloaded.base_score == in_memory.base_score
     for name, player in in_memory.players.items():
         assert offloaded.players[name].per_task_removed == player.per_task_removed, name
