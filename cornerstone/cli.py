@@ -812,7 +812,7 @@ def eval_command(
 def run(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="A recipe YAML (see recipes/).")],
     reports: Annotated[Optional[Path], typer.Option(help="Folder for the report, plan and evaluation (overrides the "
-                                                    "recipe's reports:; `--reports reports` regenerates the committed results).")] = None,
+                                                    "recipe's reports:; `--reports reports/pruning` or `reports/quickstart` regenerates the committed results).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run a whole recipe: score, plan, export and evaluate, as one YAML file says."""

@@ -79,7 +79,7 @@ class Recipe(_Section):
     heal: HealStep | None = None
     eval: EvalStep | None = None
     reports: str = Field(OUTPUT_FOLDER, description="Folder for the score report, plan and evaluation (the "
-                         "committed recipes name reports/, where their results are kept).")
+                         "committed results were written with `--reports reports/<question>/`).")
 
     @model_validator(mode="after")
     def _scored_tasks(self) -> "Recipe":
