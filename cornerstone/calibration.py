@@ -23,9 +23,8 @@ The AVSS activation of a sublayer is its own output ``c``.
 from __future__ import annotations
 
 import json
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import harness
 from .errors import ConfigError
+from .estimation import Progress
 from .loading import LoadedModel
 from .players import architecture, decoder_layers, text_config
-
-Progress = Callable[[int, int, str], None]
 
 
 class Calibration(BaseModel):
@@ -75,8 +73,7 @@ def calibration_texts(calibration: Calibration, tasks: Sequence[harness.TaskSpec
     if not texts:
         raise ConfigError(f"calibration source '{calibration.source}' has no text")
     if len(texts) > calibration.samples:
-        keep = sorted(random.Random(calibration.seed).sample(range(len(texts)), calibration.samples))
-        texts = [texts[i] for i in keep]
+        texts = [texts[i] for i in harness.seeded_draw(range(len(texts)), calibration.samples, calibration.seed)]
     return texts
 
 

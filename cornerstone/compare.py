@@ -24,16 +24,16 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
 from .errors import ConfigError, ReportError
-from .estimators import kendall, spearman
-from .files import atomic_write
+from .correlation import kendall, spearman
+from .files import write_with_markdown
+from .players import forward_order
 from .scores import ScoreReport
 
-_KIND_ORDER = {"attn": 0, "mlp": 1, "block": 2}
 _MIN_PLAYERS = 3
 
 
@@ -176,15 +176,15 @@ def compare_reports(
                           f"at least {_MIN_PLAYERS} are needed to compare rankings",
                           hint="Compare reports that scored the same players (the same --players, or all of them).")
     if len(common) < len(every):
-        left_out = sorted(every - common, key=lambda name: _position(_union_player(scored, name)))
+        left_out = sorted(every - common, key=lambda name: forward_order(_union_player(scored, name)))
         notes.append(f"compared the {len(common)} players every report scored; left out {', '.join(left_out)}")
-    players = sorted(common, key=lambda name: _position(scored[0][name]))
+    players = sorted(common, key=lambda name: forward_order(scored[0][name]))
     index = {name: i for i, name in enumerate(players)}
     bottom_k = max(1, round(bottom * len(players)))
 
     methods = []
     for (report, path), label, table in zip(loaded, names, scored):
-        importance = {name: table[name][2] for name in players}
+        importance = {name: table[name].importance for name in players}
         # a loaded report is finite by its schema; a report object edited in Python is not re-validated, and
         # one NaN would sort arbitrarily and give a Spearman that contradicts the Kendall
         broken = next((name for name, value in importance.items() if not math.isfinite(value)), None)
@@ -198,7 +198,7 @@ def compare_reports(
                   else [name for name in least_first[:bottom_k] if effects[name] != "hurts"])
         methods.append(MethodScores(label=label, method=report.method, path=str(path) if path else None,
                                     importance=importance, bottom_set=least_first[:bottom_k],
-                                    cornerstones=[name for name in players if table[name][3]],
+                                    cornerstones=[name for name in players if table[name].cornerstone],
                                     bottom_harmless=within))
 
     pairs = []
@@ -209,7 +209,7 @@ def compare_reports(
                                    bottom_overlap=len(set(first.bottom_set) & set(second.bottom_set)) / bottom_k))
 
     flagged = {name for entry in methods for name in entry.cornerstones}
-    dropped = {name for table in scored for name, entry in table.items() if entry[3]} - set(players)
+    dropped = {name for table in scored for name, entry in table.items() if entry.cornerstone} - set(players)
     if dropped:
         notes.append(f"cornerstone(s) {', '.join(sorted(dropped))} not scored by every report: no ranks for them")
     ranks = {entry.label: _ranks(entry.importance, index) for entry in methods}
@@ -232,19 +232,16 @@ def compare_reports(
 
 def save(comparison: ReportComparison, path: str | Path) -> tuple[Path, Path]:
     """Write the comparison as JSON and, beside it, Markdown; return both paths."""
-    path = Path(path)
-    atomic_write(path, comparison.model_dump_json(indent=2).encode())
-    markdown = path.with_suffix(".md")
-    atomic_write(markdown, comparison.to_markdown().encode())
-    return path, markdown
+    return write_with_markdown(comparison, path)
 
 
-# (layer, kind, importance, cornerstone) of one player at the compared granularity
-_Entry = tuple[int, str, float, bool]
+class _Entry(NamedTuple):
+    """One player of a report at the compared granularity."""
 
-
-def _position(entry: _Entry) -> tuple[int, int]:
-    return entry[0], _KIND_ORDER.get(entry[1], 3)
+    layer: int
+    kind: str
+    importance: float
+    cornerstone: bool
 
 
 def _union_player(scored: list[dict[str, _Entry]], name: str) -> _Entry:
@@ -254,12 +251,12 @@ def _union_player(scored: list[dict[str, _Entry]], name: str) -> _Entry:
 def _at_granularity(report: ScoreReport, granularity: str, label: str, notes: list[str]) -> dict[str, _Entry]:
     """The report's players at ``granularity`` (its own, or blocks made from its sublayers)."""
     if report.granularity == granularity:
-        return {name: (p.layer, p.kind, p.importance, p.cornerstone) for name, p in report.players.items()}
+        return {name: _Entry(p.layer, p.kind, p.importance, p.cornerstone) for name, p in report.players.items()}
     blocks = report.as_blocks()
     for name, block in blocks.items():
         if len(block.members) < 2:
             notes.append(f"{label} scored only {block.members[0]} of block {name}: that sublayer alone stands for the block")
-    return {name: (block.layer, "block", block.importance, block.cornerstone) for name, block in blocks.items()}
+    return {name: _Entry(block.layer, "block", block.importance, block.cornerstone) for name, block in blocks.items()}
 
 
 def _ranks(importance: dict[str, float], index: dict[str, int]) -> dict[str, int]:

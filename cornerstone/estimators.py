@@ -1,50 +1,33 @@
-"""Estimators of player importance. Each is a small pydantic model: its fields are its options.
+"""Estimators of player importance by measured scores (ablation, Shapley), and the registry of every method.
 
 The value function ``v`` comes from :mod:`cornerstone.value`; an estimator decides which coalitions
 to evaluate and how to turn their values into one number per player. Coalitions are named by the
 players they remove: ``v(N \\ R)``. Shapley estimators work on a :class:`Game` (any batched function
 of removed sets), so they are tested on synthetic games with known values and run unchanged on a
-model.
+model. Each estimator, the one-pass proxies of :mod:`cornerstone.proxies` included, implements
+:class:`~cornerstone.estimation.Estimator`; :func:`make_estimator` picks one by name.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .correlation import spearman
 from .errors import ConfigError
+from .estimation import Estimate, Estimator, PlayerEstimate, Progress, configure
 from .players import Player
-from .value import Evaluation, ValueFunction
+from .proxies import PROXIES, Proxy
 
-Progress = Callable[[int, int, str], None]
-"""``progress(done, total, label)``: called as evaluations finish and once at the end."""
+if TYPE_CHECKING:
+    from .value import Evaluation, ValueFunction
 
 Removed = frozenset[int]
-
-
-class PlayerEstimate(BaseModel):
-    """What an estimator says about one player."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    importance: float
-    score_removed: float | None = None
-    per_task_removed: dict[str, float] = {}
-    stderr: float | None = None
-
-
-@dataclass
-class Estimate:
-    """An estimator's answer: the full model's evaluation, each player's estimate, and run diagnostics."""
-
-    full: Evaluation
-    players: dict[str, PlayerEstimate]
-    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 class Game:
@@ -110,8 +93,11 @@ class Ablation(BaseModel):
     method: Literal["ablation"] = "ablation"
     granularity: Literal["sublayer", "block"] = "sublayer"
 
+    def planned_evaluations(self, players: int) -> int:
+        return players + 1
+
     def estimate(self, value: ValueFunction, players: Sequence[Player], progress: Progress | None = None) -> Estimate:
-        full, singles = _full_and_singles(value, players, progress, total=len(players) + 1)
+        full, singles = _full_and_singles(value, players, progress, total=self.planned_evaluations(len(players)))
         return Estimate(full, {
             player.name: PlayerEstimate(importance=full.score - alone.score, score_removed=alone.score,
                                         per_task_removed=alone.per_task, stderr=paired_stderr(differences(full, alone)))
@@ -193,15 +179,19 @@ class _Shapley(BaseModel):
     def shapley(self, game: Game) -> ShapleyEstimate:  # pragma: no cover - every estimator overrides it
         raise NotImplementedError
 
-    def planned_evaluations(self, n: int) -> int:
-        """How many coalitions a run on ``n`` players evaluates (at most), for progress and sizing."""
+    def game_evaluations(self, n: int) -> int:
+        """How many coalitions the game of ``n`` players costs (at most)."""
         raise NotImplementedError  # pragma: no cover
+
+    def planned_evaluations(self, players: int) -> int:
+        """The game's coalitions, then the full model and each player alone (for the cornerstone rule)."""
+        return self.game_evaluations(players) + players + 1
 
     def estimate(self, value: ValueFunction, players: Sequence[Player], progress: Progress | None = None) -> Estimate:
         """Shapley values of ``players`` (every other player stays present), each player's score without
         it alone (for the cornerstone rule), and the efficiency check."""
         players = list(players)
-        total = self.planned_evaluations(len(players)) + len(players) + 1
+        total = self.planned_evaluations(len(players))
         report = _counting(progress, total, lambda _, done: f"v(S) {done}")
 
         def oracle(removed_sets: list[Removed]) -> list[float]:
@@ -247,7 +237,7 @@ class ExactShapley(_Shapley):
     estimator: Literal["exact"] = "exact"
     max_players: int = Field(14, ge=1, le=20)
 
-    def planned_evaluations(self, n: int) -> int:
+    def game_evaluations(self, n: int) -> int:
         return 2**n
 
     def shapley(self, game: Game) -> ShapleyEstimate:
@@ -285,7 +275,7 @@ class Proximity(_Shapley):
     estimator: Literal["proximity"] = "proximity"
     window: int = Field(3, ge=1)
 
-    def planned_evaluations(self, n: int) -> int:
+    def game_evaluations(self, n: int) -> int:
         return 1 + sum(n - length + 1 for length in range(1, min(self.window, n) + 1))
 
     def shapley(self, game: Game) -> ShapleyEstimate:
@@ -311,7 +301,7 @@ class _Sampling(_Shapley):
     min_samples: int = Field(4, ge=2)
     seed: int = 0
 
-    def planned_evaluations(self, n: int) -> int:
+    def game_evaluations(self, n: int) -> int:
         return self.budget
 
     def _stop(self, game: Game, samples: int, next_cost: int, stderr: Callable[[], np.ndarray]) -> bool:
@@ -327,52 +317,6 @@ class _Sampling(_Shapley):
 
 
 _MAX_QUERIES_PER_EVALUATION = 20
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation (ties get their mean rank); 0 when either side is constant."""
-    def ranks(values: Sequence[float]) -> np.ndarray:
-        order = np.argsort(values, kind="stable")
-        ranked = np.empty(len(values))
-        ranked[order] = np.arange(len(values))
-        for value in set(values):  # mean rank for ties
-            tied = np.flatnonzero(np.asarray(values) == value)
-            ranked[tied] = ranked[tied].mean()
-        return ranked
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def kendall(a: Sequence[float], b: Sequence[float]) -> float:
-    """Kendall's rank correlation tau-b, which corrects for ties; 0 when either side is constant.
-
-    Over all pairs i < j, P counts the concordant pairs (a and b order i, j the same way), Q the
-    discordant ones, T_a the pairs tied in a only and T_b those tied in b only (pairs tied on both
-    sides count nowhere):
-
-        tau_b = (P - Q) / sqrt((P + Q + T_a)(P + Q + T_b))
-
-    It equals ``scipy.stats.kendalltau(a, b, variant="b")``. O(n^2) in time and memory, which is
-    nothing for the few hundred players of a model.
-    """
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"kendall needs two sequences of the same length, got {x.shape} and {y.shape}")
-    upper = np.triu_indices(len(x), k=1)
-    order_a = np.sign(x[:, None] - x[None, :])[upper]
-    order_b = np.sign(y[:, None] - y[None, :])[upper]
-    agreement = order_a * order_b
-    concordant = int(np.count_nonzero(agreement > 0))
-    discordant = int(np.count_nonzero(agreement < 0))
-    tied_a_only = int(np.count_nonzero((order_a == 0) & (order_b != 0)))
-    tied_b_only = int(np.count_nonzero((order_b == 0) & (order_a != 0)))
-    denominator = math.sqrt((concordant + discordant + tied_a_only) * (concordant + discordant + tied_b_only))
-    if denominator == 0:  # one side is constant: no ordering to agree with
-        return 0.0
-    return (concordant - discordant) / denominator
 
 
 def _stderr(samples: list[np.ndarray]) -> np.ndarray:
@@ -590,24 +534,29 @@ SHAPLEY_ESTIMATORS: dict[str, type[_Shapley]] = {
 DEFAULT_SHAPLEY_ESTIMATOR = "kernel"
 
 
+# The registry: each --method names one estimator class, or (Shapley) a table of them by --estimator.
+METHODS: dict[str, type[Ablation] | type[Proxy] | dict[str, type[_Shapley]]] = {
+    "ablation": Ablation, "shapley": SHAPLEY_ESTIMATORS, **PROXIES}
+
+
+def estimator_class(method: str, estimator: str = DEFAULT_SHAPLEY_ESTIMATOR) -> type[Ablation | _Shapley | Proxy]:
+    """The class ``method`` names (for ``shapley``, the one ``estimator`` names)."""
+    found = METHODS.get(method)
+    if found is None:
+        raise ConfigError(f"unknown method '{method}'", hint="Available: " + ", ".join(METHODS) + ".")
+    if not isinstance(found, dict):
+        return found
+    if estimator not in found:
+        raise ConfigError(f"unknown Shapley estimator '{estimator}'", hint="Available: " + ", ".join(found) + ".")
+    return found[estimator]
+
+
 def make_estimator(method: str = "ablation", estimator: str = DEFAULT_SHAPLEY_ESTIMATOR, *,
                    granularity: str | None = None, budget: int = 600, target_stderr: float | None = None,
-                   window: int = 3, seed: int = 0, proxy_options: dict[str, Any] | None = None) -> Ablation | _Shapley:
-    """The estimator named by ``method`` (ablation or shapley) and, for Shapley, ``estimator``, with
-    only the options that estimator takes (the CLI and recipes pass all of them). The one-pass
-    proxies (avss, bi, angular, cosine) take ``proxy_options`` (see :func:`cornerstone.proxies.make_proxy`)."""
-    from .proxies import PROXIES, make_proxy
-
-    if method in PROXIES:
-        return make_proxy(method, granularity=granularity, **(proxy_options or {}))  # type: ignore[return-value]
-    granularity = granularity or "sublayer"
-    if method == "ablation":
-        return Ablation(granularity=granularity)  # type: ignore[arg-type]
-    if method != "shapley":
-        raise ConfigError(f"unknown method '{method}'", hint="Available: ablation, shapley, " + ", ".join(PROXIES) + ".")
-    if estimator not in SHAPLEY_ESTIMATORS:
-        raise ConfigError(f"unknown Shapley estimator '{estimator}'", hint="Available: " + ", ".join(SHAPLEY_ESTIMATORS) + ".")
-    options = {"permutation": dict(budget=budget, target_stderr=target_stderr, seed=seed),
-               "kernel": dict(budget=budget, target_stderr=target_stderr, seed=seed),
-               "proximity": dict(window=window), "exact": {}}[estimator]
-    return SHAPLEY_ESTIMATORS[estimator](granularity=granularity, **options)  # type: ignore[arg-type]
+                   window: int = 3, seed: int = 0, proxy_options: dict[str, Any] | None = None) -> Estimator:
+    """The estimator named by ``method`` and, for Shapley, ``estimator``, at ``granularity`` (None: the
+    method's own), with only the options it takes (:func:`~cornerstone.estimation.configure`: the CLI
+    and recipes pass all of them). ``proxy_options`` are the one-pass proxies' ``calibration`` and
+    AVSS's ``threshold``, ``relative``, ``epsilon`` and ``prune_share``."""
+    return configure(estimator_class(method, estimator), granularity,
+                     budget=budget, target_stderr=target_stderr, window=window, seed=seed, **(proxy_options or {}))

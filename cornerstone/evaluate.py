@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from . import harness
 from .errors import TaskError
 from .estimators import macro_stderr
-from .files import atomic_write
+from .files import write_with_markdown
 from .loading import LoadedModel, check_weights_format, dequantised_folder, load_model, remote_code_trusted, resolve
 from .players import text_config
 from .report import OUTPUT_FOLDER
@@ -352,11 +352,7 @@ def _document_summary(specs: Sequence[harness.TaskSpec], scored: dict[str, harne
 
 def save(comparison: Comparison, path: str | Path) -> tuple[Path, Path]:
     """Write the comparison as JSON and, beside it, Markdown; return both paths."""
-    path = Path(path)
-    atomic_write(path, comparison.model_dump_json(indent=2).encode())
-    markdown = path.with_suffix(".md")
-    atomic_write(markdown, comparison.to_markdown().encode())
-    return path, markdown
+    return write_with_markdown(comparison, path)
 
 
 def default_eval_path(pruned: str, folder: str | Path = OUTPUT_FOLDER) -> Path:

@@ -39,7 +39,8 @@ from .masking import removed
 from .planner import Plan
 from .quiet import no_progress_bars
 from .settings import ExportSettings
-from .players import architecture, decoder_layers, model_type, owned_modules, parse_players, text_config
+from .players import (architecture, decoder_layers, model_type, owned_modules, parse_players, removed_blocks, text_config,
+                      unique_parameters)
 
 EXPORT_MANIFEST = "cornerstone-export.json"
 PLAN_FILE = "cornerstone-plan.yaml"
@@ -164,22 +165,6 @@ def serving_notes(config: Any) -> list[str]:
     return notes
 
 
-def _unique_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
-
-
-def _whole_blocks(players: list[Any]) -> set[int] | None:
-    """The blocks a plan removes when it removes only whole blocks (as blocks, or as both their sublayers)."""
-    blocks = {p.layer for p in players if p.kind == "block"}
-    halves: dict[int, set[str]] = {}
-    for p in players:
-        if p.kind != "block":
-            halves.setdefault(p.layer, set()).add(p.kind)
-    if any(kinds != {"attn", "mlp"} for kinds in halves.values()):
-        return None
-    return blocks | set(halves)
-
-
 def probe_ids(vocab_size: int, batch: int = 2, length: int = 48, seed: int = 0) -> torch.Tensor:
     """Fixed pseudo-random token ids for comparing two models' logits."""
     generator = torch.Generator().manual_seed(seed)
@@ -274,13 +259,13 @@ def export(
     sources = [loaded.location, *([loaded.extra["dequantised_cache"]] if "dequantised_cache" in loaded.extra else [])]
     check_output(out, overwrite=overwrite, marker=EXPORT_MANIFEST, protected=sources)  # before any work
     players = parse_players(loaded.model, plan.player_names)
-    blocks = _whole_blocks(players)
-    if blocks is not None:
+    blocks = removed_blocks(players)
+    if all(p.layer in blocks for p in players):
         slim, layout = drop_blocks(loaded.model, blocks), "stock"
     else:
         slim, layout = drop_sublayers(loaded.model, players), "decilm"
     notes = serving_notes(slim.config) if layout == "decilm" else []
-    parameters = _unique_parameters(slim)
+    parameters = unique_parameters(slim)
     if parameters != plan.parameters.remaining:
         raise ExportError(f"the exported model has {parameters:,} parameters but the plan predicts "
                           f"{plan.parameters.remaining:,}",

@@ -12,7 +12,7 @@ from collections.abc import Collection, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -67,6 +67,23 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(staging, path)
     except OSError as exc:
         raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+
+
+class Document(Protocol):
+    """A result that is written as JSON with a Markdown rendering beside it (a comparison)."""
+
+    def model_dump_json(self, *, indent: int | None = None) -> str: ...
+
+    def to_markdown(self) -> str: ...
+
+
+def write_with_markdown(document: Document, path: str | Path) -> tuple[Path, Path]:
+    """Write ``document`` as JSON at ``path`` and, beside it, its Markdown (``.md``); return both paths."""
+    path = Path(path)
+    atomic_write(path, document.model_dump_json(indent=2).encode())
+    markdown = path.with_suffix(".md")
+    atomic_write(markdown, document.to_markdown().encode())
+    return path, markdown
 
 
 def _host() -> str:

@@ -153,6 +153,12 @@ def task_manager(include_paths: Sequence[str | Path] = (), *, include_defaults: 
     return _cached_manager(tuple(paths), include_defaults)
 
 
+def task_manager_for(names: Sequence[str], include_paths: Sequence[str | Path] = ()) -> Any:
+    """The registry that knows ``names``: the bundled and user folders alone when they hold them all, else the full one."""
+    manager = task_manager(include_paths, include_defaults=False)
+    return manager if set(names) <= set(manager.all_tasks) else task_manager(include_paths)
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_manager(paths: tuple[str, ...], include_defaults: bool) -> Any:
     os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
@@ -219,9 +225,7 @@ def load_tasks(
         raise ConfigError(f"--limit must be a positive number of documents, got {limit}")
     if not names:
         raise TaskError("no tasks given")
-    manager = task_manager(include_paths, include_defaults=False)
-    if not set(names) <= set(manager.all_tasks):
-        manager = task_manager(include_paths)
+    manager = task_manager_for(names, include_paths)
     known = set(manager.all_tasks)
     for name in names:
         if name not in known:
@@ -348,6 +352,12 @@ def _recorded(name: str, record: DocumentRecord, total: int) -> tuple[list[int],
     return sorted(indices), {**record.selection, "reused": True}
 
 
+def seeded_draw(pool: Sequence[int], k: int, seed: int) -> list[int]:
+    """``k`` items of ``pool`` drawn with ``seed``, in increasing order: how documents and calibration texts are
+    subsampled, so one seed draws the same items wherever it is used."""
+    return sorted(random.Random(seed).sample(pool, k))
+
+
 def _draw(name: str, total: int, limit: int | None, seed: int | None,
           excluded: Sequence[int]) -> tuple[list[int], dict[str, Any]]:
     """``limit`` documents of the pool ``range(total) - excluded``: the first, or a seeded draw."""
@@ -358,7 +368,7 @@ def _draw(name: str, total: int, limit: int | None, seed: int | None,
                         hint="Score on fewer documents (--limit), evaluate on another task, or pass --allow-overlap.")
     indices = pool
     if limit is not None and limit < len(pool):
-        indices = sorted(random.Random(seed).sample(pool, limit)) if seed is not None else pool[:limit]
+        indices = seeded_draw(pool, limit, seed) if seed is not None else pool[:limit]
     selection: dict[str, Any] = {"limit": limit, "seed": seed}
     if taken:
         selection["excluded"] = len(taken)
@@ -469,9 +479,7 @@ def evaluate_pretrained(
     import lm_eval
 
     names = [spec.name for spec in tasks]
-    manager = task_manager(include_paths, include_defaults=False)
-    if not set(names) <= set(manager.all_tasks):
-        manager = task_manager(include_paths)
+    manager = task_manager_for(names, include_paths)
     model_args = {"pretrained": pretrained, "dtype": dtype, "trust_remote_code": trust_remote_code}
     try:
         with _quiet(), no_tqdm(), _no_dataset_progress():

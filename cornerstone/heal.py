@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError, HealError
 from .files import check_output, staged_directory
-from .players import text_config
+from .players import text_config, unique_parameters
 
 HEAL_MANIFEST = "cornerstone-heal.json"
 CARRIED_FILES = ("cornerstone-plan.yaml", "cornerstone-export.json", "cornerstone-recipe.yaml")
@@ -343,7 +343,7 @@ def heal(
     if healing.method == "lora":
         model = model.merge_and_unload()
     model = model.to(dtype=saved_dtype)
-    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    parameters = unique_parameters(model)
     result = HealResult(
         path=str(out), source=str(source), method=healing.method, steps=healing.steps, resumed_from_step=resumed_from,
         trained_parameters=sum(p.numel() for p in trainable), parameters=parameters, layers=layers,

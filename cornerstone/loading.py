@@ -23,7 +23,7 @@ import torch
 
 from .errors import ConfigError, ModelLoadError, ModelNotFoundError, OutputError, TrustError
 from .files import atomic_write, staged_directory
-from .players import text_config
+from .players import text_config, unique_parameters
 from .quiet import no_progress_bars
 
 
@@ -95,7 +95,7 @@ class LoadedModel:
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return unique_parameters(self.model)
 
     def describe(self) -> dict[str, Any]:
         """The metadata block written into every report."""

@@ -38,10 +38,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import PlanError, ReportError
-from .estimators import Progress
+from .estimation import Progress
 from .files import atomic_write, parse_yaml, read_validated
 from .harness import DocumentRecord
-from .players import _PLAYER_ID
+from .players import _PLAYER_ID, forward_order, removed_blocks
 from .scores import ScoreReport, as_checked_mapping, first_non_finite, player_name_problem
 
 PLAN_SCHEMA_VERSION = 1
@@ -159,17 +159,6 @@ class BlockCount(BaseModel):
 
     original: int = Field(ge=1)
     remaining: int = Field(ge=1)
-
-
-def removed_blocks(removals: Sequence[Any]) -> set[int]:
-    """The blocks that ``removals`` (items with ``layer`` and ``kind``) empty: whole blocks, and blocks
-    whose attention and FFN sublayers both go."""
-    whole = {r.layer for r in removals if r.kind == "block"}
-    sublayers: dict[int, int] = {}
-    for r in removals:
-        if r.kind != "block":
-            sublayers[r.layer] = sublayers.get(r.layer, 0) + 1
-    return whole | {layer for layer, n in sublayers.items() if n == 2}
 
 
 class Plan(BaseModel):
@@ -306,7 +295,7 @@ def _candidates(report: ScoreReport, granularity: str, counts: dict[str, int]) -
     else:
         raise PlanError("a block report cannot be planned at sublayer granularity",
                         hint="Score with --granularity sublayer, or plan with --granularity block.")
-    found.sort(key=lambda c: (c.layer, c.kind != "attn"))
+    found.sort(key=forward_order)
     for rank, candidate in enumerate(sorted(found, key=_least_important_first), start=1):
         candidate.rank = rank
     return found

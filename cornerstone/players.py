@@ -12,8 +12,9 @@ block list and the two sublayers live. Adding a family is one row.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -190,12 +191,52 @@ def owned_modules(model: torch.nn.Module, player: Player) -> list[str]:
 
 
 def player_parameters(model: torch.nn.Module, player: Player) -> int:
-    """Parameters a checkpoint loses when ``player`` is cut (:func:`owned_modules`); tied weights counted once."""
-    seen: set[int] = set()
-    total = 0
-    for path in owned_modules(model, player):
-        for parameter in model.get_submodule(path).parameters():
-            if id(parameter) not in seen:
-                seen.add(id(parameter))
-                total += parameter.numel()
-    return total
+    """Parameters a checkpoint loses when ``player`` is cut (:func:`owned_modules`); shared weights counted once."""
+    return _count_once(p for path in owned_modules(model, player) for p in model.get_submodule(path).parameters())
+
+
+def unique_parameters(module: torch.nn.Module) -> int:
+    """The parameters of ``module``, each weight counted once: a tied weight (one tensor in two places,
+    such as the embeddings and the language-model head) is one weight, and so are two parameters that
+    share one storage. What a checkpoint of ``module`` holds, and what a report's ``model.parameters`` says."""
+    return _count_once(module.parameters())
+
+
+def _count_once(parameters: Iterable[torch.nn.Parameter]) -> int:
+    # keyed by storage where there is one (two Parameter objects may alias it), else by identity (meta tensors,
+    # whose data_ptr is 0 for all)
+    sizes = {(p.device, p.data_ptr()) if p.device.type != "meta" and p.numel() else id(p): p.numel()
+             for p in parameters}
+    return sum(sizes.values())
+
+
+class _Placed(Protocol):
+    """Anything that names a player's place: a :class:`Player`, a plan's removal, a report's player."""
+
+    @property
+    def layer(self) -> int: ...
+
+    @property
+    def kind(self) -> str: ...
+
+
+_KIND_ORDER = {"block": 0, "attn": 1, "mlp": 2}
+
+
+def forward_order(player: _Placed) -> tuple[int, int]:
+    """Sort key: players in the order the forward pass meets them (a block before its sublayers, attention
+    before the feed-forward), the order :func:`enumerate_players` lists them in."""
+    return player.layer, _KIND_ORDER[player.kind]
+
+
+def removed_blocks(players: Iterable[_Placed]) -> set[int]:
+    """The blocks that removing ``players`` empties: whole blocks, and blocks whose attention and FFN both go.
+    A block is removed fully exactly when it is in this set; a plan all of whose players lie in such blocks
+    can be cut as whole blocks."""
+    players = list(players)
+    halves: dict[int, set[str]] = {}
+    for p in players:
+        if p.kind != "block":
+            halves.setdefault(p.layer, set()).add(p.kind)
+    return {p.layer for p in players if p.kind == "block"} | {layer for layer, kinds in halves.items()
+                                                               if kinds >= {"attn", "mlp"}}

@@ -2,38 +2,42 @@
 
 Ablation and Shapley values measure task scores with players removed, at one evaluation per
 coalition. A proxy instead reads activations of the full model on a calibration text once
-(:mod:`cornerstone.calibration`) and turns them into one number per player. Each proxy here is an
-estimator with the same ``estimate(value, players, progress)`` call as the others, so ``cornerstone
-score --method avss|bi|angular|cosine`` writes the same report: the value function is used once,
-for the full model's score and chance (the report's baseline), and the importances come from the
-calibration pass. Higher importance means more important, as for every method, so the planner
-drops the lowest ones. How faithful each proxy is to ablation and Shapley is what ``cornerstone
-compare`` measures.
+(:mod:`cornerstone.calibration`) and turns them into one number per player: :meth:`Proxy.measure`
+needs only the model (and, for calibration text drawn from them, the tasks). As an
+:class:`~cornerstone.estimation.Estimator`, ``cornerstone score --method avss|bi|angular|cosine``
+writes the same report as the other methods: the value function is used once, for the full
+model's score and chance (the report's baseline). Higher importance means more important, as for
+every method, so the planner drops the lowest ones. How faithful each proxy is to ablation and
+Shapley is what ``cornerstone compare`` measures.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .calibration import ActivationStats, Calibration, calibration_texts, record
-from .errors import ConfigError, PlayerError
-from .estimators import Estimate, PlayerEstimate, Progress
+from .errors import PlayerError
+from .estimation import Estimate, PlayerEstimate, Progress, configure
 from .players import Player
-from .value import ValueFunction
 
-PROXY_METHODS = ("avss", "bi", "angular", "cosine")
+if TYPE_CHECKING:
+    from .harness import TaskSpec
+    from .loading import LoadedModel
+    from .value import ValueFunction
 
 
-class _Proxy(BaseModel):
+class Proxy(BaseModel):
     """What every proxy shares: the calibration pass and the report's baseline evaluation."""
 
     model_config = ConfigDict(extra="forbid")
 
     kinds: ClassVar[tuple[str, ...]] = ("block",)
+    # what to use instead when asked for a granularity the proxy does not score (estimation.configure)
+    granularity_hint: ClassVar[str | None] = None
     calibration: Calibration = Field(default_factory=Calibration)
 
     # the AVSS near-zero threshold is recorded in the pass; the other proxies leave the default
@@ -43,26 +47,37 @@ class _Proxy(BaseModel):
     def importances(self, stats: ActivationStats, players: Sequence[Player]) -> tuple[dict[str, float], dict[str, Any]]:
         raise NotImplementedError  # pragma: no cover - every proxy overrides it
 
-    def estimate(self, value: ValueFunction, players: Sequence[Player], progress: Progress | None = None) -> Estimate:
+    def planned_evaluations(self, players: int) -> int:
+        return 1  # the full model only, for the report's baseline
+
+    def measure(self, loaded: LoadedModel, players: Sequence[Player], tasks: Sequence[TaskSpec] = (),
+                progress: Progress | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+        """Each player's importance from one calibration pass over ``loaded``, and the diagnostics.
+        ``tasks`` are where the calibration source ``tasks`` draws its texts from."""
         wrong = sorted({p.kind for p in players} - set(self.kinds))
         if wrong:
             method = getattr(self, "method")
             raise PlayerError(f"{method} scores {' and '.join(self.kinds)} players, not {', '.join(wrong)}",
                               hint="Choose a --granularity the method supports (see `cornerstone score --help`).")
-        texts = calibration_texts(self.calibration, value.tasks)
-        full = value.evaluate([])
+        texts = calibration_texts(self.calibration, tasks)
         if progress:
             progress(0, 1, "calibration pass")
         threshold, relative = self._near_zero()
-        stats = record(value.loaded, texts, max_length=self.calibration.max_length,
+        stats = record(loaded, texts, max_length=self.calibration.max_length,
                        batch_size=self.calibration.batch_size, near_zero=threshold, relative=relative, progress=progress)
         values, diagnostics = self.importances(stats, players)
         diagnostics["calibration"] = {"source": self.calibration.source, "texts": stats.texts, "tokens": stats.tokens,
                                       "seconds": stats.seconds}
+        return values, diagnostics
+
+    def estimate(self, value: ValueFunction, players: Sequence[Player], progress: Progress | None = None) -> Estimate:
+        """:meth:`measure` on the value function's model and tasks, beside the full model's evaluation."""
+        full = value.evaluate([])
+        values, diagnostics = self.measure(value.loaded, players, value.tasks, progress)
         return Estimate(full, {p.name: PlayerEstimate(importance=values[p.name]) for p in players}, diagnostics)
 
 
-class AVSS(_Proxy):
+class AVSS(Proxy):
     """Activation Variance-Sparsity Score, Song et al. 2024 (https://arxiv.org/abs/2411.02117).
 
     For each player i with activation ``a`` (a block's output; a sublayer's own output) on the
@@ -114,7 +129,7 @@ class AVSS(_Proxy):
                  "prune_candidates": candidates, "prune_candidates_share": cumulative})
 
 
-class BlockInfluence(_Proxy):
+class BlockInfluence(Proxy):
     """Block influence, ShortGPT (Men et al. 2024, https://arxiv.org/abs/2403.03853).
 
         BI_i = 1 - mean over tokens t of cos(x_{i,t}, y_{i,t})
@@ -125,12 +140,13 @@ class BlockInfluence(_Proxy):
 
     method: Literal["bi"] = "bi"
     granularity: Literal["block"] = "block"
+    granularity_hint: ClassVar[str | None] = "For sublayers use --method cosine."
 
     def importances(self, stats: ActivationStats, players: Sequence[Player]) -> tuple[dict[str, float], dict[str, Any]]:
         return {p.name: 1.0 - stats.sites[p.name].mean_cosine for p in players}, {}
 
 
-class AngularDistance(_Proxy):
+class AngularDistance(Proxy):
     """Angular distance between block inputs, Gromov et al. 2024 (https://arxiv.org/abs/2403.17887).
 
         d(l, n) = mean over texts of arccos(cos(x_l, x_{l+n})) / pi
@@ -143,6 +159,7 @@ class AngularDistance(_Proxy):
 
     method: Literal["angular"] = "angular"
     granularity: Literal["block"] = "block"
+    granularity_hint: ClassVar[str | None] = "For sublayers use --method cosine."
 
     def importances(self, stats: ActivationStats, players: Sequence[Player]) -> tuple[dict[str, float], dict[str, Any]]:
         distance = stats.angular
@@ -153,7 +170,7 @@ class AngularDistance(_Proxy):
                 {"spans": spans, "best_spans": best})
 
 
-class SublayerCosine(_Proxy):
+class SublayerCosine(Proxy):
     """Sublayer cosine importance, LLM-Drop (He et al. 2024, "What Matters in Transformers? Not All
     Attention Is Needed", https://arxiv.org/abs/2406.15786).
 
@@ -166,34 +183,17 @@ class SublayerCosine(_Proxy):
 
     method: Literal["cosine"] = "cosine"
     granularity: Literal["sublayer"] = "sublayer"
+    granularity_hint: ClassVar[str | None] = "For blocks use --method bi (the same formula on whole blocks)."
     kinds: ClassVar[tuple[str, ...]] = ("attn", "mlp")
 
     def importances(self, stats: ActivationStats, players: Sequence[Player]) -> tuple[dict[str, float], dict[str, Any]]:
         return {p.name: 1.0 - stats.sites[p.name].mean_cosine for p in players}, {}
 
 
-PROXIES: dict[str, type[_Proxy]] = {"avss": AVSS, "bi": BlockInfluence, "angular": AngularDistance, "cosine": SublayerCosine}
-
-
-def default_granularity(method: str) -> str:
-    """The granularity a method scores when none is asked for: a proxy's own, sublayer otherwise."""
-    proxy = PROXIES.get(method)
-    return proxy.model_fields["granularity"].default if proxy else "sublayer"
+PROXIES: dict[str, type[Proxy]] = {"avss": AVSS, "bi": BlockInfluence, "angular": AngularDistance, "cosine": SublayerCosine}
 
 
 def make_proxy(method: str, *, granularity: str | None = None, calibration: Calibration | None = None,
-               **avss_options: Any) -> _Proxy:
+               **avss_options: Any) -> Proxy:
     """The proxy named ``method``; ``avss_options`` (threshold, relative, epsilon, prune_share) go to AVSS only."""
-    proxy = PROXIES[method]
-    granularity = granularity or default_granularity(method)
-    allowed = proxy.model_fields["granularity"].annotation.__args__  # type: ignore[union-attr]
-    if granularity not in allowed:
-        raise ConfigError(f"{method} scores at {' or '.join(allowed)} granularity, not {granularity}",
-                          hint={"bi": "For sublayers use --method cosine.", "angular": "For sublayers use --method cosine.",
-                                "cosine": "For blocks use --method bi (the same formula on whole blocks)."}.get(method))
-    options = {key: value for key, value in avss_options.items() if value is not None} if method == "avss" else {}
-    try:
-        return proxy(granularity=granularity, calibration=calibration or Calibration(), **options)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{method} option {'.'.join(str(part) for part in first['loc'])}: {first['msg']}") from None
+    return configure(PROXIES[method], granularity, calibration=calibration, **avss_options)

@@ -21,7 +21,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from . import harness
 from .errors import EvaluationError, ReportError
 from .files import parse_json, read_validated
-from .estimators import Ablation, PlayerEstimate, Progress, _Shapley, paired_stderr
+from .estimation import Estimator, PlayerEstimate, Progress
+from .estimators import paired_stderr
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .players import _PLAYER_ID, enumerate_players, parse_players, player_parameters
 from .sizing import RunEstimate, check_fits, estimate_run
@@ -29,7 +30,6 @@ from .value import ValueFunction
 
 if TYPE_CHECKING:
     from .distributed import Ranks
-    from .proxies import _Proxy
     from .settings import ScoreSettings
 
 SCHEMA_VERSION = 1
@@ -439,15 +439,6 @@ class ScoreReport(BaseModel):
         return sorted(self.players, key=lambda name: self.players[name].importance)
 
 
-def _evaluations_needed(estimator: Ablation | _Shapley | _Proxy, players: int) -> int:
-    """The most coalitions ``estimator`` evaluates on ``players`` players, v(N) included."""
-    if isinstance(estimator, Ablation):
-        return players + 1
-    if isinstance(estimator, _Shapley):
-        return estimator.planned_evaluations(players) + players + 1
-    return 1  # a one-pass proxy evaluates only the full model
-
-
 @dataclass(frozen=True)
 class BlockSum:
     """One block of a report seen whole (:meth:`ScoreReport.as_blocks`): the players it sums."""
@@ -517,7 +508,7 @@ def score(
     tasks: Sequence[str] | Sequence[harness.TaskSpec] | None = None,
     settings: ScoreSettings | None = None,
     *,
-    estimator: Ablation | _Shapley | _Proxy | None = None,
+    estimator: Estimator | None = None,
     rule: CornerstoneRule | None = None,
     dtype: str = "float32",
     device: str | None = None,
@@ -581,7 +572,7 @@ def score(
     full_model = value.evaluate([])  # every method starts from v(N); timing it sizes the run
     timed_now = value.evaluations > 0  # else v(N) came from the store, with the time of the run that computed it
     longest, cache_bytes = value.footprint()
-    estimate = estimate_run(loaded.model, evaluations=_evaluations_needed(estimator, len(playing)),
+    estimate = estimate_run(loaded.model, evaluations=estimator.planned_evaluations(len(playing)),
                             seconds_per_evaluation=full_model.seconds, batch_size=batch_size, longest_request=longest,
                             cache_bytes=cache_bytes, processes=ranks.world if ranks else 1, timed_now=timed_now,
                             requests=value.requests)

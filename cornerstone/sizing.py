@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel
 
 from .errors import ConfigError
-from .players import text_config
+from .players import text_config, unique_parameters
 
 
 class RunEstimate(BaseModel):
@@ -75,7 +75,7 @@ def estimate_run(model: torch.nn.Module, *, evaluations: int, seconds_per_evalua
     asked of the free memory again). ``requests``: how many sequences one evaluation scores; no batch
     holds more, whatever ``batch_size`` allows."""
     config = text_config(model.config)
-    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    parameters = unique_parameters(model)
     first = next(model.parameters())
     weight_bytes = parameters * first.element_size()
     vocab = int(getattr(config, "vocab_size", 0) or 0)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cornerstone.cli import app
 from cornerstone.compare import ReportComparison, compare_reports, save
 from cornerstone.errors import ConfigError, ReportError
-from cornerstone.estimators import kendall
+from cornerstone.correlation import kendall
 from cornerstone.scores import CornerstoneRule, PlayerScore, ScoreReport, TaskScore
 
 runner = CliRunner()

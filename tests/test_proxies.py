@@ -287,7 +287,7 @@ def test_proxy_players_must_match_the_method(tiny_llama_dir, toy_tasks):
 
 
 def test_outlier_rule_marks_proxy_cornerstones():
-    from cornerstone.estimators import PlayerEstimate
+    from cornerstone.estimation import PlayerEstimate
 
     estimates = {"L0": PlayerEstimate(importance=0.9), "L1": PlayerEstimate(importance=0.05),
                  "L2": PlayerEstimate(importance=0.04), "L3": PlayerEstimate(importance=0.15),

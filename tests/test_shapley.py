@@ -96,7 +96,9 @@ def test_proximity_follows_the_paper_definition():
     assert result.values == pytest.approx([1.1, 1.3 / 3, 1.3 / 3, 0.1])
     # proximity is not efficient: the diagnostic reports sum(phi) - (v(N) - v(empty)) = 2.0667 - 1.9
     assert result.efficiency_gap == pytest.approx(1 / 6)
-    assert Proximity(window=3).planned_evaluations(64) == 1 + 64 + 63 + 62
+    assert Proximity(window=3).game_evaluations(64) == 1 + 64 + 63 + 62
+    # a run also measures the full model and each player alone, for the cornerstone rule
+    assert Proximity(window=3).planned_evaluations(64) == 1 + 64 + 63 + 62 + 64 + 1
 
 
 @pytest.mark.parametrize("estimator_class,options", [
@@ -168,7 +170,7 @@ def test_budget_too_small_is_a_clear_error():
 
 
 def test_spearman_handles_ties_and_constants():
-    from cornerstone.estimators import spearman
+    from cornerstone.correlation import spearman
 
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
