@@ -429,6 +429,11 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int = 16) -> Any:
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
 
 
+def context_length(lm: Any) -> int:
+    """The longest input ``lm`` (a :func:`make_lm` object) feeds the model: where HFLM cuts requests from the left."""
+    return int(lm.max_length)
+
+
 def evaluate(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
     """Run lm-eval's own evaluation loop on the fixed documents of ``tasks``.
 

@@ -10,6 +10,7 @@ from cornerstone.engine import Engine
 from cornerstone.errors import EvaluationError
 from cornerstone.masking import removed
 from cornerstone.players import enumerate_players
+from cornerstone.schedule import plan_cache, schedule
 
 from .architectures import TABLE_NAMES, random_model, table_model
 from .conftest import TINY_CONFIGS, VOCAB, tiny_model
@@ -67,7 +68,7 @@ def test_packing_shares_contexts_and_unpacked_rows_agree(model_type, toy_folder,
     assert packed.tokens < plain.tokens
     # one row per distinct context (the 8 docs of the second task repeat the first 8 of the first),
     # holding that context once, then each choice's continuation
-    assert sum(batch.inputs.shape[0] for batch in packed._batches) == 12
+    assert sum(batch.inputs.shape[0] for batch in packed.batches) == 12
     for mask in masks_for(model, 1):
         ours, theirs = packed.loglikelihoods(mask), plain.loglikelihoods(mask)
         assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-5)
@@ -75,12 +76,12 @@ def test_packing_shares_contexts_and_unpacked_rows_agree(model_type, toy_folder,
 
 def paired_loglikelihoods(engine, lm, spec, mask):
     """(instance, the engine's (loglikelihood, is_greedy), lm-eval's) for every request of ``spec`` under ``mask``."""
-    ours = engine.loglikelihoods(mask)
+    per_document = engine.per_document(engine.loglikelihoods(mask))[spec.name]
+    ours = {doc.doc_id: answers for doc, answers in zip(engine.docs[spec.name], per_document)}
     spec.task.build_all_requests(samples=spec.doc_indices, rank=0, world_size=1)
     with removed(engine.model, mask):
         theirs = lm.loglikelihood(spec.task.instances, disable_tqdm=True)
-    return [(instance, ours[engine._lookup(*lm._encode_pair(*instance.args))], answer)
-            for instance, answer in zip(spec.task.instances, theirs)]
+    return [(instance, ours[instance.doc_id][instance.idx], answer) for instance, answer in zip(spec.task.instances, theirs)]
 
 
 def assert_requests_match(engine, lm, spec, masks):
@@ -212,7 +213,14 @@ def test_masks_in_one_call_share_prefixes_and_equal_lm_eval(model_type, toy_fold
                 reference = harness.evaluate(lm, specs)
             assert results[index][specs[0].name].per_doc == reference[specs[0].name].per_doc
             alone.evaluate(mask)
-        n_batches, n_blocks = len(engine._batches), len(engine._layers)
+        n_batches, n_blocks = len(engine.batches), len(blocks)
+        # the runner does what the model-free schedule says: one full pass, then each run from its start
+        hidden = model.config.get_text_config().hidden_size
+        state_bytes = [batch.inputs.numel() * hidden * 4 for batch in engine.batches]
+        steps = schedule(masks, n_blocks=n_blocks, state_bytes=state_bytes, budget=budget - engine.cache_size_bytes,
+                         cached=plan_cache(n_blocks, sum(state_bytes), budget))
+        assert [step.mask for step in steps] == list(results)
+        assert engine.block_passes == n_batches * n_blocks + sum(n_blocks - run.start for step in steps for run in step.runs)
         if budget:
             # the chain's k-th mask differs from the (k-1)-th only from block (k+1)//2 on
             assert engine.block_passes < alone.block_passes - n_batches * n_blocks
