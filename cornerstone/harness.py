@@ -1,7 +1,10 @@
 """Every call into lm-eval lives here.
 
 lm-eval's internal API moves between releases (cornerstone pins the 0.4 line), so the rest of the
-package sees only :class:`TaskSpec`, :func:`load_tasks`, :func:`make_lm` and :func:`evaluate`.
+package sees only this module: tasks (:class:`TaskSpec`, :func:`load_tasks`, :class:`DocumentRecord`,
+:func:`list_tasks`), the model wrapper (:func:`make_lm`, :func:`context_length`), the requests and
+scoring the engine runs (:func:`encode_requests`, :func:`score_doc`, :func:`aggregate`,
+:func:`check_finite`) and lm-eval's own loop (:func:`evaluate`, :func:`evaluate_pretrained`).
 Task definitions, prompts, few-shot handling and metrics stay lm-eval's own.
 """
 

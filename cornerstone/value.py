@@ -102,7 +102,7 @@ class ValueFunction:
         """(longest sequence in tokens, prefix-cache bytes) of this value function's evaluations."""
         if self._engine is not None:
             return self._engine.longest_sequence, self._engine.cache_size_bytes
-        return int(self._lm.max_length), 0
+        return harness.context_length(self._lm), 0
 
     @property
     def requests(self) -> int:
