@@ -181,7 +181,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from .scores import package_versions
+        from .provenance import package_versions
 
         typer.echo(f"cornerstone {package_versions()['cornerstone']}")
         raise typer.Exit()

@@ -291,7 +291,7 @@ def compare(
     and the comparison says so.
     """
     from .loading import resolve_device
-    from .scores import machine, package_versions
+    from .provenance import machine, package_versions
     from .settings import with_options
 
     nested = {"include_paths": "tasks", "limit": "tasks", "seed": "tasks", "names": "tasks"}

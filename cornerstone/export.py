@@ -308,7 +308,7 @@ def export(
 
 def model_card(loaded: LoadedModel, plan: Plan, result: ExportResult) -> str:
     """The README.md of an exported folder: base model, what was cut and why, how to load it."""
-    from .scores import package_versions
+    from .provenance import package_versions
 
     base = loaded.describe()
     hub_id = loaded.spec if loaded.source == "hub" else None

@@ -6,13 +6,11 @@
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -20,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from . import harness
 from .errors import EvaluationError, ReportError
+from .provenance import machine, package_versions
 from .files import parse_json, read_validated
 from .estimation import Estimator, PlayerEstimate, Progress
 from .estimators import paired_stderr
@@ -474,33 +473,6 @@ def _common_selection(specs: Sequence[harness.TaskSpec]) -> dict[str, Any]:
         values = {spec.selection.get(key) for spec in specs}
         found[key] = values.pop() if len(values) == 1 else None
     return found
-
-
-def machine() -> dict[str, Any]:
-    """The CPU the numbers came from (speed differs several-fold between CPUs with and without AMX's
-    bf16 matrix units), and the torch threads used."""
-    import torch
-
-    name, flags = platform.processor() or platform.machine(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    return {"cpu": name, "amx": "amx_bf16" in flags, "torch_threads": torch.get_num_threads()}
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("cornerstone", "torch", "transformers", "lm_eval", "accelerate", "safetensors"):
-        try:
-            versions[package] = metadata.version(package.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def score(

@@ -92,7 +92,7 @@ class ValueFunction:
     def game(self) -> dict:
         """The key of this value function's values in a :class:`~cornerstone.store.ValueStore`
         (what it covers: :func:`~cornerstone.store.game_key`)."""
-        from .scores import package_versions  # scores imports this module
+        from .provenance import package_versions
 
         tasks = [{"name": s.name, "metric": s.metric, "doc_indices": s.doc_indices,
                   "version": s.describe()["version"], "content": s.content_hash} for s in self.tasks]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from cornerstone import harness, scores
+from cornerstone import harness, provenance
 from cornerstone.estimators import ExactShapley, PermutationShapley
 from cornerstone.loading import load_model
 from cornerstone.players import enumerate_players
@@ -128,10 +128,10 @@ def test_a_value_is_reused_only_when_every_field_of_its_key_is_unchanged(tiny_ll
     loaded.model.set_attn_implementation("eager")
     assert run(loaded) == (1, 0)
     loaded.model.set_attn_implementation("sdpa")
-    versions = scores.package_versions()
+    versions = provenance.package_versions()
     for library in KEYED_LIBRARIES:
         with monkeypatch.context() as patch:
-            patch.setattr(scores, "package_versions", lambda library=library: {**versions, library: "0.0.0"})
+            patch.setattr(provenance, "package_versions", lambda library=library: {**versions, library: "0.0.0"})
             assert run(loaded) == (1, 0), library
     rewrite_weights_keeping_size_and_mtime(model_dir)
     edited = load_model(str(model_dir))
