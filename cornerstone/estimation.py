@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, get_args
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
+from .files import validation_problem
 
 if TYPE_CHECKING:
     from .players import Player
@@ -89,5 +90,4 @@ def configure(kind: type[E], granularity: str | None = None, **options: Any) -> 
     try:
         return kind(granularity=granularity, **given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{name} option {'.'.join(str(part) for part in first['loc'])}: {first['msg']}") from None
+        raise ConfigError(f"{name} option {validation_problem(exc)}") from None

@@ -223,6 +223,15 @@ def staged_directory(target: Path, if_exists: Literal["error", "replace", "keep"
         raise
 
 
+def validation_problem(exc: ValidationError) -> str:
+    """The first problem pydantic found, in one line: ``dotted.location: message`` (without pydantic's
+    "Value error, " prefix on the messages of our own validators)."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
 def read_validated(model: type[Model], path: str | Path, parse: Callable[[str], Any], fmt: str,
                    error: type[CornerstoneError], kind: str, hint: str | None = None) -> Model:
     """Read ``path``, parse it (``fmt`` names the format in messages; use :func:`parse_json` or
@@ -245,11 +254,7 @@ def read_validated(model: type[Model], path: str | Path, parse: Callable[[str], 
     try:
         return model.model_validate(data, strict=True, context={"file": str(path)})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise error(f"{kind} '{path}' is not a cornerstone {kind}: {where + ': ' if where else ''}{message}",
-                    hint=hint) from None
+        raise error(f"{kind} '{path}' is not a cornerstone {kind}: {validation_problem(exc)}", hint=hint) from None
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from .errors import OutputError
-from .files import parse_json
+from .files import parse_json, validation_problem
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,7 @@ class ValueStore:
         try:
             StoredValue.model_validate(data, context={"tasks": self._tasks})
         except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"])
-            return None, f"{where + ': ' if where else ''}{error['msg'].removeprefix('Value error, ')}"
+            return None, validation_problem(exc)
         return data, ""
 
     def get(self, removed: tuple[str, ...]) -> dict[str, Any] | None:

@@ -407,21 +407,25 @@ def check_report(text: str, path: Path, baseline: dict, baseline_plan: Plan, mut
     assert all(math.isfinite(value) for value in (plan.predicted_score or 0.0, plan.parameters.removed_fraction))
 
 
+def draw_mutation(data: Any, baseline: dict, collection: str) -> tuple[tuple, Any, str | None]:
+    """One mutation of ``baseline``: a value set at one path, or a structural change of ``collection``
+    (:func:`structural`). Returns (where, the mutated data, its JSON text when only text can hold it)."""
+    if data.draw(st.sampled_from(["value", "structural"])) == "value":
+        where = data.draw(st.sampled_from(paths(baseline)))
+        return where, mutate(baseline, where, data.draw(st.sampled_from(VALUES))), None
+    mutated, text = structural(baseline, data.draw(st.sampled_from(STRUCTURAL)), data.draw(st.integers(0, 5)),
+                               collection)
+    return (collection,), mutated, text
+
+
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_report_mutations_load_as_written_and_plan_correctly_or_fail_in_one_line(data, scored, tmp_path):
     baseline = scored["report"]
     baseline_plan = make_plan(ScoreReport.model_validate(baseline), PLANNER)
-    kind = data.draw(st.sampled_from(["value", "structural"]))
-    if kind == "value":
-        where = data.draw(st.sampled_from(paths(baseline)))
-        mutated = mutate(baseline, where, data.draw(st.sampled_from(VALUES)))
-        text = json.dumps(mutated)
-    else:
-        mutated, text = structural(baseline, data.draw(st.sampled_from(STRUCTURAL)),
-                                   data.draw(st.integers(0, 5)), "players")
-        text = text if text is not None else json.dumps(mutated)
-    check_report(text, tmp_path / "mutated.json", baseline, baseline_plan, mutated)
+    _, mutated, text = draw_mutation(data, baseline, "players")
+    check_report(text if text is not None else json.dumps(mutated), tmp_path / "mutated.json", baseline,
+                 baseline_plan, mutated)
 
 
 # What a plan cuts: no mutation may load with any of it changed. Which model the plan is for (spec,
@@ -435,14 +439,7 @@ def applied(plan: Plan) -> tuple:
 @given(data=st.data())
 def test_plan_mutations_load_as_written_or_fail_in_one_line(data, scored, tmp_path):
     baseline = scored["plan"]
-    kind = data.draw(st.sampled_from(["value", "structural"]))
-    if kind == "value":
-        where = data.draw(st.sampled_from(paths(baseline)))
-        value = data.draw(st.sampled_from(VALUES))
-        mutated = mutate(baseline, where, value)
-    else:
-        where, value = ("removed",), None
-        mutated, _ = structural(baseline, data.draw(st.sampled_from(STRUCTURAL)), data.draw(st.integers(0, 5)), "removed")
+    where, mutated, _ = draw_mutation(data, baseline, "removed")
     path = tmp_path / "mutated.yaml"
     path.write_text(yaml.safe_dump(mutated, sort_keys=False))
     try:
