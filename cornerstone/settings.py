@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CalibrationText", "EvalSettings", "EvalTasks", "ExportSettings", "ScoreSettings", "TaskSelection"]
 
-METHODS = ("ablation", "shapley", "avss", "bi", "angular", "cosine")
 AVSS_OPTIONS = ("threshold", "relative", "epsilon", "prune_share")
 
 
