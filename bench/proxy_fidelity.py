@@ -96,8 +96,8 @@ def main() -> None:
                                     exclude={name: record.doc_indices for name, record in scored.items()})
 
     def evaluate(pretrained: str, remote: bool = False) -> tuple[dict[str, float], float | None]:
-        found = harness.evaluate_pretrained(pretrained, eval_specs, batch_size=args.batch_size, dtype=args.eval_dtype,
-                                            trust_remote_code=remote)
+        lm = harness.load_lm(pretrained, batch_size=args.batch_size, dtype=args.eval_dtype, trust_remote_code=remote)
+        found = harness.evaluate_pretrained(lm, eval_specs)
         return ({name: value["score"] for name, value in found.items()},  # type: ignore[misc]
                 macro_stderr([value["stderr"] for value in found.values()]))  # type: ignore[misc]
 

@@ -15,7 +15,7 @@ arguments, and objects already loaded where it can::
 
 ``cornerstone.export``, ``cornerstone.evaluate`` and ``cornerstone.heal`` are also the modules of those
 steps (``cornerstone.export.ExportResult``, ...): calling one calls the step's entry function
-(:func:`cornerstone.export.export`, :func:`cornerstone.evaluate.compare`, :func:`cornerstone.heal.heal`).
+(:func:`cornerstone.export.export`, :func:`cornerstone.evaluate.evaluate_models`, :func:`cornerstone.heal.heal`).
 """
 
 import types
@@ -26,7 +26,7 @@ from . import evaluate, export, heal
 from .errors import CornerstoneError
 from .estimators import Ablation
 from .loading import LoadedModel, load_model
-from .masking import removed
+from .masking import without
 from .planner import Plan, Planner, make_plan
 from .players import ARCHITECTURES, Player, enumerate_players, parse_players
 from .scores import CornerstoneRule, ScoreReport, score
@@ -47,7 +47,7 @@ class _Step(types.ModuleType):
         return self._entry(*args, **kwargs)
 
 
-for _module, _entry in ((export, export.export), (evaluate, evaluate.compare), (heal, heal.heal)):
+for _module, _entry in ((export, export.export), (evaluate, evaluate.evaluate_models), (heal, heal.heal)):
     _module.__class__ = _Step
     _module._entry = _entry  # type: ignore[attr-defined]
 del _module, _entry
@@ -76,6 +76,6 @@ __all__ = [
     "make_plan",
     "parse_players",
     "plan",
-    "removed",
+    "without",
     "score",
 ]

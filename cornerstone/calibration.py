@@ -11,7 +11,7 @@ Each activation *site* has an input ``X``, an output ``Y`` and the output of the
 
 - block ``Lk``: ``X`` = the block's input, ``Y`` = its output; the AVSS activation is ``Y``, the layer's output.
 - attention ``Lk.attn``: ``X`` = the block's input, ``Y = X + c_attn`` where ``c_attn`` is the output
-  of the attention (or of its post-norm, :attr:`~cornerstone.players.ArchSpec.attn_residual`).
+  of the attention (or of its post-norm, :attr:`~cornerstone.players.Architecture.attn_residual`).
 - FFN ``Lk.mlp``: ``X`` = the residual after attention (the block's input in parallel-residual
   blocks), ``Y = X + c_mlp``, with ``c_mlp`` = block output - block input - ``c_attn``. Taking the
   FFN's share as what is left of the block's update works for every architecture, MoE included,
@@ -22,11 +22,9 @@ The AVSS activation of a sublayer is its own output ``c``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +36,7 @@ from .errors import ConfigError
 from .estimation import Progress
 from .loading import LoadedModel
 from .players import architecture, decoder_layers, text_config
+from .texts import read_texts
 
 
 class Calibration(BaseModel):
@@ -59,38 +58,8 @@ class Calibration(BaseModel):
 
 
 def calibration_texts(calibration: Calibration, tasks: Sequence[harness.TaskSpec] = ()) -> list[str]:
-    """The texts ``calibration`` names, at most ``calibration.samples`` of them (a seeded draw, order kept)."""
-    if calibration.source == "tasks":
-        if not tasks:
-            raise ConfigError("calibration source 'tasks' needs tasks", hint="Pass tasks, or use --calibration bundled or a file.")
-        texts = [text for spec in tasks for text in harness.document_texts(spec)]
-    elif calibration.source == "bundled":
-        specs = harness.load_tasks([harness.BUNDLED_TASK_GROUP])
-        texts = [text for spec in specs for text in harness.document_texts(spec)]
-    else:
-        texts = _read_text_file(Path(calibration.source))
-    texts = [text for text in texts if text.strip()]
-    if not texts:
-        raise ConfigError(f"calibration source '{calibration.source}' has no text")
-    if len(texts) > calibration.samples:
-        texts = [texts[i] for i in harness.seeded_draw(range(len(texts)), calibration.samples, calibration.seed)]
-    return texts
-
-
-def _read_text_file(path: Path) -> list[str]:
-    hint = "Give 'tasks', 'bundled', or a .txt (blank-line separated), .jsonl (a 'text' field per line) or .json file."
-    if not path.is_file():
-        raise ConfigError(f"calibration file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}", hint=hint)
-    try:
-        raw = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            return [str(json.loads(line)["text"]) for line in raw.splitlines() if line.strip()]
-        if path.suffix == ".json":
-            items = json.loads(raw)
-            return [str(item["text"] if isinstance(item, dict) else item) for item in items]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"cannot read calibration file '{path}': {exc}", hint=hint) from None
-    return [paragraph.strip() for paragraph in raw.split("\n\n")]
+    """The texts ``calibration`` names (:func:`cornerstone.texts.read_texts`)."""
+    return read_texts(calibration.source, calibration.samples, calibration.seed, tasks)
 
 
 @dataclass
@@ -218,9 +187,9 @@ def record(
     ``|a| < near_zero`` (absolute). Only the decoder runs: the language-model head is not needed.
     """
     model = loaded.model
-    spec = architecture(model)
+    arch = architecture(model)
     _, layers = decoder_layers(model)
-    parallel = bool(spec.parallel_residual and getattr(text_config(model.config), spec.parallel_residual, False))
+    parallel = bool(arch.parallel_residual and getattr(text_config(model.config), arch.parallel_residual, False))
     sequences = sorted(_tokenize(loaded.tokenizer, texts, max_length), key=len)
     if not sequences:
         raise ConfigError("no calibration text is at least 2 tokens long")
@@ -240,7 +209,7 @@ def record(
         def reduce_block(_module: Any, _args: Any, output: Any, index: int = index) -> None:
             acc.block_done(index, _hidden(output))
 
-        attn_site = spec.attn_residual if spec.attn_residual and hasattr(block, spec.attn_residual) else spec.attn
+        attn_site = arch.attn_residual if arch.attn_residual and hasattr(block, arch.attn_residual) else arch.attn
         handles.append(block.register_forward_pre_hook(keep_input, with_kwargs=True))
         handles.append(block.get_submodule(attn_site).register_forward_hook(keep_attn))
         handles.append(block.register_forward_hook(reduce_block))

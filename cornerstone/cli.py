@@ -791,14 +791,14 @@ def eval_command(
     """Evaluate PRUNED (and --healed) against BASE with lm-eval's standard hf path; print a side-by-side table."""
     from rich.console import Console
 
-    from .evaluate import compare, default_eval_path, save
+    from .evaluate import default_eval_path, evaluate_models, save
 
     settings = EvalSettings(tasks=EvalTasks(names=_split(tasks), include_paths=[str(p) for p in include_path or []],
                                             limit=limit, seed=seed),
                             batch_size=batch_size, allow_overlap=allow_overlap)
     console = Console(stderr=True)
     with console.status(f"evaluating {base} and {pruned} with lm-eval"):
-        comparison = compare(base, pruned, settings=settings, device=device, dtype=dtype,
+        comparison = evaluate_models(base, pruned, settings=settings, device=device, dtype=dtype,
                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, healed=healed, report=report)
     json_path, markdown_path = save(comparison, out or default_eval_path(pruned))
     if as_json:

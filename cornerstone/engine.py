@@ -52,7 +52,7 @@ import torch
 from . import harness
 from .batching import (Batch, Request, build_batch, can_pack, check_scorable, group_rows, packed_rows, plain_rows,
                        unique_requests)
-from .masking import removed as removed_players
+from .masking import without
 from .players import Player, decoder_layers, text_config
 from .schedule import plan_cache, schedule
 
@@ -214,7 +214,7 @@ class Engine:
 
         with ExitStack() as stack:
             # removal hooks first, so a capture hook on the same block sees the removed output
-            stack.enter_context(removed_players(self.model, [p for p in players if p.layer >= start]))
+            stack.enter_context(without(self.model, [p for p in players if p.layer >= start]))
             if start:
                 stack.enter_context(self._enter_at(start, state))  # type: ignore[arg-type]
             for block in capture:
@@ -261,13 +261,13 @@ class Engine:
         return {task: [[responses[request_id] for request_id in doc] for doc in docs]
                 for task, docs in self._request_ids.items()}
 
-    def evaluate_many(self, masks: Sequence[Sequence[Player]]) -> Iterator[tuple[int, dict[str, harness.TaskResult]]]:
+    def task_results_many(self, masks: Sequence[Sequence[Player]]) -> Iterator[tuple[int, dict[str, harness.TaskResult]]]:
         """(mask index, each task's result) for each mask, as each finishes; see :meth:`loglikelihoods_many`."""
         for index, responses in self.loglikelihoods_many(masks):
             yield index, self._results(responses)
 
-    def evaluate(self, players: Sequence[Player] = ()) -> dict[str, harness.TaskResult]:
-        """Each task's metric and per-document values under the mask, as :func:`harness.evaluate` returns them."""
+    def task_results(self, players: Sequence[Player] = ()) -> dict[str, harness.TaskResult]:
+        """Each task's metric and per-document values under the mask, as :func:`harness.run_tasks` returns them."""
         return self._results(self.loglikelihoods(players))
 
     def _results(self, responses: list[tuple[float, bool]]) -> dict[str, harness.TaskResult]:

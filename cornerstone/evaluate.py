@@ -22,8 +22,8 @@ from . import harness
 from .errors import TaskError
 from .estimators import macro_stderr
 from .files import write_with_markdown
-from .loading import LoadedModel, check_weights_format, dequantised_folder, load_model, remote_code_trusted, resolve
-from .players import text_config
+from .loading import LoadedModel, check_weights_format, dequantised_folder, remote_code_trusted, resolve
+from .players import text_config, unique_parameters
 from .report import OUTPUT_FOLDER
 from .settings import EvalSettings
 
@@ -234,28 +234,25 @@ def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, leng
 
 
 def _summaries(located: Sequence[tuple[str | LoadedModel, str, bool, int]], specs: Sequence[harness.TaskSpec], *,
-               include_paths: Sequence[str | Path], batch_size: int, device: str, dtype: str,
-               allow_pickle: bool) -> list[ModelSummary]:
-    """Evaluate and time each model of ``located``: (model, :func:`lm_eval_location`'s three answers). A model
-    already loaded is timed as it is; the others are loaded once, for timing."""
+               include_paths: Sequence[str | Path], batch_size: int, device: str, dtype: str) -> list[ModelSummary]:
+    """Evaluate and time each model of ``located``: (model, :func:`lm_eval_location`'s three answers). Each is
+    loaded once, by lm-eval from its saved files (what a user's plain lm-eval run sees), and that same
+    loaded model is timed."""
     found = []
     for model, pretrained, remote, size in located:
-        scores = harness.evaluate_pretrained(pretrained, specs, include_paths=include_paths, batch_size=batch_size,
-                                             device=device, dtype=dtype, trust_remote_code=remote)
-        found.append((model, pretrained, remote, size, scores))
-    loaded = [model if isinstance(model, LoadedModel)
-              else load_model(model, dtype=dtype, device=device, trust_remote_code=remote, allow_pickle=allow_pickle)
-              for model, _, remote, _, _ in found]
-    speeds = tokens_per_second([model.model for model in loaded])
-    return [ModelSummary(spec=given if isinstance(given, str) else given.spec, pretrained=pretrained, parameters=model.num_parameters, bytes_on_disk=size,
+        lm = harness.load_lm(pretrained, batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=remote)
+        scores = harness.evaluate_pretrained(lm, specs, include_paths=include_paths)
+        found.append((model, pretrained, remote, size, scores, lm))
+    speeds = tokens_per_second([lm.model for *_, lm in found])
+    return [ModelSummary(spec=given if isinstance(given, str) else given.spec, pretrained=pretrained, parameters=unique_parameters(lm.model), bytes_on_disk=size,
                          tokens_per_second=speed, scores={k: v["score"] for k, v in scores.items()},  # type: ignore[misc]
                          stderr={k: v["stderr"] for k, v in scores.items()},
                          mean_score=sum(v["score"] for v in scores.values()) / len(scores),  # type: ignore[misc]
                          mean_stderr=macro_stderr([v["stderr"] for v in scores.values()]))  # type: ignore[misc]
-            for (given, pretrained, _, size, scores), model, speed in zip(found, loaded, speeds)]
+            for (given, pretrained, _, size, scores, lm), speed in zip(found, speeds)]
 
 
-def compare(
+def evaluate_models(
     base: str | LoadedModel,
     pruned: str | LoadedModel,
     tasks: Sequence[str] | None = None,
@@ -275,8 +272,9 @@ def compare(
     ``settings`` (:class:`~cornerstone.settings.EvalSettings`) are those of ``cornerstone eval`` and a
     recipe's ``eval:``; ``tasks`` (names) and ``options`` set its fields by name (``include_paths``,
     ``limit`` and ``seed`` are those of ``settings.tasks``). Each model is a spec (alias, folder, .gguf
-    or hub id) or an already loaded model (:func:`~cornerstone.loading.load_model`): lm-eval reads it
-    from its folder, and a loaded model is timed as it is instead of being loaded again.
+    or hub id) or an already loaded model (:func:`~cornerstone.loading.load_model`), which names its
+    files: lm-eval loads each model once from its saved files, as a user's plain lm-eval run would,
+    and that loaded model is the one timed.
 
     ``retention_t = score_pruned(t) / score_base(t)``; ``mean_retention`` is the ratio of the mean
     scores. ``above_chance_kept_t = (pruned - chance) / (base - chance)`` is the share of the base
@@ -296,7 +294,7 @@ def compare(
 
     nested = {"include_paths": "tasks", "limit": "tasks", "seed": "tasks", "names": "tasks"}
     settings = with_options(settings, EvalSettings, {**options, **({"names": list(tasks)} if tasks is not None else {})},
-                            nested, function="compare")
+                            nested, function="evaluate")
     selection = settings.tasks
     device = resolve_device(device)
     # every model resolved before lm-eval, which would try the network for a misspelt one
@@ -308,7 +306,7 @@ def compare(
     specs = selection.load(exclude=None if settings.allow_overlap else {name: r.doc_indices for name, r in scored.items()})
     documents = _document_summary(specs, scored, source, settings.allow_overlap)
     summaries = _summaries(located, specs, include_paths=selection.include_paths, batch_size=settings.batch_size,
-                           device=device, dtype=dtype, allow_pickle=allow_pickle)
+                           device=device, dtype=dtype)
     base_summary, pruned_summary = summaries[:2]
     chance = {spec.name: spec.chance for spec in specs}
     pruned_retention = Retention.of(base_summary, pruned_summary, chance)

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from .errors import ExportError, PlanError
 from .files import check_output, staged_directory
 from .loading import LoadedModel, load_model
-from .masking import removed
+from .masking import without
 from .planner import Plan
 from .quiet import no_progress_bars
 from .settings import ExportSettings
@@ -174,7 +174,7 @@ def probe_ids(vocab_size: int, batch: int = 2, length: int = 48, seed: int = 0) 
 def max_logit_difference(original: torch.nn.Module, players: list[Any], pruned: torch.nn.Module) -> float:
     """max |logits(original with ``players`` removed) - logits(pruned)| on :func:`probe_ids`."""
     ids = probe_ids(text_config(original.config).vocab_size).to(original.device)
-    with torch.no_grad(), removed(original, players):
+    with torch.no_grad(), without(original, players):
         expected = original(ids).logits.float()
     with torch.no_grad():
         actual = pruned.to(original.device)(ids).logits.float()

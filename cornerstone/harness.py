@@ -4,7 +4,7 @@ lm-eval's internal API moves between releases (cornerstone pins the 0.4 line), s
 package sees only this module: tasks (:class:`TaskSpec`, :func:`load_tasks`, :class:`DocumentRecord`,
 :func:`list_tasks`), the model wrapper (:func:`make_lm`, :func:`context_length`), the requests and
 scoring the engine runs (:func:`encode_requests`, :func:`score_doc`, :func:`aggregate`,
-:func:`check_finite`) and lm-eval's own loop (:func:`evaluate`, :func:`evaluate_pretrained`).
+:func:`check_finite`) and lm-eval's own loop (:func:`run_tasks`, :func:`load_lm` + :func:`evaluate_pretrained`).
 Task definitions, prompts, few-shot handling and metrics stay lm-eval's own.
 """
 
@@ -437,7 +437,7 @@ def context_length(lm: Any) -> int:
     return int(lm.max_length)
 
 
-def evaluate(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
+def run_tasks(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
     """Run lm-eval's own evaluation loop on the fixed documents of ``tasks``.
 
     Raises :class:`EvaluationError` when the model's log-likelihoods are NaN or infinite, since a
@@ -469,18 +469,24 @@ def evaluate(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
     return results
 
 
-def evaluate_pretrained(
-    pretrained: str,
-    tasks: Sequence[TaskSpec],
-    *,
-    include_paths: Sequence[str | Path] = (),
-    batch_size: int = 16,
-    device: str = "cpu",
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-) -> dict[str, dict[str, float | None]]:
-    """lm-eval's standard path on a saved model: ``simple_evaluate(model="hf", model_args="pretrained=PATH")``,
-    exactly what ``lm_eval --model hf --model_args pretrained=PATH`` runs, on the documents of ``tasks``.
+def load_lm(pretrained: str, *, batch_size: int = 16, device: str = "cpu", dtype: str = "float32",
+            trust_remote_code: bool = False) -> Any:
+    """lm-eval's ``HFLM`` loaded from a saved model (folder or hub id), exactly as ``lm_eval --model hf
+    --model_args pretrained=PATH,dtype=DTYPE`` builds it; its ``.model`` is the loaded torch model."""
+    from lm_eval.models.huggingface import HFLM
+
+    try:
+        with _quiet(), _no_dataset_progress():
+            return HFLM(pretrained=pretrained, dtype=dtype, trust_remote_code=trust_remote_code, batch_size=batch_size,
+                        device=device)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise EvaluationError(f"lm-eval could not load '{pretrained}': {str(exc).splitlines()[0]}") from exc
+
+
+def evaluate_pretrained(lm: Any, tasks: Sequence[TaskSpec], *, include_paths: Sequence[str | Path] = ()
+                        ) -> dict[str, dict[str, float | None]]:
+    """lm-eval's standard path, ``simple_evaluate``, on a saved model loaded by :func:`load_lm`, on the
+    documents of ``tasks``: what ``lm_eval --model hf --model_args pretrained=PATH`` runs.
 
     Returns ``{task: {"score": ..., "stderr": ...}}`` in each task's :class:`TaskSpec` metric.
     """
@@ -488,16 +494,14 @@ def evaluate_pretrained(
 
     names = [spec.name for spec in tasks]
     manager = task_manager_for(names, include_paths)
-    model_args = {"pretrained": pretrained, "dtype": dtype, "trust_remote_code": trust_remote_code}
     try:
         with _quiet(), no_tqdm(), _no_dataset_progress():
             output = lm_eval.simple_evaluate(
-                model="hf", model_args=model_args, tasks=names, batch_size=batch_size, device=device,
-                samples={spec.name: spec.doc_indices for spec in tasks}, task_manager=manager,
+                model=lm, tasks=names, samples={spec.name: spec.doc_indices for spec in tasks}, task_manager=manager,
                 bootstrap_iters=1000, log_samples=False, verbosity="ERROR",
             )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise EvaluationError(f"lm-eval could not evaluate '{pretrained}': {str(exc).splitlines()[0]}") from exc
+        raise EvaluationError(f"lm-eval could not evaluate '{lm.model.name_or_path}': {str(exc).splitlines()[0]}") from exc
     scores: dict[str, dict[str, float | None]] = {}
     for spec in tasks:
         row = output["results"][spec.name]

@@ -120,7 +120,7 @@ def training_texts(healing: Healing, include_paths: Sequence[str | Path] = (),
     """The training texts and a description of where they came from (for the manifest and the report).
     Task documents in ``exclude`` (the ones the plan was scored on) are left out."""
     from . import harness
-    from .calibration import Calibration, calibration_texts
+    from .texts import read_texts
 
     tasks = training_tasks(healing.data)
     samples = healing.samples or ALL_TEXTS
@@ -130,10 +130,10 @@ def training_texts(healing: Healing, include_paths: Sequence[str | Path] = (),
                     "comma-separated lm-eval task names.")
             what = "is a folder" if Path(healing.data).is_dir() else "does not exist"
             raise ConfigError(f"--data '{healing.data}' {what}", hint=hint)
-        texts = calibration_texts(Calibration(source=healing.data, samples=samples, seed=healing.seed))
+        texts = read_texts(healing.data, samples, healing.seed)
         return texts, {"file": healing.data, "texts": len(texts)}
     specs = harness.load_tasks(tasks, include_paths=include_paths, exclude=exclude)
-    texts = calibration_texts(Calibration(source="tasks", samples=samples, seed=healing.seed), specs)
+    texts = read_texts("tasks", samples, healing.seed, specs)
     return texts, {"tasks": [spec.name for spec in specs], "texts": len(texts),
                    "documents": {spec.name: harness.selection_text(spec) for spec in specs}}
 

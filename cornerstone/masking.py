@@ -33,10 +33,10 @@ def _identity_output(_module: torch.nn.Module, args: tuple, kwargs: dict, output
 
 
 @contextmanager
-def removed(model: torch.nn.Module, players: Iterable[Player]) -> Iterator[None]:
+def without(model: torch.nn.Module, players: Iterable[Player]) -> Iterator[None]:
     """Run the model inside the block as if ``players`` were absent.
 
-    >>> with removed(model, parse_players(model, "L0.mlp,L3")):
+    >>> with without(model, parse_players(model, "L0.mlp,L3")):
     ...     logits = model(ids).logits
     """
     handles = []

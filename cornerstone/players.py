@@ -25,7 +25,7 @@ PlayerKind = Literal["attn", "mlp", "block"]
 
 
 @dataclass(frozen=True)
-class ArchSpec:
+class Architecture:
     """Where the parts of one model family live, as attribute paths from the top-level model.
 
     ``layers`` and ``mlp`` list candidates tried in order, because module names moved between
@@ -56,23 +56,23 @@ _GEMMA_NORMS = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
                     mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
                     attn_residual="post_attention_layernorm")
 
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec(_DECODER, "self_attn", ("mlp",), decilm=True),
-    "mistral": ArchSpec(_DECODER, "self_attn", ("mlp",)),
-    "qwen2": ArchSpec(_DECODER, "self_attn", ("mlp",)),
-    "qwen3": ArchSpec(_DECODER, "self_attn", ("mlp",)),
-    "gemma": ArchSpec(_DECODER, "self_attn", ("mlp",)),
-    "gemma2": ArchSpec(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
-    "gemma3": ArchSpec(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
-    "gemma3_text": ArchSpec(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
-    "phi3": ArchSpec(_DECODER, "self_attn", ("mlp",)),
-    "olmo2": ArchSpec(_DECODER, "self_attn", ("mlp",), attn_norms=("post_attention_layernorm",),
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture(_DECODER, "self_attn", ("mlp",), decilm=True),
+    "mistral": Architecture(_DECODER, "self_attn", ("mlp",)),
+    "qwen2": Architecture(_DECODER, "self_attn", ("mlp",)),
+    "qwen3": Architecture(_DECODER, "self_attn", ("mlp",)),
+    "gemma": Architecture(_DECODER, "self_attn", ("mlp",)),
+    "gemma2": Architecture(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
+    "gemma3": Architecture(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
+    "gemma3_text": Architecture(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
+    "phi3": Architecture(_DECODER, "self_attn", ("mlp",)),
+    "olmo2": Architecture(_DECODER, "self_attn", ("mlp",), attn_norms=("post_attention_layernorm",),
                       mlp_norms=("post_feedforward_layernorm",), attn_residual="post_attention_layernorm"),
-    "mixtral": ArchSpec(_DECODER, "self_attn", ("mlp", "block_sparse_moe"), moe=True),
-    "qwen2_moe": ArchSpec(_DECODER, "self_attn", ("mlp",), moe=True),
-    "qwen3_moe": ArchSpec(_DECODER, "self_attn", ("mlp",), moe=True),
-    "gpt2": ArchSpec(("transformer.h",), "attn", ("mlp",), attn_norms=("ln_1",), mlp_norms=("ln_2",)),
-    "gpt_neox": ArchSpec(("gpt_neox.layers",), "attention", ("mlp",), parallel_residual="use_parallel_residual"),
+    "mixtral": Architecture(_DECODER, "self_attn", ("mlp", "block_sparse_moe"), moe=True),
+    "qwen2_moe": Architecture(_DECODER, "self_attn", ("mlp",), moe=True),
+    "qwen3_moe": Architecture(_DECODER, "self_attn", ("mlp",), moe=True),
+    "gpt2": Architecture(("transformer.h",), "attn", ("mlp",), attn_norms=("ln_1",), mlp_norms=("ln_2",)),
+    "gpt_neox": Architecture(("gpt_neox.layers",), "attention", ("mlp",), parallel_residual="use_parallel_residual"),
 }
 
 
@@ -101,16 +101,16 @@ def text_config(config: Any) -> Any:
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def architecture(model: torch.nn.Module) -> ArchSpec:
-    """The :class:`ArchSpec` row for ``model``; a clear error naming the supported families otherwise."""
+def architecture(model: torch.nn.Module) -> Architecture:
+    """The :class:`Architecture` row for ``model``; a clear error naming the supported families otherwise."""
     kind = model_type(model)
-    spec = ARCHITECTURES.get(kind)
-    if spec is None:
+    arch = ARCHITECTURES.get(kind)
+    if arch is None:
         raise UnsupportedArchitectureError(
             f"architecture '{kind}' is not supported",
             hint="Supported: " + ", ".join(sorted(ARCHITECTURES)) + ". Adding one is a row in cornerstone/players.py.",
         )
-    return spec
+    return arch
 
 
 def _resolve(model: torch.nn.Module, candidates: tuple[str, ...]) -> tuple[str, torch.nn.Module] | None:
@@ -124,11 +124,11 @@ def _resolve(model: torch.nn.Module, candidates: tuple[str, ...]) -> tuple[str, 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The dotted path and the ``ModuleList`` of decoder blocks."""
-    spec = architecture(model)
-    found = _resolve(model, spec.layers)
+    arch = architecture(model)
+    found = _resolve(model, arch.layers)
     if found is None or not isinstance(found[1], torch.nn.ModuleList):
         raise UnsupportedArchitectureError(
-            f"no decoder block list at {' or '.join(spec.layers)} in {type(model).__name__}",
+            f"no decoder block list at {' or '.join(arch.layers)} in {type(model).__name__}",
             hint="The module layout differs from cornerstone's table; update its row in cornerstone/players.py.",
         )
     return found  # type: ignore[return-value]
@@ -139,7 +139,7 @@ def enumerate_players(model: torch.nn.Module, granularity: Granularity = "sublay
 
     ``sublayer``: ``L0.attn, L0.mlp, L1.attn, ...`` (2 per block); ``block``: ``L0, L1, ...``.
     """
-    spec = architecture(model)
+    arch = architecture(model)
     path, layers = decoder_layers(model)
     players: list[Player] = []
     for index, block in enumerate(layers):
@@ -147,12 +147,12 @@ def enumerate_players(model: torch.nn.Module, granularity: Granularity = "sublay
         if granularity == "block":
             players.append(Player(f"L{index}", index, "block", block_path))
             continue
-        if not hasattr(block, spec.attn):
-            raise UnsupportedArchitectureError(f"block {block_path} has no attention module '{spec.attn}'")
-        mlp = _resolve(block, spec.mlp)
+        if not hasattr(block, arch.attn):
+            raise UnsupportedArchitectureError(f"block {block_path} has no attention module '{arch.attn}'")
+        mlp = _resolve(block, arch.mlp)
         if mlp is None:
-            raise UnsupportedArchitectureError(f"block {block_path} has no feed-forward module {' or '.join(spec.mlp)}")
-        players.append(Player(f"L{index}.attn", index, "attn", f"{block_path}.{spec.attn}"))
+            raise UnsupportedArchitectureError(f"block {block_path} has no feed-forward module {' or '.join(arch.mlp)}")
+        players.append(Player(f"L{index}.attn", index, "attn", f"{block_path}.{arch.attn}"))
         players.append(Player(f"L{index}.mlp", index, "mlp", f"{block_path}.{mlp[0]}"))
     if granularity not in ("sublayer", "block"):
         raise PlayerError(f"unknown granularity '{granularity}'", hint="Use 'sublayer' or 'block'.")
@@ -180,13 +180,13 @@ def parse_players(model: torch.nn.Module, ids: list[str] | str) -> list[Player]:
 
 def owned_modules(model: torch.nn.Module, player: Player) -> list[str]:
     """Dotted paths of every module that exists only to serve ``player``: the sublayer and its own norms
-    (see :attr:`ArchSpec.attn_norms`), or the whole block. Cutting a player from a checkpoint removes exactly these."""
+    (see :attr:`Architecture.attn_norms`), or the whole block. Cutting a player from a checkpoint removes exactly these."""
     if player.kind == "block":
         return [player.module_path]
-    spec = architecture(model)
+    arch = architecture(model)
     block_path = player.module_path.rsplit(".", 1)[0]
     block = model.get_submodule(block_path)
-    norms = spec.attn_norms if player.kind == "attn" else spec.mlp_norms
+    norms = arch.attn_norms if player.kind == "attn" else arch.mlp_norms
     return [player.module_path] + [f"{block_path}.{norm}" for norm in norms if hasattr(block, norm)]
 
 

@@ -162,7 +162,7 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
                progress: Callable[[int, int, str], None] | None = None) -> RunResult:
     """Run every step of ``recipe`` in order; the model is loaded once and shared by scoring, planning and export."""
     from . import report as report_module
-    from .evaluate import compare, save
+    from .evaluate import evaluate_models, save
     from .export import export
     from .loading import load_model
     from .planner import make_plan
@@ -200,7 +200,7 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
         result.heal = healed.model_dump(exclude={"history"})
     if recipe.eval is not None:
         # lm-eval reads every model from disk; the base model still loaded is timed as it is, not loaded again
-        comparison = compare(recipe.model if recipe.heal else loaded, exported.path, settings=recipe.eval,
+        comparison = evaluate_models(recipe.model if recipe.heal else loaded, exported.path, settings=recipe.eval,
                              device=recipe.device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
                              allow_pickle=recipe.allow_pickle, healed=recipe.heal.out if recipe.heal else None)
         files = save(comparison, reports / f"{recipe.name}-eval.json")

@@ -23,13 +23,17 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import harness
 from .errors import ConfigError
-from .scores import ScoreReport, score
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .scores import ScoreReport
 
 
 class Sequential(BaseModel):
@@ -67,11 +71,12 @@ def _grow(specs: Sequence[harness.TaskSpec], size: int, seed: int) -> dict[str, 
     return grown
 
 
-def score_until_resolved(model: Any, tasks: Sequence[str], *, sequential: Sequential,
+def score_until_resolved(score: Callable[..., ScoreReport], model: Any, tasks: Sequence[str], *, sequential: Sequential,
                          include_paths: Sequence[str | Path] = (), log: Any = None, **options: Any) -> ScoreReport:
-    """Score ``model`` on ``tasks`` (ablation; ``options`` as for :func:`~cornerstone.scores.score`),
-    doubling the documents while :func:`undecided` finds players. The report's ``diagnostics.rounds``
-    lists each round's documents per task and its undecided players."""
+    """Score ``model`` on ``tasks`` with ``score`` (:func:`cornerstone.scores.score`, which calls this for
+    ``until_resolved``; ablation, ``options`` as it takes them), doubling the documents while
+    :func:`undecided` finds players. The report's ``diagnostics.rounds`` lists each round's documents
+    per task and its undecided players."""
     estimator = options.get("estimator")
     if estimator is not None and getattr(estimator, "method", "ablation") != "ablation":
         raise ConfigError("sequential scoring adds documents to leave-one-out ablation only",

@@ -34,10 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .calibration import Calibration
 from .errors import ConfigError
+from .rule import CornerstoneRule
 
 if TYPE_CHECKING:
     from . import harness
-    from .scores import CornerstoneRule
     from .sequential import Sequential
 
 __all__ = ["CalibrationText", "EvalSettings", "EvalTasks", "ExportSettings", "ScoreSettings", "TaskSelection"]
@@ -178,8 +178,6 @@ class ScoreSettings(_Settings):
                               proxy_options=dict(calibration=calibration, **self.avss))
 
     def rule(self) -> CornerstoneRule:
-        from .scores import CornerstoneRule
-
         return CornerstoneRule(margin=self.margin, outlier=self.outlier)
 
     def store_folder(self) -> Path | None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from . import harness
 from .errors import ConfigError
 from .loading import LoadedModel
-from .masking import removed as removed_players
+from .masking import without
 from .players import Player
 from .store import ValueStore, game_key
 
@@ -189,11 +189,11 @@ class ValueFunction:
 
     def _compute(self, masks: list[list[Player]]) -> Iterator[tuple[int, dict[str, harness.TaskResult]]]:
         if self._engine is not None:
-            yield from self._engine.evaluate_many(masks)
+            yield from self._engine.task_results_many(masks)
             return
         for index, mask in enumerate(masks):
-            with removed_players(self.loaded.model, mask):
-                yield index, harness.evaluate(self._lm, self.tasks)
+            with without(self.loaded.model, mask):
+                yield index, harness.run_tasks(self._lm, self.tasks)
 
     def __call__(self, removed: Iterable[Player] = ()) -> float:
         return self.evaluate(removed).score

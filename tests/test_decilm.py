@@ -18,7 +18,7 @@ from cornerstone.decilm import (
     intermediate_size_to_ffn_mult,
     source_dir,
 )
-from cornerstone.masking import removed
+from cornerstone.masking import without
 from cornerstone.players import parse_players
 
 from .conftest import TINY, VOCAB, tiny_model
@@ -66,7 +66,7 @@ def logits(model, **kwargs):
 
 
 def stock_logits(stock, pattern: str):
-    with removed(stock, parse_players(stock, pattern) if pattern else []):
+    with without(stock, parse_players(stock, pattern) if pattern else []):
         return logits(stock)
 
 

@@ -79,7 +79,7 @@ def test_ablation_errors_match_lm_evals_own_per_document_results(tiny_llama_dir,
     """The report's importance error, recomputed from lm-eval's loop (not the engine) per document."""
     from cornerstone.estimators import Ablation
     from cornerstone.loading import load_model
-    from cornerstone.masking import removed
+    from cornerstone.masking import without
     from cornerstone.players import parse_players
     from cornerstone.scores import score
 
@@ -87,10 +87,10 @@ def test_ablation_errors_match_lm_evals_own_per_document_results(tiny_llama_dir,
     specs = harness.load_tasks(["toy_docs20"], include_paths=[twenty], limit=12, seed=1)
     report = score(loaded, specs, estimator=Ablation(granularity="block"), include_paths=[twenty])
     lm = harness.make_lm(loaded.model, loaded.tokenizer, batch_size=8)
-    full = np.array(harness.evaluate(lm, specs)["toy_docs20"].per_doc)
+    full = np.array(harness.run_tasks(lm, specs)["toy_docs20"].per_doc)
     for name, player in report.players.items():
-        with removed(loaded.model, parse_players(loaded.model, [name])):
-            alone = np.array(harness.evaluate(lm, specs)["toy_docs20"].per_doc)
+        with without(loaded.model, parse_players(loaded.model, [name])):
+            alone = np.array(harness.run_tasks(lm, specs)["toy_docs20"].per_doc)
         difference = full - alone
         assert player.importance == pytest.approx(difference.mean())
         assert player.stderr == pytest.approx(difference.std(ddof=1) / np.sqrt(len(difference)))
@@ -121,13 +121,13 @@ def test_undecided_players_by_margin_and_by_drop_boundary():
 def test_sequential_scoring_doubles_nested_documents_until_resolved(tiny_llama_dir, twenty):
     from cornerstone.estimators import Ablation
     from cornerstone.loading import load_model
-    from cornerstone.sequential import Sequential, score_until_resolved, undecided
+    from cornerstone.scores import score
+    from cornerstone.sequential import undecided
 
     loaded = load_model(str(tiny_llama_dir), device="cpu")
     # boundary 1 of 3 blocks on a random tiny model: decided only with many documents, if ever
-    sequential = Sequential(start=4, max_docs=16, boundary=1, seed=0)
-    report = score_until_resolved(loaded, ["toy_docs20"], sequential=sequential, include_paths=[twenty],
-                                  estimator=Ablation(granularity="block"))
+    report = score(loaded, ["toy_docs20"], limit=4, seed=0, until_resolved=16, boundary=1, include_paths=[twenty],
+                   estimator=Ablation(granularity="block"), store=False)
     rounds = report.diagnostics["rounds"]
     sizes = [r["documents"]["toy_docs20"] for r in rounds]
     assert sizes[0] == 4 and all(b == min(16, 2 * a) for a, b in zip(sizes, sizes[1:]))

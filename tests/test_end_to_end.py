@@ -27,14 +27,14 @@ def test_sublayer_sweep_of_smollm2_finds_its_cornerstones(smollm2, tmp_path):
     assert result.base_score > result.chance + 0.25
     # v(N) and v(N minus L0.mlp) again through lm-eval's own loop (not the engine the sweep used), with the
     # FFN removed by the masking hooks: the report's numbers must be these
-    from cornerstone.masking import removed
+    from cornerstone.masking import without
     from cornerstone.players import parse_players
 
     specs = harness.load_tasks(["cs_capitals"], limit=30, seed=0)
     lm = harness.make_lm(smollm2.model, smollm2.tokenizer, batch_size=32)
-    full = harness.evaluate(lm, specs)["cs_capitals"].score
-    with removed(smollm2.model, parse_players(smollm2.model, ["L0.mlp"])):
-        without_ffn = harness.evaluate(lm, specs)["cs_capitals"].score
+    full = harness.run_tasks(lm, specs)["cs_capitals"].score
+    with without(smollm2.model, parse_players(smollm2.model, ["L0.mlp"])):
+        without_ffn = harness.run_tasks(lm, specs)["cs_capitals"].score
     assert result.base_score == pytest.approx(full, abs=1e-12)
     assert result.players["L0.mlp"].score_removed == pytest.approx(without_ffn, abs=1e-12)
     assert result.players["L0.mlp"].importance == pytest.approx(full - without_ffn, abs=1e-12)
@@ -59,7 +59,7 @@ def test_full_model_score_matches_lm_eval_directly(smollm2):
     from lm_eval.models.huggingface import HFLM
 
     [spec] = harness.load_tasks(["cs_arithmetic"], limit=30)
-    ours = harness.evaluate(harness.make_lm(smollm2.model, smollm2.tokenizer, batch_size=8), [spec])["cs_arithmetic"]
+    ours = harness.run_tasks(harness.make_lm(smollm2.model, smollm2.tokenizer, batch_size=8), [spec])["cs_arithmetic"]
     direct = simple_evaluate(
         model=HFLM(pretrained=smollm2.model, tokenizer=smollm2.tokenizer, batch_size=8),
         tasks=["cs_arithmetic"], task_manager=harness.task_manager(include_defaults=False), limit=30, bootstrap_iters=0,
@@ -114,7 +114,7 @@ def test_smollm2_export_reloads_in_a_fresh_process_with_the_masked_logits(smollm
     import torch
 
     from cornerstone.export import export, probe_ids
-    from cornerstone.masking import removed
+    from cornerstone.masking import without
     from cornerstone.planner import Planner, make_plan
     from cornerstone.players import parse_players
 
@@ -127,7 +127,7 @@ def test_smollm2_export_reloads_in_a_fresh_process_with_the_masked_logits(smollm
     assert result.format == layout
     ids = probe_ids(smollm2.model.config.vocab_size)
     torch.save(ids, tmp_path / "ids.pt")
-    with torch.no_grad(), removed(smollm2.model, parse_players(smollm2.model, plan.player_names)):
+    with torch.no_grad(), without(smollm2.model, parse_players(smollm2.model, plan.player_names)):
         expected = smollm2.model(ids).logits
     run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "slim"), str(tmp_path / "ids.pt"),
                           str(tmp_path / "logits.pt"), "1" if layout == "decilm" else "0"],

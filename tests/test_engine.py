@@ -8,7 +8,7 @@ import torch
 from cornerstone import harness
 from cornerstone.engine import Engine
 from cornerstone.errors import EvaluationError
-from cornerstone.masking import removed
+from cornerstone.masking import without
 from cornerstone.players import enumerate_players
 from cornerstone.schedule import plan_cache, schedule
 
@@ -37,9 +37,9 @@ def masks_for(model, count=4, seed=0):
 def assert_engine_matches_lm_eval(model, lm, specs, masks, cache_bytes=2 << 30, pack=None):
     engine = Engine(model, lm, specs, batch_size=4, cache_bytes=cache_bytes, pack=pack)
     for mask in masks:
-        with removed(model, mask):
-            reference = harness.evaluate(lm, specs)
-        ours = engine.evaluate(mask)
+        with without(model, mask):
+            reference = harness.run_tasks(lm, specs)
+        ours = engine.task_results(mask)
         for spec in specs:
             assert ours[spec.name].per_doc == reference[spec.name].per_doc, [p.name for p in mask]
             assert ours[spec.name].score == pytest.approx(reference[spec.name].score, abs=1e-12)
@@ -79,7 +79,7 @@ def paired_loglikelihoods(engine, lm, spec, mask):
     per_document = engine.per_document(engine.loglikelihoods(mask))[spec.name]
     ours = {doc.doc_id: answers for doc, answers in zip(engine.docs[spec.name], per_document)}
     spec.task.build_all_requests(samples=spec.doc_indices, rank=0, world_size=1)
-    with removed(engine.model, mask):
+    with without(engine.model, mask):
         theirs = lm.loglikelihood(spec.task.instances, disable_tqdm=True)
     return [(instance, ours[instance.doc_id][instance.idx], answer) for instance, answer in zip(spec.task.instances, theirs)]
 
@@ -141,7 +141,7 @@ def test_a_continuation_longer_than_the_context_is_refused_as_lm_eval_refuses_it
     lm = harness.make_lm(model, tokenizer, batch_size=4)
     specs = harness.load_tasks(["toy_too_long"], include_paths=[long_folder])
     with pytest.raises(EvaluationError, match="lm-eval refused a request") as refused:
-        harness.evaluate(lm, specs)  # lm-eval's loop: ``assert len(continuation_enc) <= self.max_length``
+        harness.run_tasks(lm, specs)  # lm-eval's loop: ``assert len(continuation_enc) <= self.max_length``
     assert isinstance(refused.value.__cause__, AssertionError)
     with pytest.raises(EvaluationError) as info:
         Engine(model, lm, specs, batch_size=4)
@@ -209,10 +209,10 @@ def test_masks_in_one_call_share_prefixes_and_equal_lm_eval(model_type, toy_fold
         assert sorted(results) == list(range(len(masks)))
         alone = Engine(model, lm, specs, batch_size=4, cache_bytes=0)
         for index, mask in enumerate(masks):
-            with removed(model, mask):
-                reference = harness.evaluate(lm, specs)
+            with without(model, mask):
+                reference = harness.run_tasks(lm, specs)
             assert results[index][specs[0].name].per_doc == reference[specs[0].name].per_doc
-            alone.evaluate(mask)
+            alone.task_results(mask)
         n_batches, n_blocks = len(engine.batches), len(blocks)
         # the runner does what the model-free schedule says: one full pass, then each run from its start
         hidden = model.config.get_text_config().hidden_size

@@ -247,17 +247,6 @@ def test_the_package_has_no_import_cycle():
     assert cycle(graph) is None
 
 
-# Function-level imports that close a cycle, each a debt to pay rather than a pattern to copy: score()
-# builds its settings and hands --until-resolved to sequential, both of which call score(). A new one
-# fails the test below.
-KNOWN_FUNCTION_LEVEL_CYCLES = {
-    ("cornerstone.scores", "cornerstone.settings"),
-    ("cornerstone.scores", "cornerstone.sequential"),
-}
-
-
-def test_function_level_imports_close_no_new_cycle():
+def test_no_import_cycle_even_through_imports_inside_functions():
     graph = {name: imported(path, in_functions=True) for name, path in MODULES.items()}
-    for source, target in KNOWN_FUNCTION_LEVEL_CYCLES:
-        graph[source].discard(target)
     assert cycle(graph) is None

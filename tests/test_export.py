@@ -17,7 +17,7 @@ from cornerstone.errors import ExportError, OutputError
 from cornerstone.estimators import Ablation
 from cornerstone.export import drop_blocks, export, load_exported
 from cornerstone.loading import load_model
-from cornerstone.masking import removed
+from cornerstone.masking import without
 from cornerstone.planner import Planner, make_plan
 from cornerstone.players import parse_players
 from cornerstone.scores import score
@@ -45,7 +45,7 @@ def assert_reloaded_equals_masked(original, names: list[str], reloaded) -> None:
     ids = torch.randint(3, original.config.get_text_config().vocab_size, (2, 40), generator=generator)
     with torch.no_grad():
         intact = original(ids).logits
-        with removed(original, parse_players(original, names)):
+        with without(original, parse_players(original, names)):
             masked = original(ids).logits
         exported = reloaded(ids).logits
     assert (exported - masked).abs().max() <= 1e-5

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cornerstone.masking import removed
+from cornerstone.masking import without
 from cornerstone.players import enumerate_players, parse_players
 
 from .architectures import TABLE_NAMES, table_model
@@ -38,7 +38,7 @@ def capture_block(model, player_block):
 def test_masking_nothing_gives_identical_logits(model_type):
     model = table_model(model_type)
     before = logits(model)
-    with removed(model, []):
+    with without(model, []):
         during = logits(model)
     assert torch.equal(before, during)
 
@@ -49,10 +49,10 @@ def test_masking_restores_the_model_on_exit_even_after_an_error(model_type):
     before, hooks = logits(model), hook_count(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     players = enumerate_players(model) + enumerate_players(model, "block")[1:2]
-    with removed(model, players):
+    with without(model, players):
         assert not torch.equal(logits(model), before)
     with pytest.raises(RuntimeError):
-        with removed(model, players):
+        with without(model, players):
             raise RuntimeError("boom")
     assert hook_count(model) == hooks
     assert torch.equal(logits(model), before)
@@ -64,7 +64,7 @@ def test_a_block_with_both_sublayers_removed_is_exactly_the_identity(model_type)
     model = table_model(model_type)
     block = enumerate_players(model, "block")[1]
     seen, *handles = capture_block(model, block)
-    with removed(model, parse_players(model, ["L1.attn", "L1.mlp"])):
+    with without(model, parse_players(model, ["L1.attn", "L1.mlp"])):
         logits(model)
     for handle in handles:
         handle.remove()
@@ -75,7 +75,7 @@ def test_a_block_with_both_sublayers_removed_is_exactly_the_identity(model_type)
 def test_a_removed_block_is_the_identity(model_type):
     model = table_model(model_type)
     block = enumerate_players(model, "block")[0]
-    with removed(model, [block]):
+    with without(model, [block]):
         # registered after the mask's hook, so it sees what the rest of the model sees
         seen, *handles = capture_block(model, block)
         logits(model)
@@ -90,11 +90,11 @@ def test_a_removed_player_contributes_zero(model_type, player_id):
     """Scrambling a removed player's weights cannot change the output; unmasked, it does."""
     model = table_model(model_type)
     [player] = parse_players(model, [player_id])
-    with removed(model, [player]):
+    with without(model, [player]):
         masked = logits(model)
     with torch.no_grad():
         for parameter in model.get_submodule(player.module_path).parameters():
             parameter.copy_(torch.randn_like(parameter))
-    with removed(model, [player]):
+    with without(model, [player]):
         assert torch.equal(logits(model), masked)
     assert not torch.allclose(logits(model), masked)

@@ -15,7 +15,7 @@ from cornerstone.cli import app
 from cornerstone.errors import ConfigError, PlayerError
 from cornerstone.estimators import make_estimator
 from cornerstone.loading import LoadedModel, load_model
-from cornerstone.masking import removed
+from cornerstone.masking import without
 from cornerstone.planner import Planner, make_plan
 from cornerstone.players import enumerate_players, parse_players
 from cornerstone.proxies import AVSS, AngularDistance, BlockInfluence, SublayerCosine, make_proxy
@@ -84,7 +84,7 @@ def test_removed_players_read_as_zero_importance_in_every_architecture(arch, tok
     """An identity block has block influence 0 and angular distance 0 to the next block; a zeroed
     sublayer has sublayer cosine 0. Every other player is measurably above 0."""
     loaded = loaded_tiny(arch, tokenizer)
-    with removed(loaded.model, parse_players(loaded.model, "L1,L0.mlp,L2.attn")):
+    with without(loaded.model, parse_players(loaded.model, "L1,L0.mlp,L2.attn")):
         stats = record(loaded, TEXTS, batch_size=2)
     assert one_minus_cos(stats, "L1") == pytest.approx(0.0, abs=1e-6)
     assert stats.angular[1, 2] == pytest.approx(0.0, abs=1e-6)

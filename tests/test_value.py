@@ -6,7 +6,7 @@ from cornerstone import harness
 from cornerstone.errors import ConfigError, TaskError
 from cornerstone.loading import LoadedModel, load_model
 from cornerstone.players import parse_players
-from cornerstone.masking import removed
+from cornerstone.masking import without
 from cornerstone.value import ValueFunction
 
 from .tasks import toy_docs, write_task
@@ -81,7 +81,7 @@ def test_masked_value_equals_lm_eval_under_the_same_mask(tiny, toy_tasks):
     value = ValueFunction(tiny, specs, batch_size=4)
     players = parse_players(tiny.model, ["L0.mlp", "L2.attn"])
     masked = value.evaluate(players)
-    with removed(tiny.model, players):
+    with without(tiny.model, players):
         reference = lm_eval_reference(tiny, "toy_mc", toy_tasks, None)
     assert masked.score == pytest.approx(reference["acc_norm,none"], abs=1e-12)
     # memoised: asking again does not evaluate again
