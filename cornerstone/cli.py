@@ -622,7 +622,8 @@ def plan(
     report: Annotated[Path, typer.Argument(help="A JSON report written by `cornerstone score`.")],
     drop: Annotated[str, typer.Option(help="How much to drop: a number of players (8) or a share of parameters (25%).")],
     policy: Annotated[str, typer.Option(help="lowest (one shot by importance), greedy (remove one, re-measure the rest, "
-                                        "repeat; loads the model) or contiguous (the lowest-importance run of consecutive players).")] = _default(Planner, "policy"),
+                                        "repeat; loads the model), beam (greedy keeping --width paths) or contiguous "
+                                        "(the lowest-importance run of consecutive players).")] = _default(Planner, "policy"),
     granularity: Annotated[str, typer.Option(help="block or sublayer (sublayer plans need a sublayer report).")] = _default(Planner, "granularity"),
     keep_first: Annotated[int, typer.Option("--keep-first", min=0, help="Never drop the first k blocks.")] = _default(Planner, "keep_first"),
     keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Never drop the last k blocks.")] = _default(Planner, "keep_last"),
@@ -630,6 +631,11 @@ def plan(
     no_protect: Annotated[bool, typer.Option("--no-protect", help="Let cornerstones be dropped too.")] = False,
     harmless_only: Annotated[bool, typer.Option("--harmless-only", help="Drop only players whose removal has no "
                                                 "measurable cost (importance interval reaches zero).")] = False,
+    width: Annotated[int, typer.Option(min=1, help="beam: partial removal sets kept at every step.")] = _default(Planner, "width"),
+    shortlist: Annotated[Optional[int], typer.Option(min=1, help="greedy/beam: re-measure only this many candidates per "
+                                                     "step, those that hurt least at the previous one.")] = None,
+    search_until: Annotated[Optional[str], typer.Option("--search-until", help="greedy/beam: search on to this many "
+                                                        "players or share (>= --drop) and record the whole order.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Plan path (YAML). Default: beside the report, REPORT-plan.yaml.")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -638,17 +644,20 @@ def plan(
     from rich.console import Console
 
     from .planner import Planner, make_plan
+    from .store import default_store_root
 
     try:
         planner = Planner(policy=policy, granularity=granularity, drop=drop, keep_first=keep_first,  # type: ignore[arg-type]
                           keep_last=keep_last, keep=_split(keep), protect_cornerstones=not no_protect,
-                          harmless_only=harmless_only)
+                          harmless_only=harmless_only, width=width, shortlist=shortlist, search_until=search_until)
     except ValidationError as exc:
-        raise _option_error(exc, {"drop": "Write --drop 8 (a number of players) or --drop 25% (a share of the parameters)."},
+        raise _option_error(exc, {"drop": "Write --drop 8 (a number of players) or --drop 25% (a share of the parameters).",
+                                  "search_until": "Write --search-until 12 (players) or 40% (of the parameters), at least --drop."},
                             "plan", "planning") from None
     console = Console(stderr=True)
     with _progress_bar(console, "planning") as progress:
-        made = make_plan(report, planner, progress=progress)
+        # greedy and beam keep every measured set in the value store, as score does: a re-plan reads them back
+        made = make_plan(report, planner, progress=progress, store=default_store_root())
     path = made.save(out or report.with_name(report.stem + "-plan.yaml"))
     if as_json:
         _print_json({**made.model_dump(mode="json"), "path": str(path)})

@@ -11,7 +11,13 @@ Policies
   far, remove the one whose loss hurts least, repeat (SLEB, Song et al. 2024,
   https://arxiv.org/abs/2402.09025; FinerCut, Zhang et al. 2024, https://arxiv.org/abs/2405.18218,
   at sublayer granularity). It costs about ``candidates x steps`` evaluations and sees interactions
-  that single-player scores miss.
+  that single-player scores miss. ``shortlist`` m makes it cheaper: after the first step, only the m
+  candidates whose removal hurt least at the previous step are re-measured (a candidate that cost
+  little one step earlier rarely costs much now; the others keep their last score as a bound), so a
+  step costs m evaluations instead of one per remaining candidate.
+- ``beam``: greedy that keeps the ``width`` best partial removal sets at every step instead of one,
+  so a removal that looks worse alone but combines better survives; about ``width x candidates x
+  steps`` evaluations (sets reached by two orders are measured once).
 - ``contiguous``: drop the consecutive span with the lowest summed importance (the span choice of
   angular-distance pruning, Gromov et al. 2024, https://arxiv.org/abs/2403.17887). With an
   ``angular`` report and a block plan, the span with the smallest measured distance d(l, n) between
@@ -57,7 +63,7 @@ class Planner(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["lowest", "greedy", "contiguous"] = "lowest"
+    policy: Literal["lowest", "greedy", "beam", "contiguous"] = "lowest"
     granularity: Literal["block", "sublayer"] = "block"
     drop: int | str
     keep_first: int = Field(1, ge=0, description="Never drop the first k blocks.")
@@ -66,6 +72,16 @@ class Planner(BaseModel):
     keep: list[str] = Field(default_factory=list, description="Players never dropped, e.g. [L5, L7.attn].")
     harmless_only: bool = Field(False, description="Drop only players whose removal has no measurable cost: the "
                                 "report's interval importance +- z s.e. reaches zero or below (needs standard errors).")
+    width: int = Field(4, ge=1, description="beam: partial removal sets kept at every step.")
+    shortlist: int | None = Field(None, ge=1, description="greedy/beam: re-measure only this many candidates per step "
+                                  "(those that hurt least at the previous step); null: all.")
+    search_until: int | str | None = Field(None, description="greedy/beam: search on to this many players or share of "
+                                           "parameters (>= drop) and record the whole removal order; null: drop.")
+
+    @field_validator("search_until")
+    @classmethod
+    def _check_until(cls, until: int | str | None) -> int | str | None:
+        return None if until is None else cls._check_drop(until)
 
     @field_validator("drop")
     @classmethod
@@ -105,6 +121,16 @@ class PlannedRemoval(BaseModel):
                                  description="The importance's standard error in the report (paired over documents).")
     effect: Literal["hurts", "none measurable", "helps"] | None = Field(
         None, description="hurts / none measurable / helps: the importance interval's verdict.")
+
+
+class SearchStep(BaseModel):
+    """One step of a measured search: the player removed, and the score and parameters removed after it."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str
+    score_after: float = Field(ge=0.0, le=1.0)
+    parameters_removed: int = Field(ge=0)
 
 
 class ProtectedPlayer(BaseModel):
@@ -181,6 +207,8 @@ class Plan(BaseModel):
                                           "the metric's range [0, 1]; see predicted_by.")
     predicted_by: str | None = None
     predicted_measured: bool = Field(False, description="Whether predicted_score was measured on the scored documents.")
+    search: list[SearchStep] | None = Field(None, description="greedy/beam: the whole removal order, with the "
+                                            "measured score after each step (to planner.search_until).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Plan":
@@ -229,6 +257,10 @@ class Plan(BaseModel):
             return f"parameters.remaining: {counts.remaining:,} is not original - removed ({counts.original - counts.removed:,})"
         if abs(counts.removed_fraction - counts.removed / counts.original) > 1e-9:
             return f"parameters.removed_fraction: {counts.removed_fraction} is not removed / original ({counts.removed / counts.original})"
+        if self.search is not None:
+            order = [step.name for step in self.search]
+            if len(set(order)) != len(order) or set(order[:len(self.removed)]) != seen:
+                return "search: the removal order does not begin with the removed players"
         blocks = self.blocks
         if layers is not None and blocks["original"] != layers:
             return f"blocks.original: {blocks['original']}, but model.num_hidden_layers is {layers}"
@@ -330,12 +362,10 @@ def _protection(candidates: list[_Candidate], planner: Planner, num_blocks: int)
 class _Target:
     """When enough is dropped: a number of players, or a share of the model's parameters."""
 
-    def __init__(self, planner: Planner, total_parameters: int) -> None:
-        self.players = planner.drop if isinstance(planner.drop, int) else None
-        share = planner.parameter_share()
-        self.parameters = None if share is None else share * total_parameters
-        self.text = (f"{self.players} players" if self.players is not None
-                     else f"{planner.drop} of {total_parameters:,} parameters")
+    def __init__(self, drop: int | str, total_parameters: int) -> None:
+        self.players = drop if isinstance(drop, int) else None
+        self.parameters = None if isinstance(drop, int) else float(drop[:-1]) / 100 * total_parameters
+        self.text = f"{drop} players" if isinstance(drop, int) else f"{drop} of {total_parameters:,} parameters"
 
     def met(self, chosen: Sequence[_Candidate]) -> bool:
         if self.players is not None:
@@ -395,35 +425,66 @@ def _contiguous(candidates: list[_Candidate], protected: dict[str, str], target:
     return best
 
 
-def _greedy(allowed: list[_Candidate], target: _Target, value: Any, progress: Progress | None
-            ) -> tuple[list[_Candidate], list[float]]:
+def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Progress | None, *, width: int = 1,
+            shortlist: int | None = None) -> tuple[list[_Candidate], list[float]]:
+    """Measured search for the removal order that keeps the score highest (``greedy``: ``width`` 1; ``beam``).
+
+    Every step extends each kept path by one more player, measures v(N minus the path) for every
+    extension (one batch: the engine shares the forward pass between masks that agree early) and keeps
+    the ``width`` best paths; sets reached twice are measured once (the value function memoises them).
+    With ``shortlist`` m, a path tries only the m players whose removal, at the previous step, left the
+    highest score (at the first step: the report's lowest importances). Ties go to the lower
+    importance, then the earlier layer. Returns the best path that meets ``target`` and its score
+    after every step.
+    """
     from .players import parse_players
 
-    model = value.loaded.model
-    players = {c.name: parse_players(model, [c.name])[0] for c in allowed}
-    chosen: list[_Candidate] = []
-    scores: list[float] = []
-    done = 0
-    while not target.met(chosen):
-        left = [c for c in allowed if c not in chosen]
-        if not left:
-            raise target.unreachable(allowed)
-        base = [players[c.name] for c in chosen]
-        steps_left = (target.players - len(chosen)) if target.players is not None else 1
-        total = done + sum(len(left) - k for k in range(steps_left))
+    players = {c.name: parse_players(value.loaded.model, [c.name])[0] for c in allowed}
+    last_score: dict[str, float] = {}  # each player's most recent measured score as the next removal
+
+    def promise(c: _Candidate) -> tuple[float, float, int]:
+        return (-last_score[c.name] if c.name in last_score else float("-inf"), c.importance, c.layer)
+
+    def rank(path: tuple[list[_Candidate], list[float]]) -> tuple[float, float, int]:
+        chosen, scores = path
+        return (-scores[-1] if scores else 0.0, sum(c.importance for c in chosen), sum(c.layer for c in chosen))
+
+    paths: list[tuple[list[_Candidate], list[float]]] = [([], [])]
+    done, planned = 0, 0
+    while not all(target.met(chosen) for chosen, _ in paths):
+        extensions: list[tuple[list[_Candidate], list[float]]] = []
+        seen: set[frozenset[str]] = set()
+        for chosen, scores in paths:
+            if target.met(chosen):
+                extensions.append((chosen, scores))
+                continue
+            left = [c for c in allowed if c not in chosen]
+            if not left:
+                raise target.unreachable(allowed)
+            if shortlist is not None:
+                left = sorted(left, key=lambda c: promise(c) if last_score else (c.importance, -c.layer))[:shortlist]
+            for c in left:
+                key = frozenset(x.name for x in chosen) | {c.name}
+                if key not in seen:
+                    seen.add(key)
+                    extensions.append((chosen + [c], scores))
+        new = [path for path in extensions if len(path[1]) < len(path[0])]
+        planned = done + len(new)
 
         def tick(_evaluation: Any) -> None:
             nonlocal done
             done += 1
             if progress is not None:
-                progress(done, total, f"greedy step {len(chosen) + 1}")
+                progress(done, planned, f"search step {max(len(c) for c, _ in new)}")
 
-        results = value.evaluate_many([base + [players[c.name]] for c in left], on_done=tick)
-        best_score, best = max(zip((r.score for r in results), left),
-                               key=lambda pair: (pair[0], -pair[1].importance, pair[1].layer))
-        chosen.append(best)
-        scores.append(best_score)
-    return chosen, scores
+        results = value.evaluate_many([[players[c.name] for c in chosen] for chosen, _ in new], on_done=tick)
+        for (chosen, _), result in zip(new, results):
+            last_score[chosen[-1].name] = result.score
+        measured = [(chosen, scores + [result.score]) for (chosen, scores), result in zip(new, results)]
+        finished = [path for path in extensions if len(path[1]) == len(path[0])]
+        paths = sorted(finished + measured, key=rank)[:width]
+    best = min((path for path in paths if target.met(path[0])), key=rank)
+    return best
 
 
 def _parameter_counts(report: ScoreReport, loaded: Any) -> dict[str, int]:
@@ -484,8 +545,9 @@ def make_plan(
     candidates = _candidates(report, planner.granularity, counts)
     protected = _protection(candidates, planner, num_blocks)
     allowed = [c for c in candidates if c.name not in protected]
-    target = _Target(planner, total_parameters)
+    target = _Target(planner.drop, total_parameters)
     step_scores: list[float] = []
+    search: list[SearchStep] | None = None
     if planner.policy == "lowest":
         chosen = _lowest(allowed, target)
     elif planner.policy == "contiguous":
@@ -496,7 +558,18 @@ def make_plan(
     else:
         if value is None:
             value = _report_value_function(report, loaded, store)
-        chosen, step_scores = _greedy(allowed, target, value, progress)
+        until = _Target(planner.search_until, total_parameters) if planner.search_until is not None else target
+        if until.players is not None and target.players is not None and until.players < target.players or (
+                until.parameters is not None and target.parameters is not None and until.parameters < target.parameters):
+            raise PlanError(f"search_until {planner.search_until} is less than drop {planner.drop}",
+                            hint="Give --search-until at least --drop (in the same unit), or leave it out.")
+        order, order_scores = _search(allowed, until, value, progress,
+                                      width=planner.width if planner.policy == "beam" else 1, shortlist=planner.shortlist)
+        removed_so_far = [sum(c.parameters for c in order[:k + 1]) for k in range(len(order))]
+        search = [SearchStep(name=c.name, score_after=score, parameters_removed=count)
+                  for c, score, count in zip(order, order_scores, removed_so_far)]
+        cut = next(k for k in range(1, len(order) + 1) if target.met(order[:k]))
+        chosen, step_scores = order[:cut], order_scores[:cut]
 
     removed_parameters = sum(c.parameters for c in chosen)
     removals = []
@@ -506,6 +579,8 @@ def make_plan(
         why = {"lowest": f"{importance}{c.note}, rank {c.rank} of {len(candidates)}",
                "contiguous": f"{span_reason if planner.policy == 'contiguous' else ''}; {importance}{c.note}",
                "greedy": f"greedy step {step + 1}: its removal hurt least ({step_scores[step]:.4f} after)"
+               if step_scores else "",
+               "beam": f"beam step {step + 1} of the best path ({step_scores[step]:.4f} after)"
                if step_scores else ""}[planner.policy]
         removals.append(PlannedRemoval(name=c.name, layer=c.layer, kind=c.kind, importance=c.importance, rank=c.rank,
                                        parameters=c.parameters, reason=why + "; not protected",
@@ -537,6 +612,7 @@ def make_plan(
         predicted_score=predicted,
         predicted_by=predicted_by,
         predicted_measured=bool(step_scores),
+        search=search,
     )
 
 
@@ -561,7 +637,7 @@ def _prediction(report: ScoreReport, chosen: Sequence[_Candidate], step_scores: 
     labelled as an estimate and clipped to the metric's range [0, 1]. Proxies give none.
     """
     if step_scores:
-        return step_scores[-1], "measured by the greedy search on the report's documents"
+        return step_scores[-1], "measured by the search on the report's documents"
     if not report.measures_scores:
         return None, (f"none: {report.method} importances are not in task-score units; "
                       "measure the export with `cornerstone eval`")

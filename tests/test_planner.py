@@ -214,3 +214,72 @@ def test_greedy_refuses_documents_that_changed_since_scoring(tiny_llama_dir, tmp
     harness._cached_manager.cache_clear()
     with pytest.raises(TaskError, match="changed since they were recorded"):
         make_plan(report, Planner(policy="greedy", drop=1, keep_first=0, keep_last=0), loaded=loaded)
+
+
+@pytest.fixture
+def measured_game(tiny_llama_dir, tmp_path):
+    """A tiny model's sublayer report and a fresh value function on the same documents."""
+    folder = write_task(tmp_path / "tasks", "toy_search", toy_docs(12))
+    from cornerstone import harness
+    from cornerstone.estimators import Ablation
+    from cornerstone.scores import score
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    specs = harness.load_tasks(["toy_search"], include_paths=[folder])
+    report = score(loaded, specs, estimator=Ablation(granularity="sublayer"), include_paths=[folder], store=False)
+    return loaded, report, lambda: ValueFunction(loaded, specs)
+
+
+def test_a_wide_beam_finds_the_best_set_that_brute_force_finds(measured_game):
+    from itertools import combinations
+
+    from cornerstone.players import parse_players
+
+    loaded, report, fresh = measured_game
+    value = fresh()
+    best = max(value.evaluate(parse_players(loaded.model, list(pair))).score for pair in combinations(report.players, 2))
+    wide = Planner(policy="beam", width=len(report.players), granularity="sublayer", drop=2, keep_first=0, keep_last=0)
+    plan = make_plan(report, wide, loaded=loaded, value=fresh())
+    assert plan.predicted_measured and plan.predicted_score == pytest.approx(best)
+    assert value.evaluate(parse_players(loaded.model, plan.player_names)).score == pytest.approx(best)
+    greedy = make_plan(report, wide.model_copy(update={"policy": "greedy"}), loaded=loaded, value=fresh())
+    assert greedy.predicted_score <= plan.predicted_score  # width 1 is one of the paths the beam weighs
+    narrow = make_plan(report, wide.model_copy(update={"width": 1}), loaded=loaded, value=fresh())
+    assert narrow.player_names == greedy.player_names and narrow.predicted_score == greedy.predicted_score
+
+
+def test_a_shortlist_measures_only_that_many_candidates_per_step(measured_game):
+    loaded, report, fresh = measured_game
+    planner = Planner(policy="greedy", granularity="sublayer", drop=3, keep_first=0, keep_last=0, shortlist=2)
+    value = fresh()
+    plan = make_plan(report, planner, loaded=loaded, value=value)
+    assert value.evaluations <= 2 * 3  # instead of n + (n-1) + (n-2)
+    first = min(plan.removed, key=lambda r: r.step).name
+    lowest_two = sorted(report.players, key=lambda n: (report.players[n].importance, -report.players[n].layer))[:2]
+    assert first in lowest_two  # step 1 tries the report's two least important players only
+    everything = make_plan(report, planner.model_copy(update={"shortlist": len(report.players)}), loaded=loaded, value=fresh())
+    greedy = make_plan(report, planner.model_copy(update={"shortlist": None}), loaded=loaded, value=fresh())
+    assert everything.search == greedy.search
+
+
+def test_one_search_records_the_whole_order_and_cuts_at_the_budget(measured_game, tmp_path):
+    from cornerstone.players import parse_players
+
+    loaded, report, fresh = measured_game
+    planner = Planner(policy="greedy", granularity="sublayer", drop=1, search_until=3, keep_first=0, keep_last=0)
+    plan = make_plan(report, planner, loaded=loaded, value=fresh())
+    order = [step.name for step in plan.search]
+    assert len(order) == 3 and plan.player_names == order[:1]
+    check = fresh()
+    for k, step in enumerate(plan.search, start=1):
+        assert step.score_after == pytest.approx(check.evaluate(parse_players(loaded.model, order[:k])).score)
+        assert step.parameters_removed == sum(report.players[name].parameters for name in order[:k])
+    deeper = make_plan(report, planner.model_copy(update={"drop": 2}), loaded=loaded, value=fresh())
+    assert sorted(deeper.player_names) == sorted(order[:2])  # greedy's order does not depend on where it stops
+    assert Plan.load(plan.save(tmp_path / "p.yaml")) == plan
+    edited = plan.model_dump(mode="json")
+    edited["search"][0]["name"], edited["search"][1]["name"] = order[1], order[0]
+    with pytest.raises(ValueError, match="search: the removal order"):
+        Plan.model_validate(edited)
+    with pytest.raises(PlanError, match="search_until 1 is less than drop 2"):
+        make_plan(report, planner.model_copy(update={"drop": 2, "search_until": 1}), loaded=loaded, value=fresh())

@@ -165,7 +165,7 @@ def test_the_cli_refuses_bad_settings_in_one_line_and_writes_nothing(work, args,
 
 def test_the_public_api_names_every_step():
     assert cornerstone.plan is cornerstone.make_plan
-    for step, entry in (("export", "export"), ("evaluate", "compare"), ("heal", "heal")):
+    for step, entry in (("export", "export"), ("evaluate", "evaluate_models"), ("heal", "heal")):
         module = getattr(cornerstone, step)
         assert callable(module) and module._entry is getattr(module, entry)
     import cornerstone.export as export_module  # still the module, for its other names
