@@ -124,6 +124,7 @@ class GGUFExportResult(BaseModel):
 
     alignment: int
     size_accounted: bool  # see :func:`size_accounted`
+    check: GGUFCheck | None = None  # llama.cpp against the masked model, when prune_gguf was given a probe
 
 
 def size_accounted(source_bytes: int, removed_tensor_bytes: int, metadata_bytes_change: int, bytes_on_disk: int,
@@ -314,13 +315,16 @@ def _explicit_pattern(reader: Any, arch: str, count: int, removed: Collection[in
 
 
 def prune_gguf(source: str | Path, plan: "Plan | Collection[int] | str | Path", out: str | Path, *,
-               overwrite: bool = False, allow_other_model: bool = False, portable: bool = False) -> GGUFExportResult:
+               overwrite: bool = False, allow_other_model: bool = False, portable: bool = False,
+               probe: str | None = None) -> GGUFExportResult:
     """Write ``source`` without the blocks ``plan`` removes to ``out`` (rules: module docstring).
 
     ``plan`` is a :class:`~cornerstone.planner.Plan` (or its YAML path), whose fingerprint must be the
     source's unless ``allow_other_model``, or a set of block indices. ``source`` is never written;
     ``out`` appears complete or not at all. ``portable`` refuses a plan whose layer pattern only
-    runtimes reading an explicit pattern key would follow (module docstring).
+    runtimes reading an explicit pattern key would follow (module docstring). With a ``probe`` text the
+    written file is checked in llama.cpp (:func:`check_against_masked`) before it is put in place; a
+    failed check is an :class:`ExportError` and leaves nothing.
     """
     import gguf
 
@@ -392,6 +396,12 @@ def prune_gguf(source: str | Path, plan: "Plan | Collection[int] | str | Path", 
         written = _reader(staging)
         data_offset = written.data_offset
         del written
+        check = None if probe is None else check_against_masked(source, staging, removed, probe)
+        if check is not None and not check.passed:
+            raise ExportError(f"llama.cpp's log-probabilities on the pruned file differ from the masked model by "
+                              f"{check.pruned_gap:.3g} nats, beyond {check.bound:.3g} ({check.factor:g} x the unpruned "
+                              f"gap {check.baseline_gap:.3g} + {check.slack:g})",
+                              hint="Nothing was written. Please report this with the plan and the source GGUF.")
 
     sizes = dict(source_bytes=source.stat().st_size, bytes_on_disk=out.stat().st_size, alignment=alignment,
                  removed_tensor_bytes=sum(_padded(int(t.n_bytes), alignment) for t in removed_tensors),
@@ -399,8 +409,7 @@ def prune_gguf(source: str | Path, plan: "Plan | Collection[int] | str | Path", 
     return GGUFExportResult(
         path=str(out), source=str(source), architecture=arch, blocks_original=count, blocks_removed=sorted(removed),
         blocks_kept=len(keep), tensors_removed=len(removed_tensors), tensors_kept=len(kept), sliced_keys=sliced,
-        notes=notes,
-        size_accounted=size_accounted(**sizes), **sizes)
+        notes=notes, size_accounted=size_accounted(**sizes), check=check, **sizes)
 
 
 # --- verification in llama.cpp -------------------------------------------------------------------
@@ -546,6 +555,8 @@ def check_against_masked(source: str | Path, pruned: str | Path, blocks: Collect
                      slack=slack, bound=bound, passed=math.isfinite(gap) and gap <= bound,
                      top1_agreement_baseline=agree_baseline, top1_agreement_pruned=agree_pruned, runtime=runtime)
 
+
+GGUFExportResult.model_rebuild()  # its check field names GGUFCheck, defined after it
 
 if __name__ == "__main__":
     _llamacpp_worker()

