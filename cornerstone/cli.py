@@ -689,21 +689,44 @@ def export(
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 2GB.")] = _default(ExportSettings, "max_shard_size"),
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip reloading the export and comparing its logits.")] = False,
     allow_other_model: Annotated[bool, typer.Option("--allow-other-model", help="Apply a plan made for another model.")] = False,
+    format: Annotated[str, typer.Option("--format", help="safetensors (a folder), or gguf: prune MODEL's .gguf file into "
+                                        "--out FILE.gguf, quantised tensors copied as they are (block plans).")] = _default(ExportSettings, "format"),
+    portable: Annotated[bool, typer.Option("--portable", help="gguf: refuse a plan that moves Gemma 3's global layers "
+                                           "(only runtimes reading the pattern key would follow it).")] = False,
     dtype: Annotated[str, typer.Option(help="Weights' dtype in the export: float32, bfloat16 or float16.")] = "float32",
     device: DeviceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     allow_pickle: AllowPickleOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Cut a plan's players from MODEL and write a slim safetensors checkpoint, checked against the masked original."""
+    """Cut a plan's players from MODEL and write a slim checkpoint (safetensors folder or GGUF file), checked against the masked original."""
+    from pydantic import ValidationError
     from rich.console import Console
 
     from .export import export as run_export
     from .loading import load_model
 
-    settings = ExportSettings(out=str(out), overwrite=overwrite, max_shard_size=max_shard_size, verify=not no_verify,
-                              allow_other_model=allow_other_model)
+    try:
+        settings = ExportSettings(out=str(out), overwrite=overwrite, max_shard_size=max_shard_size, verify=not no_verify,
+                                  allow_other_model=allow_other_model, format=format, portable=portable)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise _option_error(exc, {"format": "Write --format safetensors or --format gguf."}, "export", "exporting") from None
     console = Console(stderr=True)
+    if settings.format == "gguf":  # the file is pruned as it is: no model to load (the check loads what it needs)
+        with console.status(f"pruning {model} into {out}" + (" and checking it in llama.cpp" if settings.verify else "")):
+            pruned = run_export(model, plan_path, settings=settings)
+        if as_json:
+            _print_json(pruned.model_dump())
+            return
+        typer.echo(f"wrote {pruned.path}: {pruned.blocks_kept} of {pruned.blocks_original} blocks, "
+                   f"{pruned.bytes_on_disk / 2**20:,.1f} MiB ({pruned.source_bytes / 2**20:,.1f} MiB before)")
+        if pruned.check is not None:
+            check = pruned.check
+            typer.echo(f"checked in llama.cpp: gap to the masked model {check.pruned_gap:.3f} nats, within "
+                       f"{check.bound:.3f} (the unpruned file's own gap {check.baseline_gap:.3f})")
+        for note in pruned.notes:
+            typer.echo(f"note: {note}")
+        return
     with console.status(f"loading {model}"):
         loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     with console.status(f"exporting to {out}"):

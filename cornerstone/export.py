@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from .errors import ExportError, PlanError
 from .files import check_output, staged_directory
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, resolve
 from .masking import without
 from .planner import Plan
 from .quiet import no_progress_bars
@@ -247,6 +247,8 @@ def export(
 
     settings = with_options(settings, ExportSettings, {**options, **({"out": out} if out is not None else {})},
                             function="export")
+    if settings.format == "gguf":
+        return export_gguf(model, plan, settings)
     overwrite, max_shard_size = settings.overwrite, settings.max_shard_size
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -304,6 +306,25 @@ def export(
         (staging / EXPORT_MANIFEST).write_text(json.dumps(
             {**result.model_dump(), "base_model": loaded.describe(), "players_removed": plan.player_names}, indent=2))
     return result
+
+
+# what llama.cpp and the masked float model are compared on after a GGUF export (a short, ordinary sentence)
+GGUF_PROBE = "The capital of France is Paris. The capital of Italy is Rome, and the capital of Spain is"
+
+
+def export_gguf(model: LoadedModel | str, plan: Plan | str | Path, settings: ExportSettings) -> Any:
+    """``format: gguf``: write the model's GGUF file without the plan's blocks, tensors copied as they are
+    (:func:`cornerstone.gguf_export.prune_gguf`); with ``verify``, the file is run in llama.cpp and its
+    next-token log-probabilities checked against the masked float model before it is put in place."""
+    from .gguf_export import prune_gguf
+
+    kind, location = (model.source, model.location) if isinstance(model, LoadedModel) else resolve(model)
+    if kind not in ("alias", "gguf"):
+        raise ExportError(f"--format gguf prunes a .gguf file, and '{model if isinstance(model, str) else model.spec}' "
+                          f"is a {kind} model", hint="Give the .gguf file (or a bundled alias), or export safetensors.")
+    return prune_gguf(location, plan, settings.out, overwrite=settings.overwrite,
+                      allow_other_model=settings.allow_other_model, portable=settings.portable,
+                      probe=GGUF_PROBE if settings.verify else None)
 
 
 def model_card(loaded: LoadedModel, plan: Plan, result: ExportResult) -> str:

@@ -28,7 +28,7 @@ Seeds: each step has one seed, and every random stream of the step is derived fr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -204,6 +204,10 @@ class ExportSettings(_Settings):
     max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
     verify: bool = Field(True, description="Reload the export and compare its logits with the masked original.")
     allow_other_model: bool = Field(False, description="Apply a plan made for another model.")
+    format: Literal["safetensors", "gguf"] = Field("safetensors", description="safetensors (a stock or DeciLM folder), or "
+                                                  "gguf: prune a .gguf model's file directly into FILE.gguf (block plans).")
+    portable: bool = Field(False, description="gguf: refuse a plan that only runtimes reading an explicit per-layer "
+                           "pattern key would run as planned (Gemma 3 sliding/global layers).")
 
     @field_validator("out", mode="before")
     @classmethod

