@@ -112,12 +112,20 @@ def plain_rows(requests: Sequence[Request]) -> list[Row]:
 
 
 def packed_rows(requests: Sequence[Request]) -> list[Row]:
-    """One row per distinct prefix, every request on that prefix a branch of it."""
+    """One row per distinct prefix, every request on that prefix a branch of it; a one-token prefix is not
+    shared.
+
+    Sharing one token saves one token per branch and costs a row as long as all the branches together,
+    attending over its whole length: the rolling windows of a text task all start from the prefix token
+    (:func:`cornerstone.harness.rolling_windows`) and would otherwise put every document's text in one row.
+    """
     by_prefix: dict[tuple[int, ...], list[int]] = {}
     for request_id, request in enumerate(requests):
-        by_prefix.setdefault(request.prefix, []).append(request_id)
+        key = request.prefix if len(request.prefix) > 1 else (*request.prefix, -1 - request_id)
+        by_prefix.setdefault(key, []).append(request_id)
     rows = []
-    for prefix, request_ids in by_prefix.items():
+    for request_ids in by_prefix.values():
+        prefix = requests[request_ids[0]].prefix
         row = Row(list(prefix), list(range(len(prefix))), [0] * len(prefix), [])
         for branch, request_id in enumerate(request_ids, start=1):
             continuation = requests[request_id].continuation

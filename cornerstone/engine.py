@@ -16,6 +16,9 @@ forward without attention mask, the task's own ``process_results``), with three 
   is a context followed by every choice's continuation as a branch, with position ids restarting
   after the context and a 4D mask letting each branch see the context and itself only (lm-eval
   itself shares a context only between single-token continuations);
+* rolling log-likelihood tasks (a ``text:FILE`` task, lm-eval's ``loglikelihood_rolling`` tasks) are served the
+  same way: each document's requests are HFLM's rolling windows (:func:`cornerstone.harness.rolling_windows`),
+  de-duplicated, packed and scheduled like any other pair, and the document's log-likelihood is their sum;
 * logits only where they are scored: the final hidden states are gathered at the continuation
   positions on their way into the LM head, instead of projecting every position onto the vocabulary.
 
@@ -274,9 +277,15 @@ class Engine:
         answers = self.per_document(responses)
         results = {}
         for spec in self.tasks:
-            per_doc = []
             for doc, doc_answers in zip(self.docs[spec.name], answers[spec.name]):
                 harness.check_finite(spec, doc.doc_id, doc_answers)
-                per_doc.append(harness.score_doc(spec, doc.doc, doc_answers))
+            if spec.output_type == harness.ROLLING:
+                # a document's log-likelihood is the sum over its windows, as in HFLM.loglikelihood_rolling
+                results[spec.name] = harness.rolling_result(
+                    [sum(ll for ll, _ in doc_answers) for doc_answers in answers[spec.name]],
+                    [doc.tokens for doc in self.docs[spec.name]])
+                continue
+            per_doc = [harness.score_doc(spec, doc.doc, doc_answers)
+                       for doc, doc_answers in zip(self.docs[spec.name], answers[spec.name])]
             results[spec.name] = harness.TaskResult(score=harness.aggregate(spec, per_doc), per_doc=per_doc)
         return results

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import numbers
 import os
 import random
@@ -28,8 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError, EvaluationError, TaskError
 from .quiet import no_tqdm
+from .textfiles import FORMATS_HINT, read_text_file
 
 PREFERRED_METRICS = ("acc_norm", "acc")
+# The value of a rolling log-likelihood task (a text:FILE task, or lm-eval's loglikelihood_rolling tasks such as
+# wikitext): 1 / perplexity per token. See :func:`rolling_result`.
+ROLLING_METRIC = "inv_perplexity"
+ROLLING = "loglikelihood_rolling"
+# ``--tasks text:FILE``: FILE's texts are the documents of a rolling log-likelihood task
+TEXT_TASK_PREFIX = "text:"
+SCORED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood", ROLLING)
 BUNDLED_TASK_GROUP = "cornerstone_bundled"
 REAL_TASK_GROUP = "cornerstone_real"
 
@@ -54,7 +63,8 @@ class TaskSpec:
     """One lm-eval task with the fixed document set and metric used for every coalition of a run.
 
     ``chance`` is the expected metric of uniform guessing: the mean over the chosen documents of
-    1 / (number of choices).
+    1 / (number of choices); for a rolling log-likelihood task, 1 / (the model's vocabulary size), a
+    uniform next-token predictor's :data:`ROLLING_METRIC` (0 until a model is known: :func:`set_vocabulary`).
     """
 
     name: str
@@ -171,15 +181,22 @@ def _cached_manager(paths: tuple[str, ...], include_defaults: bool) -> Any:
         return TaskManager(include_path=list(paths), include_defaults=include_defaults)
 
 
+def _name_of(key: Any) -> str:
+    """The name of a key of lm-eval's task dict: a task's name, or a group's (its key is a group object)."""
+    return key if isinstance(key, str) else getattr(key, "group_name", str(key))
+
+
 def _leaf_tasks(task_dict: dict) -> Iterator[tuple[str, Any]]:
     for key, value in task_dict.items():
         if isinstance(value, dict):
             yield from _leaf_tasks(value)
         else:
-            yield (key if isinstance(key, str) else getattr(key, "group_name", str(key))), value
+            yield _name_of(key), value
 
 
 def _choose_metric(name: str, task: Any) -> str:
+    if task.config.output_type == ROLLING:
+        return ROLLING_METRIC  # computed here from the log-likelihoods, whatever the task's own metrics
     available = set(task.aggregation())
     for metric in PREFERRED_METRICS:
         if metric in available:
@@ -190,7 +207,9 @@ def _choose_metric(name: str, task: Any) -> str:
     )
 
 
-def _chance(task: Any, docs: Sequence[Any], output_type: str) -> float:
+def _chance(task: Any, docs: Sequence[Any], output_type: str, vocab_size: int | None = None) -> float:
+    if output_type == ROLLING:
+        return 1.0 / vocab_size if vocab_size else 0.0
     if output_type != "multiple_choice" or not docs:
         return 0.0
     return sum(1.0 / max(1, len(task.doc_to_choice(doc))) for doc in docs) / len(docs)
@@ -198,7 +217,7 @@ def _chance(task: Any, docs: Sequence[Any], output_type: str) -> float:
 
 def request_count(spec: TaskSpec) -> int:
     """The loglikelihood requests of ``spec``'s documents: one per choice of a multiple-choice document, one per
-    loglikelihood document."""
+    loglikelihood document, at least one per rolling document (one per window of the model's context)."""
     if spec.output_type != "multiple_choice":
         return len(spec.doc_indices)
     docs = spec.task.eval_docs
@@ -213,8 +232,12 @@ def load_tasks(
     seed: int | None = None,
     documents: Mapping[str, DocumentRecord] | None = None,
     exclude: Mapping[str, Sequence[int]] | None = None,
+    vocab_size: int | None = None,
 ) -> list[TaskSpec]:
     """Resolve task names (or tags/groups) to :class:`TaskSpec` objects with a fixed document set.
+
+    A name ``text:FILE`` is a rolling log-likelihood task whose documents are FILE's texts
+    (:func:`text_task`); ``vocab_size`` (the model's) sets rolling tasks' chance level.
 
     Which documents, per leaf task:
 
@@ -228,29 +251,37 @@ def load_tasks(
         raise ConfigError(f"--limit must be a positive number of documents, got {limit}")
     if not names:
         raise TaskError("no tasks given")
-    manager = task_manager_for(names, include_paths)
-    known = set(manager.all_tasks)
-    for name in names:
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=3)
-            raise TaskError(
-                f"unknown task '{name}'" + (f" (did you mean {', '.join(close)}?)" if close else ""),
-            )
-    from lm_eval.tasks import get_task_dict
+    registered = [name for name in names if not name.startswith(TEXT_TASK_PREFIX)]
+    loaded: dict[Any, Any] = {}
+    if registered:
+        manager = task_manager_for(registered, include_paths)
+        known = set(manager.all_tasks)
+        for name in registered:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=3)
+                raise TaskError(
+                    f"unknown task '{name}'" + (f" (did you mean {', '.join(close)}?)" if close else ""),
+                )
+        from lm_eval.tasks import get_task_dict
 
-    try:
-        with _quiet(), _no_dataset_progress():
-            task_dict = get_task_dict(list(names), manager)
-    except Exception as exc:  # lm-eval raises bare exceptions when a dataset cannot be read
-        _explain_first_document(exc)
-        raise TaskError(f"cannot load tasks {', '.join(names)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        try:
+            with _quiet(), _no_dataset_progress():
+                loaded = get_task_dict(registered, manager)
+        except Exception as exc:  # lm-eval raises bare exceptions when a dataset cannot be read
+            _explain_first_document(exc)
+            raise TaskError(f"cannot load tasks {', '.join(registered)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    # in the order given: lm-eval's tasks (a group stays one entry) and text tasks interleaved as named
+    by_name = {_name_of(key): key for key in loaded}
+    task_dict = {by_name.get(name, name): text_task(name) if name.startswith(TEXT_TASK_PREFIX) else loaded[by_name[name]]
+                 for name in names if name.startswith(TEXT_TASK_PREFIX) or name in by_name}
+    task_dict.update({key: task for key, task in loaded.items() if key not in task_dict})
     specs: list[TaskSpec] = []
     for name, task in _leaf_tasks(task_dict):
         output_type = task.config.output_type
-        if output_type not in ("multiple_choice", "loglikelihood"):
+        if output_type not in SCORED_OUTPUT_TYPES:
             raise TaskError(
                 f"task '{name}' is a {output_type} task",
-                hint="cornerstone scores multiple-choice and loglikelihood tasks.",
+                hint="cornerstone scores multiple-choice, loglikelihood and loglikelihood_rolling tasks.",
             )
         docs = list(task.eval_docs)
         if not docs:
@@ -265,7 +296,7 @@ def load_tasks(
         for index in indices:
             check_document(name, task, docs[index], index, output_type)
         spec = TaskSpec(name=name, task=task, metric=_choose_metric(name, task), doc_indices=indices,
-                        total_docs=len(docs), chance=_chance(task, [docs[i] for i in indices], output_type),
+                        total_docs=len(docs), chance=_chance(task, [docs[i] for i in indices], output_type, vocab_size),
                         output_type=output_type, selection=selection)
         expected = documents[name].content_sha256 if documents is not None else None
         if expected is not None and spec.content_hash != expected:
@@ -273,6 +304,54 @@ def load_tasks(
                             hint="The task's data or prompt was edited; re-score so plan and evaluation use what was measured.")
         specs.append(spec)
     return specs
+
+
+def text_task(name: str) -> Any:
+    """The lm-eval task ``text:FILE`` names: a ``ConfigurableTask`` of output type ``loglikelihood_rolling`` whose
+    documents (its test split) are FILE's non-blank texts (:func:`cornerstone.textfiles.read_text_file`: a .txt
+    file's paragraphs, a .jsonl file's ``text`` fields, a .json list), each scored whole as lm-eval scores
+    wikitext's pages. FILE is read relative to the working directory; the task keeps the name as given.
+
+    Being lm-eval's own task type, lm-eval's loop (:func:`run_tasks`) evaluates it as it evaluates any other, and
+    document selection (``limit``, ``seed``, ``exclude``, recorded documents and their content hash) is unchanged.
+    """
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+
+    path = name[len(TEXT_TASK_PREFIX):]
+    hint = f"'{TEXT_TASK_PREFIX}FILE' reads FILE's texts as documents. {FORMATS_HINT}"
+    if not path:
+        raise TaskError(f"task '{name}' names no file", hint=hint)
+    try:
+        texts = read_text_file(path, hint=hint)
+    except ConfigError as exc:  # a task that cannot be read is a task error, whatever read it
+        raise TaskError(f"task '{name}': {exc.message}", hint=exc.hint) from None
+    documents = datasets.Dataset.from_dict({"text": texts})
+    config = {
+        "task": name,
+        "output_type": ROLLING,
+        "test_split": "test",
+        "custom_dataset": lambda **_: {"test": documents},
+        "doc_to_text": "",
+        "doc_to_target": _text_of,
+        # lm-eval's own metrics of a rolling task (what ``lm_eval`` itself would report on it)
+        "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+        "metadata": {"version": 1.0},
+    }
+    with _quiet():
+        return ConfigurableTask(config=config)
+
+
+def _text_of(doc: dict) -> str:
+    return doc["text"]
+
+
+def set_vocabulary(specs: Sequence[TaskSpec], vocab_size: int) -> None:
+    """Set the chance level of ``specs``' rolling tasks to a uniform predictor's over ``vocab_size`` tokens
+    (a model's output size); other tasks' chance does not depend on the model."""
+    for spec in specs:
+        if spec.output_type == ROLLING:
+            spec.chance = 1.0 / vocab_size
 
 
 def check_document(name: str, task: Any, doc: Any, index: int, output_type: str) -> None:
@@ -299,6 +378,10 @@ def check_document(name: str, task: Any, doc: Any, index: int, output_type: str)
             if not isinstance(value, str):
                 raise TaskError(f"task '{name}' document {index}: {_field(task, entry)} gave {_short(value)}, not text",
                                 hint=_DATA_HINT)
+        if output_type == ROLLING and not target:
+            # no token to predict: it would add nothing to a score that is a mean over tokens
+            raise TaskError(f"task '{name}' document {index}: {_field(task, 'doc_to_target')} gave an empty text",
+                            hint=_DATA_HINT)
         return
     choices = read("doc_to_choice")
     if not isinstance(choices, list) or not choices or not all(isinstance(choice, str) for choice in choices):
@@ -464,9 +547,49 @@ def run_tasks(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
         samples = sorted(output["samples"][spec.name], key=lambda sample: sample["doc_id"])
         for sample in samples:
             check_finite(spec, sample["doc_id"], sample.get("resps"))
+        if spec.output_type == ROLLING:
+            # lm-eval's metrics of a rolling task count words and bytes; the tokens it predicted are the target's
+            results[spec.name] = rolling_result([float(sample["filtered_resps"][0]) for sample in samples],
+                                                [len(lm.tok_encode(sample["target"])) for sample in samples])
+            continue
         per_doc = [float(sample[spec.metric]) for sample in samples]
         results[spec.name] = TaskResult(score=float(output["results"][spec.name][f"{spec.metric},none"]), per_doc=per_doc)
     return results
+
+
+def rolling_result(loglikelihoods: Sequence[float], tokens: Sequence[int]) -> TaskResult:
+    """The value of a rolling log-likelihood task from each document's log-likelihood ``l_d`` (of all its ``t_d``
+    tokens, summed over lm-eval's rolling windows) : ``score = exp(m)``, ``m = sum_d l_d / sum_d t_d``.
+
+    ``m`` is the mean log-probability per token, so the score is 1 / perplexity per token, the geometric-mean
+    probability the model gives each token: in (0, 1], higher is better, 1 / V for a uniform predictor over a
+    vocabulary of V (the task's chance, :func:`set_vocabulary`). What the report's "above-chance kept"
+    ``(s' - 1/V) / (s - 1/V)`` then keeps is, up to 1/V (about 2e-5 for a 49k vocabulary), ``s' / s =
+    ppl / ppl'``, the ratio of the two perplexities: 80% kept is a perplexity 1.25 times the full model's. It is
+    not the share of the log-probability gained over the uniform predictor, ``(m' + log V) / (m + log V)``: that
+    is linear in log-likelihood but turns negative for a model worse than uniform (a heavily pruned one), and
+    would be neither bounded nor exact after clipping.
+
+    Per-document values (for the paired standard errors, :func:`cornerstone.estimators.paired_stderr`) are the
+    score's linearisation around this document set (the delta method for a ratio of sums): with n documents
+    and T = sum_d t_d tokens, ``v_d = s * (1 + (n / T) * (l_d - m * t_d))``. Their mean is exactly ``s`` (the
+    bracket's terms sum to zero), their standard error is the delta-method standard error of ``s`` with
+    documents drawn at random, and a document's paired difference between two models is its share of the change
+    in the score; a single ``v_d`` is not a probability and may fall outside [0, 1].
+    """
+    total = sum(tokens)
+    if total <= 0:
+        raise EvaluationError("a rolling log-likelihood task predicted no token", hint="Give documents with text.")
+    m = sum(loglikelihoods) / total
+    score = math.exp(m)
+    n = len(tokens)
+    per_doc = [score * (1.0 + n / total * (ll - m * t)) for ll, t in zip(loglikelihoods, tokens, strict=True)]
+    return TaskResult(score=score, per_doc=per_doc)
+
+
+def perplexity(score: float) -> float:
+    """The perplexity per token a rolling task's score (:func:`rolling_result`) stands for: 1 / score."""
+    return 1.0 / score
 
 
 def load_lm(pretrained: str, *, batch_size: int = 16, device: str = "cpu", dtype: str = "float32",
@@ -548,20 +671,39 @@ class EncodedDoc:
 
     doc_id: int
     doc: Any
-    requests: list[tuple[list[int], list[int]]]  # (context tokens, continuation tokens) per choice
+    # (context tokens, continuation tokens) per choice; for a rolling document, per window of its text
+    requests: list[tuple[list[int], list[int]]]
+
+    @property
+    def tokens(self) -> int:
+        """The tokens its requests score (a rolling document's: every token of its text, once)."""
+        return sum(len(continuation) for _, continuation in self.requests)
+
+
+def rolling_windows(lm: Any, text: str) -> list[tuple[list[int], list[int]]]:
+    """``text``'s (context, continuation) token windows as HFLM's ``loglikelihood_rolling`` makes them: the text
+    tokenised, cut into windows of the model's context that predict every token once (the first conditioned on
+    the prefix token), each context cut so it does not overlap its continuation. A text's log-likelihood is
+    the sum of its windows'."""
+    from lm_eval import utils
+
+    windows = utils.get_rolling_token_windows(token_list=lm.tok_encode(text), prefix_token=lm.prefix_token_id,
+                                              max_seq_len=lm.max_length, context_len=1)
+    return [utils.make_disjoint_window(window) for window in windows]
 
 
 def encode_requests(lm: Any, spec: TaskSpec) -> list[EncodedDoc]:
     """Build ``spec``'s requests with lm-eval's own task code and tokenise them once.
 
     Context/continuation splitting (trailing spaces move to the continuation, an empty context becomes
-    the prefix token) is HFLM's, so the engine scores the very token sequences lm-eval scores.
+    the prefix token) is HFLM's, so the engine scores the very token sequences lm-eval scores; a rolling
+    document's requests are its windows (:func:`rolling_windows`).
     """
     with _quiet(), no_tqdm():
         spec.task.build_all_requests(samples=spec.doc_indices, rank=0, world_size=1)
     by_doc: dict[int, list[Any]] = {}
     for instance in spec.task.instances:
-        if instance.request_type not in ("loglikelihood", "multiple_choice"):
+        if instance.request_type not in ("loglikelihood", "multiple_choice", ROLLING):
             raise TaskError(f"task '{spec.name}' makes {instance.request_type} requests, which the engine cannot score")
         by_doc.setdefault(instance.doc_id, []).append(instance)
     encoded = []
@@ -569,6 +711,9 @@ def encode_requests(lm: Any, spec: TaskSpec) -> list[EncodedDoc]:
         instances = sorted(by_doc[doc_id], key=lambda instance: instance.idx)
         pairs = []
         for instance in instances:
+            if instance.request_type == ROLLING:
+                pairs += rolling_windows(lm, instance.args[0])
+                continue
             context, continuation = instance.args
             if context == "":
                 pairs.append(([lm.prefix_token_id], lm.tok_encode(continuation)))

@@ -6,12 +6,11 @@ both read their text here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from . import harness
 from .errors import ConfigError
+from .textfiles import read_text_file
 
 __all__ = ["read_texts"]
 
@@ -23,7 +22,7 @@ def read_texts(source: str, samples: int, seed: int, tasks: Sequence[harness.Tas
 
     ``source``: ``tasks`` (the documents of ``tasks``, each as prompt + gold answer), ``bundled`` (every
     document of cornerstone's bundled tasks) or a path to a ``.txt`` file (paragraphs separated by
-    blank lines), a ``.jsonl`` file (a ``text`` field per line) or a ``.json`` list of strings (or of
+    blank lines, which may hold spaces), a ``.jsonl`` file (a ``text`` field per line) or a ``.json`` list of strings (or of
     objects with a ``text`` field).
     """
     if source == "tasks":
@@ -34,25 +33,10 @@ def read_texts(source: str, samples: int, seed: int, tasks: Sequence[harness.Tas
         specs = harness.load_tasks([harness.BUNDLED_TASK_GROUP])
         texts = [text for spec in specs for text in harness.document_texts(spec)]
     else:
-        texts = _read_text_file(Path(source))
+        texts = read_text_file(source, hint=SOURCES_HINT)
     texts = [text for text in texts if text.strip()]
     if not texts:
         raise ConfigError(f"text source '{source}' has no text", hint=SOURCES_HINT)
     if len(texts) > samples:
         texts = [texts[i] for i in harness.seeded_draw(range(len(texts)), samples, seed)]
     return texts
-
-
-def _read_text_file(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ConfigError(f"text file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}", hint=SOURCES_HINT)
-    try:
-        raw = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            return [str(json.loads(line)["text"]) for line in raw.splitlines() if line.strip()]
-        if path.suffix == ".json":
-            items = json.loads(raw)
-            return [str(item["text"] if isinstance(item, dict) else item) for item in items]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"cannot read text file '{path}': {exc}", hint=SOURCES_HINT) from None
-    return [paragraph.strip() for paragraph in raw.split("\n\n")]

@@ -1,7 +1,8 @@
 """The value function of the layer game: v(S) = task score of the model with only the players in S.
 
 Following Zhang, Dong & Kawaguchi (2024), v is an lm-eval accuracy: ``acc_norm`` where the task
-has it, else ``acc``. With several tasks v is their unweighted mean (a macro average), and so is the
+has it, else ``acc``; on a rolling log-likelihood task (``text:FILE``, wikitext) it is 1 / perplexity per
+token (:func:`cornerstone.harness.rolling_result`). With several tasks v is their unweighted mean (a macro average), and so is the
 chance level. Coalitions are named by what they remove, since every estimator here works near the
 full model: ``value.evaluate([L0_mlp])`` is v(N \\ {L0.mlp}).
 """
@@ -67,6 +68,8 @@ class ValueFunction:
         self.loaded = loaded
         self.ranks = ranks
         self.tasks = list(tasks)
+        # a rolling task's chance is a uniform predictor's over what the model's head scores
+        harness.set_vocabulary(self.tasks, loaded.model.get_output_embeddings().weight.shape[0])
         self.batch_size = batch_size
         self.engine = engine
         self._lm = harness.make_lm(loaded.model, loaded.tokenizer, batch_size=batch_size)
