@@ -143,7 +143,7 @@ def test_gemma3_layer_types_are_sliced_even_where_transformers_derives_them(writ
     if not written_out:  # an older config: the pattern comes from the index, every third layer global
         config = json.loads((source / "config.json").read_text())
         del config["layer_types"]
-        config["sliding_window_pattern"] = config.pop("_sliding_window_pattern", 6)
+        config.pop("_sliding_window_pattern", None)
         config["sliding_window_pattern"] = 3
         (source / "config.json").write_text(json.dumps(config))
         from transformers import AutoConfig
