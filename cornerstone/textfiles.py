@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-FORMATS_HINT = "Give a .txt (paragraphs separated by blank lines), .jsonl (a 'text' field per line) or .json file."
+FORMATS_HINT = ("Give a .txt (paragraphs separated by blank lines, or one per line), .jsonl (a 'text' field per line) "
+                "or .json file.")
 
 # a blank line may hold spaces or a carriage return (WikiText's raw files separate paragraphs with " \r\n")
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
@@ -21,8 +22,9 @@ _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 
 def read_text_file(path: str | Path, hint: str = FORMATS_HINT) -> list[str]:
     """The non-blank texts of ``path``, in file order: a ``.jsonl`` file's ``text`` fields, a ``.json`` list's
-    strings (or its objects' ``text`` fields), else the paragraphs of a UTF-8 text file (separated by blank lines,
-    each stripped of the whitespace around it).
+    strings (or its objects' ``text`` fields), else the paragraphs of a UTF-8 text file, each stripped of the
+    whitespace around it: separated by blank lines, or, in a file with no blank line, one per line (WikiText's raw
+    files as ../shared/data keeps them hold one paragraph or heading per line).
 
     Raises :class:`ConfigError` (one line, with ``hint``) for a missing file, a folder, a file that is not UTF-8
     or not the JSON it claims to be, and a file with no non-blank text.
@@ -40,7 +42,8 @@ def read_text_file(path: str | Path, hint: str = FORMATS_HINT) -> list[str]:
             items = json.loads(raw)
             texts = [str(item["text"] if isinstance(item, dict) else item) for item in items]
         else:
-            texts = [paragraph.strip() for paragraph in _BLANK_LINE.split(raw)]
+            paragraphs = _BLANK_LINE.split(raw.strip())
+            texts = [paragraph.strip() for paragraph in (paragraphs if len(paragraphs) > 1 else raw.splitlines())]
     except UnicodeDecodeError as exc:
         raise ConfigError(f"text file '{path}' is not UTF-8 text (byte {exc.start} cannot be decoded)", hint=hint) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -192,3 +192,11 @@ def test_a_text_task_naming_no_file_is_refused():
     with pytest.raises(TaskError, match="names no file") as info:
         harness.load_tasks(["text:"])
     assert "text:FILE" in info.value.hint
+
+
+def test_a_text_file_without_blank_lines_is_one_document_per_line(tmp_path):
+    """WikiText's raw split as ../shared/data keeps it: one paragraph or heading per line, no blank line."""
+    path = tmp_path / "wiki.raw"
+    path.write_bytes(b" = Heading = \r\n First paragraph . \r\n Second one . \r\n")
+    [spec] = harness.load_tasks([f"text:{path}"])
+    assert [spec.task.doc_to_target(doc) for doc in spec.task.eval_docs] == ["= Heading =", "First paragraph .", "Second one ."]
