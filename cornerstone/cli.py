@@ -762,6 +762,13 @@ def heal(
     compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="float32, or bfloat16 autocast (faster on CPUs with bf16).")] = _default(Healing, "compute_dtype"),
     seed: Annotated[int, typer.Option(help="Seed of the LoRA init, the batch order and the --samples draw.")] = _default(Healing, "seed"),
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between resumable checkpoints.")] = _default(Healing, "checkpoint_every"),
+    validation: Annotated[float, typer.Option(parser=_number(0, 1), metavar="FLOAT", help="Share of the training windows held out for early stopping.")] = _default(Healing, "validation"),
+    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Steps between held-out losses.")] = _default(Healing, "eval_every"),
+    patience: Annotated[int, typer.Option(min=1, help="Held-out losses without improvement before training stops.")] = _default(Healing, "patience"),
+    no_check: Annotated[bool, typer.Option("--no-check", help="Skip the final check (pruned vs healed on held-out documents).")] = False,
+    check_tasks: Annotated[Optional[str], typer.Option("--check-tasks", help="Tasks of the final check, comma-separated (default: the plan's).")] = None,
+    check_limit: Annotated[int, typer.Option("--check-limit", min=2, help="Documents per check task.")] = _default(Healing, "check_limit"),
+    keep: Annotated[str, typer.Option(help="better: write the healed weights only if the check scores them higher; always.")] = _default(Healing, "keep"),
     not_on: Annotated[Optional[str], typer.Option("--not-on", help="Comma-separated tasks you will evaluate on: refuse to train on them.")] = None,
     allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help="Train on the documents the plan was scored on "
                                                 "too (by default a scored task's other documents only).")] = False,
@@ -781,7 +788,9 @@ def heal(
                           target_modules=target_modules if target_modules == "all-linear" else _split(target_modules),
                           sequence_length=sequence_length, batch_size=batch_size, samples=samples, distill=distill,
                           teacher=teacher, temperature=temperature, compute_dtype=compute_dtype, seed=seed,
-                          checkpoint_every=checkpoint_every)
+                          checkpoint_every=checkpoint_every, validation=validation, eval_every=eval_every,
+                          patience=patience, check=not no_check, check_tasks=_split(check_tasks), check_limit=check_limit,
+                          keep=keep)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise _option_error(exc, {}, "heal", "healing") from None
     console = Console(stderr=True)
@@ -792,9 +801,17 @@ def heal(
         _print_json(result.model_dump(exclude={"history"}))
         return
     resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
+    stopped = f", stopped early (best held-out loss at step {result.best_step})" if result.stopped_early else ""
     typer.echo(f"healed {result.source} -> {result.path}: {result.steps} steps of {result.method} "
-               f"({result.trained_parameters:,} of {result.parameters:,} parameters trained{resumed}), loss "
+               f"({result.trained_parameters:,} of {result.parameters:,} parameters trained{resumed}{stopped}), loss "
                f"{result.first_loss:.3f} -> {result.last_loss:.3f} in {result.seconds:.0f} s")
+    if result.check is not None:
+        check = result.check
+        error = f" ± {1.96 * check.stderr:.4f}" if check.stderr is not None else ""
+        typer.echo(f"check on {sum(map(len, check.tasks.values()))} held-out documents: pruned {check.pruned_score:.4f}, "
+                   f"healed {check.healed_score:.4f} ({check.difference:+.4f}{error}): {check.verdict}")
+    else:
+        typer.echo(f"not checked: {result.unchecked}")
 
 
 @app.command("eval")

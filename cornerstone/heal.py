@@ -13,10 +13,22 @@ before they evaluate it: Gromov et al. 2024 (arXiv:2403.17887) with QLoRA, Kim e
       L = (1 - d) * CE(student, next token) + d * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))
 
   the second term being distillation (Hinton et al. 2015, arXiv:1503.02531) from the unpruned
-  model's logits. ``d = 0`` (the default) is plain language-model loss and needs no teacher.
+  model's logits. The default ``d = 1`` is pure distillation: the pruned model is pulled back toward
+  what the unpruned one predicts on the text, not toward the text itself (plain language-model loss,
+  ``d = 0``, pulled a pruned SmolLM2 toward its training text and away from what it knew). The teacher
+  is, by default, the model the export was cut from (its ``cornerstone-export.json``).
+- **Early stopping**: a seeded ``validation`` share of the training windows is held out; every
+  ``eval_every`` steps the loss on it is measured, the best weights so far are kept, and training
+  stops after ``patience`` measurements without improvement. The written model is the best one.
+- **The final check** (``check``): before training, the pruned model is scored on ``check_limit``
+  documents per task of ``check_tasks`` (default: the tasks the plan was scored on) drawn from those
+  it was neither scored on nor trains on (they are kept out of the training text); after training
+  the healed model is scored on the same documents. Unless ``keep="always"``, the healed weights are
+  written only when they score higher; otherwise ``out`` holds the pruned weights unchanged and the
+  result says so (``kept: pruned``), with both scores and the paired standard error of their difference.
 - **Text**: a ``.txt`` (blank-line separated), ``.jsonl`` (``text`` field) or ``.json`` file, or
   the documents of lm-eval tasks (prompt + gold answer). Texts are tokenised, joined with EOS and
-  cut into ``sequence_length`` windows; each epoch visits them in a seeded order. Never heal on the
+  cut into ``sequence_length`` windows; each epoch visits the training windows in a seeded order. Never heal on the
   tasks you evaluate on: :func:`heal` refuses when ``evaluation_tasks`` overlap the training tasks.
 - **Resumable**: every ``checkpoint_every`` steps the trainable weights (safetensors), the
   optimizer state and the loss history are written beside the output (``.NAME-heal-checkpoint``);
@@ -43,7 +55,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ConfigError, HealError
+from .errors import ConfigError, HealError, TaskError
 from .files import check_output, staged_directory
 from .players import text_config, unique_parameters
 
@@ -69,9 +81,18 @@ class Healing(BaseModel):
     sequence_length: int = Field(256, ge=8)
     batch_size: int = Field(8, ge=1)
     samples: int | None = Field(None, ge=1, description="Most training texts (a seeded draw); default all.")
-    distill: float = Field(0.0, ge=0.0, le=1.0, description="Weight d of the distillation term.")
+    distill: float = Field(1.0, ge=0.0, le=1.0, description="Weight d of the distillation term (1: distillation only; "
+                           "0: plain language-model loss, no teacher).")
     temperature: float = Field(2.0, gt=0)
-    teacher: str | None = Field(None, description="The unpruned model (needed when distill > 0).")
+    teacher: str | None = Field(None, description="The unpruned model; default: the one the export was cut from.")
+    validation: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the training windows held out for early stopping.")
+    eval_every: int = Field(10, ge=1, description="Steps between validation losses.")
+    patience: int = Field(3, ge=1, description="Validation losses without improvement before training stops.")
+    check: bool = Field(True, description="Score pruned and healed on held-out task documents; keep the better.")
+    check_tasks: list[str] = Field(default_factory=list, description="Tasks of the final check; default: the plan's.")
+    check_limit: int = Field(100, ge=2, description="Documents per check task (seeded draw, never trained or scored on).")
+    keep: Literal["better", "always"] = Field("better", description="better: write the healed weights only when the "
+                                              "check scores them higher; always: write them regardless.")
     compute_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Autocast dtype of the forward and backward passes; weights stay float32.")
     seed: int = 0
@@ -86,6 +107,17 @@ class Healing(BaseModel):
             return self.rate() * (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.steps - self.warmup)
         return self.rate() * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class HealCheck(BaseModel):
+    """The final check: pruned and healed scored on the same held-out documents."""
+
+    tasks: dict[str, list[int]]
+    pruned_score: float
+    healed_score: float
+    difference: float
+    stderr: float | None
+    verdict: str
 
 
 class HealResult(BaseModel):
@@ -106,6 +138,13 @@ class HealResult(BaseModel):
     last_loss: float
     history: list[dict[str, float]]
     seconds: float
+    best_step: int | None = None
+    best_validation_loss: float | None = None
+    stopped_early: bool = False
+    teacher: str | None = None
+    check: HealCheck | None = None
+    unchecked: str | None = Field(None, description="Why there was no final check, when there was none.")
+    kept: Literal["healed", "pruned"] = "healed"
 
 
 def training_tasks(data: str) -> list[str]:
@@ -179,8 +218,10 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / f".{out.name}-heal-checkpoint"
 
 
-def _save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Write the checkpoint to a new folder and swap it in, so a kill mid-write keeps the previous one."""
+def _save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                     best: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the checkpoint (and the best weights on the held-out windows so far) to a new folder and swap
+    it in, so a kill mid-write keeps the previous one."""
     from safetensors.torch import save_file
 
     partial = folder.with_name(folder.name + ".partial")
@@ -188,6 +229,8 @@ def _save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
     partial.mkdir(parents=True)
     trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(partial / "trainable.safetensors"))
+    if best is not None:
+        save_file({name: value.contiguous() for name, value in best.items()}, str(partial / "best.safetensors"))
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     (partial / "state.json").write_text(json.dumps(state))
     retired = folder.with_name(folder.name + ".old")
@@ -195,6 +238,12 @@ def _save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
         os.replace(folder, retired)
     os.replace(partial, folder)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def _best_weights(folder: Path) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "best.safetensors")) if (folder / "best.safetensors").is_file() else None
 
 
 def _load_checkpoint(folder: Path, key: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
@@ -249,15 +298,15 @@ def heal(
     ``healing`` is the heal step's settings (those of ``cornerstone heal`` and a recipe's ``heal:``);
     ``options`` set its fields by name, e.g. ``heal(folder, out, data="notes.txt", steps=50)``.
 
-    See the module docstring for the method, loss and checkpoints. ``evaluation_tasks`` are the
-    tasks the healed model will be judged on: training on any of them is refused. Training on a task
-    the plan was scored on uses the task's other documents (the plan in ``pruned`` records them) unless
-    ``allow_overlap``.
+    See the module docstring for the method, loss, early stopping, the final check and checkpoints.
+    ``evaluation_tasks`` are the tasks the healed model will be judged on: training on any of them is
+    refused. Training on a task the plan was scored on uses the task's other documents (the plan in
+    ``pruned`` records them) unless ``allow_overlap``; the check's documents are never trained on.
     """
+    from . import harness
     from .export import load_exported
     from .loading import fingerprint_folder, load_model, resolve_device
     from .quiet import no_progress_bars
-
     from .settings import with_options
 
     healing = with_options(healing, Healing, options, function="heal")
@@ -270,15 +319,30 @@ def heal(
     check_output(out, overwrite=overwrite, marker=HEAL_MANIFEST, protected=(source,))  # before training, not after
     from .evaluate import scored_documents
 
-    found = None if allow_overlap else scored_documents(source)
-    texts, data = training_texts(healing, include_paths,
-                                 exclude={name: r.doc_indices for name, r in found[0].items()} if found else None)
+    found = scored_documents(source)
+    scored = {name: list(r.doc_indices) for name, r in found[0].items()} if found else {}
+    check_names = healing.check_tasks or sorted(scored)
+    check_specs: list[Any] = []
+    unchecked = None if healing.check else "check: false"
+    if healing.check and not check_names:
+        unchecked = "no task to check on: the plan records none; name some with --check-tasks"
+    elif healing.check:
+        try:
+            check_specs = harness.load_tasks(check_names, include_paths=include_paths, limit=healing.check_limit,
+                                             seed=healing.seed, exclude=scored)
+        except TaskError as exc:
+            if healing.check_tasks:  # the user's own choice cannot be checked: say so before training
+                raise
+            unchecked = f"the plan's tasks leave no document to check on ({exc})"
+    kept_out = {} if allow_overlap else dict(scored)
+    for spec in check_specs:  # never train on what the check measures
+        kept_out[spec.name] = sorted(set(kept_out.get(spec.name, [])) | set(spec.doc_indices))
+    texts, data = training_texts(healing, include_paths, exclude=kept_out or None)
     overlap = sorted(set(data.get("tasks", [])) & _task_names(evaluation_tasks, include_paths))
     if overlap:
         raise ConfigError(f"healing would train on {', '.join(overlap)}, which the evaluation uses",
                           hint="Heal on other tasks or on a text file, so the evaluation stays honest.")
-    if healing.distill > 0 and not healing.teacher:
-        raise ConfigError("distillation needs the unpruned model as teacher", hint="Pass --teacher BASE_MODEL.")
+    teacher_name = _teacher_name(healing, source) if healing.distill > 0 else None
     device = resolve_device(device)
     torch.manual_seed(healing.seed)
     with no_progress_bars():
@@ -287,14 +351,16 @@ def heal(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
-    sequences = pack(tokenizer, texts, healing.sequence_length)
+    windows = pack(tokenizer, texts, healing.sequence_length)
+    sequences, held_out = split_windows(windows, healing.validation, healing.seed)
     layers = int(getattr(text_config(model.config), "num_hidden_layers", -1))
     teacher = None  # checked before any training: its vocabulary must be the pruned model's
-    if healing.distill > 0:
+    if teacher_name is not None:
         with torch.random.fork_rng(devices=[]):  # loading draws no numbers from the seeded stream the LoRA init uses
-            taught = load_model(healing.teacher, dtype="float32", device=device)
-        _check_teacher(healing.teacher, taught.model, taught.tokenizer, model, tokenizer)
+            taught = load_model(teacher_name, dtype="float32", device=device)
+        _check_teacher(teacher_name, taught.model, taught.tokenizer, model, tokenizer)
         teacher = taught.model.eval()
+    before = _check_score(model, tokenizer, source, check_specs, device) if check_specs else None
 
     if healing.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -304,28 +370,36 @@ def heal(
     else:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    named_trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    trainable = list(named_trainable.values())
     optimizer = torch.optim.AdamW(trainable, lr=healing.rate(), weight_decay=0.0)
 
     key = _settings_key(healing, fingerprint_folder(source))
     checkpoint = checkpoint_dir(out)
-    state = _load_checkpoint(checkpoint, key, model, optimizer) or {"key": key, "step": 0, "history": []}
+    state = (_load_checkpoint(checkpoint, key, model, optimizer)
+             or {"key": key, "step": 0, "history": [], "best": None, "best_step": None, "bad": 0, "stopped": False})
     resumed_from = state["step"]
     history: list[dict[str, float]] = state["history"]
+    best_weights = _best_weights(checkpoint) if state.get("best_step") else None
     model.train()
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                               enabled=healing.compute_dtype == "bfloat16")
-    for step in range(resumed_from, healing.steps):
-        batch = sequences[batch_indices(step, len(sequences), healing.batch_size, healing.seed)].to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = healing.lr_at(step)
+
+    def batch_loss(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with autocast:
             logits = model(input_ids=batch).logits[:, :-1]
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=batch).logits[:, :-1]
-        loss, parts = _loss(logits, batch[:, 1:], teacher_logits, healing)
+        return _loss(logits, batch[:, 1:], teacher_logits, healing)
+
+    step = resumed_from
+    while step < healing.steps and not state["stopped"]:
+        batch = sequences[batch_indices(step, len(sequences), healing.batch_size, healing.seed)].to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = healing.lr_at(step)
+        loss, parts = batch_loss(batch)
         if not torch.isfinite(loss):
             raise HealError(f"the training loss became {loss.item()} at step {step + 1}",
                             hint="Lower --learning-rate, or use --compute-dtype float32.")
@@ -333,29 +407,59 @@ def heal(
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": loss.item(), "lr": healing.lr_at(step), **parts})
+        step += 1
+        entry = {"step": step, "loss": loss.item(), "lr": healing.lr_at(step - 1), **parts}
+        if held_out is not None and (step % healing.eval_every == 0 or step == healing.steps):
+            model.eval()
+            with torch.no_grad():
+                entry["validation"] = _mean_of([batch_loss(held_out[i:i + healing.batch_size].to(device))[0].item()
+                                                for i in range(0, len(held_out), healing.batch_size)])
+            model.train()
+            if state["best"] is None or entry["validation"] < state["best"] - 1e-6:
+                state.update(best=entry["validation"], best_step=step, bad=0)
+                best_weights = {name: p.detach().clone() for name, p in named_trainable.items()}
+            else:
+                state["bad"] += 1
+                state["stopped"] = state["bad"] >= healing.patience
+        history.append(entry)
         if progress is not None:
-            progress(step + 1, healing.steps, f"loss {loss.item():.3f}")
-        if (step + 1) % healing.checkpoint_every == 0 and step + 1 < healing.steps:
-            _save_checkpoint(checkpoint, model, optimizer, {"key": key, "step": step + 1, "history": history})
+            progress(step, healing.steps, f"loss {loss.item():.3f}" + (f", validation {entry['validation']:.3f}"
+                                                                      if "validation" in entry else ""))
+        if step % healing.checkpoint_every == 0 and step < healing.steps and not state["stopped"]:
+            _save_checkpoint(checkpoint, model, optimizer, {**state, "step": step, "history": history}, best_weights)
+    if best_weights is not None and state["best_step"] != step:
+        with torch.no_grad():  # the written model is the best one on the held-out windows
+            for name, value in best_weights.items():
+                named_trainable[name].copy_(value)
 
     model.eval()
     if healing.method == "lora":
         model = model.merge_and_unload()
+    check = None
+    if before is not None:
+        after = _check_score(model, tokenizer, source, check_specs, device)
+        check = _verdict(before, after, check_specs, healing.keep)
+    kept = "pruned" if check is not None and healing.keep == "better" and check.difference <= 0 else "healed"
     model = model.to(dtype=saved_dtype)
     parameters = unique_parameters(model)
     result = HealResult(
-        path=str(out), source=str(source), method=healing.method, steps=healing.steps, resumed_from_step=resumed_from,
+        path=str(out), source=str(source), method=healing.method, steps=step, resumed_from_step=resumed_from,
         trained_parameters=sum(p.numel() for p in trainable), parameters=parameters, layers=layers,
         tokens_per_step=healing.batch_size * healing.sequence_length, sequences=len(sequences), data=data,
         first_loss=_mean_loss(history[:max(1, len(history) // 10)]),
         last_loss=_mean_loss(history[-max(1, len(history) // 10):]), history=history,
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started, best_step=state["best_step"], best_validation_loss=state["best"],
+        stopped_early=bool(state["stopped"]), teacher=teacher_name, check=check, unchecked=unchecked, kept=kept)
     with staged_directory(out, if_exists="replace" if overwrite else "error", marker=HEAL_MANIFEST,
                           protected=(source,)) as staging:
-        with no_progress_bars():
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+        if kept == "healed":
+            with no_progress_bars():
+                model.save_pretrained(staging)
+        else:  # healing did not help on held-out documents: the pruned weights, byte for byte
+            for weights in [*source.glob("*.safetensors"), *source.glob("*.safetensors.index.json"), source / "config.json",
+                            *source.glob("generation_config.json")]:
+                shutil.copy2(weights, staging / weights.name)
+        tokenizer.save_pretrained(staging)
         for name in [*CARRIED_FILES, *(p.name for p in source.glob("*.py"))]:
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)
@@ -369,6 +473,64 @@ def heal(
         del reloaded
     shutil.rmtree(checkpoint, ignore_errors=True)
     return result
+
+
+def split_windows(windows: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training windows, held-out windows): a seeded ``share`` of them held out for early stopping, at
+    least one of each (None held out when ``share`` is 0 or there is a single window)."""
+    count = round(share * len(windows))
+    if share == 0 or len(windows) < 2:
+        return windows, None
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    count = min(max(1, count), len(windows) - 1)
+    return windows[order[count:].sort().values], windows[order[:count].sort().values]
+
+
+def _teacher_name(healing: Healing, source: Path) -> str:
+    """The distillation teacher: ``healing.teacher``, else the model the export was cut from."""
+    if healing.teacher:
+        return healing.teacher
+    manifest = source / "cornerstone-export.json"
+    base = None
+    if manifest.is_file():
+        try:
+            base = (json.loads(manifest.read_text(encoding="utf-8")).get("base_model") or {}).get("spec")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            base = None
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"distillation needs the unpruned model as teacher, and '{source}' does not name it",
+                          hint="Pass --teacher BASE_MODEL, or --distill 0 for plain language-model loss.")
+    return base
+
+
+def _check_score(model: torch.nn.Module, tokenizer: Any, source: Path, specs: Sequence[Any], device: str) -> Any:
+    """``model`` scored on the check documents (the fast engine, lm-eval's numbers), with per-document values."""
+    from .loading import LoadedModel
+    from .value import ValueFunction
+
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, spec=str(source), source="folder", location=str(source),
+                         fingerprint="in-memory", dtype="float32", device=device, load_seconds=0.0)
+    with torch.no_grad():
+        return ValueFunction(loaded, list(specs)).evaluate([])
+
+
+def _verdict(before: Any, after: Any, specs: Sequence[Any], keep: str) -> HealCheck:
+    from .estimators import differences, paired_stderr
+
+    difference = after.score - before.score
+    stderr = paired_stderr(differences(after, before))
+    if difference > 0:
+        verdict = "healing helped on held-out documents: the healed weights are kept"
+    elif keep == "always":
+        verdict = "healing did not help on held-out documents, but keep=always: the healed weights are kept"
+    else:
+        verdict = "healing did not help on held-out documents: the pruned weights are kept unchanged"
+    return HealCheck(tasks={spec.name: list(spec.doc_indices) for spec in specs}, pruned_score=before.score,
+                     healed_score=after.score, difference=difference, stderr=stderr, verdict=verdict)
+
+
+def _mean_of(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _check_teacher(name: str | None, teacher: torch.nn.Module, teacher_tokenizer: Any, student: torch.nn.Module,

@@ -205,7 +205,7 @@ def test_masks_in_one_call_share_prefixes_and_equal_lm_eval(model_type, toy_fold
     masks = masks[::-1]
     for budget in (2 << 30, 0):
         engine = Engine(model, lm, specs, batch_size=4, cache_bytes=budget)
-        results = dict(engine.evaluate_many(masks))
+        results = dict(engine.task_results_many(masks))
         assert sorted(results) == list(range(len(masks)))
         alone = Engine(model, lm, specs, batch_size=4, cache_bytes=0)
         for index, mask in enumerate(masks):

@@ -132,8 +132,13 @@ def test_healing_refuses_dishonest_or_impossible_settings(pruned, tmp_path):
         heal(slim, tmp_path / "x", Healing(data="cs_capitals,cs_antonyms"), evaluation_tasks=["cs_capitals"])
     with pytest.raises(ConfigError, match="cs_antonyms, cs_arithmetic"):  # tags are expanded on both sides
         heal(slim, tmp_path / "x", Healing(data="cs_antonyms,cs_arithmetic"), evaluation_tasks=["cornerstone_bundled"])
+    anonymous = tmp_path / "anonymous"  # an export whose manifest does not name the model it was cut from
+    import shutil
+
+    shutil.copytree(slim, anonymous)
+    (anonymous / "cornerstone-export.json").unlink()
     with pytest.raises(ConfigError, match="teacher"):
-        heal(slim, tmp_path / "x", Healing(data=str(slim.parent / "corpus.txt"), distill=0.5))
+        heal(anonymous, tmp_path / "x", Healing(data=str(slim.parent / "corpus.txt"), distill=0.5))
     with pytest.raises(HealError, match="not an exported model folder"):
         heal(tmp_path, tmp_path / "x", Healing(data=str(slim.parent / "corpus.txt")))
     (tmp_path / "taken").mkdir()
@@ -154,3 +159,57 @@ def test_cli_heal_prints_json_and_maps_errors(pruned, tmp_path):
     assert refused.exit_code == ConfigError.exit_code and "which the evaluation uses" in refused.stderr
     bad = runner.invoke(app, ["heal", str(slim), "--data", "x.txt", "--out", str(tmp_path / "h3"), "--method", "magic"])
     assert bad.exit_code == ConfigError.exit_code and "invalid healing option" in bad.stderr
+
+
+def test_the_final_check_scores_both_models_on_documents_never_trained_or_scored_on(pruned, tmp_path, monkeypatch):
+    """The check's pruned score is lm-eval's own loop on the pruned folder, on documents of a task drawn away
+    from what the plan scored; training never sees them."""
+    base, slim = pruned
+    healed = heal(slim, tmp_path / "h", settings(slim.parent / "corpus.txt", steps=6, check_tasks=["cs_capitals"],
+                                                 check_limit=8, distill=0))
+    check = healed.check
+    assert check is not None and list(check.tasks) == ["cs_capitals"] and len(check.tasks["cs_capitals"]) == 8
+    loaded = load_model(str(slim), device="cpu")
+    specs = harness.load_tasks(["cs_capitals"], documents={"cs_capitals": harness.DocumentRecord(
+        name="cs_capitals", doc_indices=check.tasks["cs_capitals"], total_docs=harness.load_tasks(["cs_capitals"])[0].total_docs)})
+    lm = harness.make_lm(loaded.model, loaded.tokenizer, batch_size=4)
+    assert check.pruned_score == pytest.approx(harness.run_tasks(lm, specs)["cs_capitals"].score)
+    written = load_model(str(tmp_path / "h"), device="cpu")
+    expected = check.healed_score if healed.kept == "healed" else check.pruned_score
+    lm = harness.make_lm(written.model, written.tokenizer, batch_size=4)
+    assert harness.run_tasks(lm, specs)["cs_capitals"].score == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("before, after, kept", [(0.6, 0.5, "pruned"), (0.5, 0.5, "pruned"), (0.5, 0.6, "healed")])
+def test_healed_weights_are_written_only_when_the_check_scores_them_higher(pruned, tmp_path, monkeypatch,
+                                                                             before, after, kept):
+    from types import SimpleNamespace
+
+    from cornerstone import heal as heal_module
+
+    _, slim = pruned
+    scores = __import__("itertools").cycle([before, after])
+    monkeypatch.setattr(heal_module, "_check_score", lambda *a, **k: SimpleNamespace(
+        score=next(scores), per_doc={"cs_capitals": [0.0, 1.0]}))
+    result = heal(slim, tmp_path / "h", settings(slim.parent / "corpus.txt", steps=3, check_tasks=["cs_capitals"],
+                                                 check_limit=2, distill=0))
+    assert result.kept == kept and result.check.difference == pytest.approx(after - before)
+    same = [(tmp_path / "h" / f.name).read_bytes() == f.read_bytes() for f in slim.glob("*.safetensors")]
+    assert all(same) if kept == "pruned" else not any(same)
+    assert "kept unchanged" in result.check.verdict if kept == "pruned" else "are kept" in result.check.verdict
+    always = heal(slim, tmp_path / "a", settings(slim.parent / "corpus.txt", steps=3, check_tasks=["cs_capitals"],
+                                                 check_limit=2, distill=0, keep="always")) if kept == "pruned" else None
+    if always is not None:
+        assert always.kept == "healed"
+
+
+def test_training_stops_when_the_held_out_loss_stops_improving(pruned, tmp_path):
+    _, slim = pruned
+    # a learning rate far too high: the held-out loss rises after the first steps
+    result = heal(slim, tmp_path / "h", settings(slim.parent / "corpus.txt", steps=30, learning_rate=3.0, warmup=0,
+                                                 eval_every=1, patience=2, check=False, distill=0))
+    validations = [(entry["step"], entry["validation"]) for entry in result.history if "validation" in entry]
+    best_step, best = min(validations, key=lambda pair: (pair[1], pair[0]))
+    assert result.stopped_early and result.steps < 30 and result.steps == best_step + 2
+    assert result.best_step == best_step and result.best_validation_loss == pytest.approx(best)
+    assert result.unchecked == "check: false"
