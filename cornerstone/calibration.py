@@ -109,11 +109,13 @@ class ActivationStats:
         return self.angular_sum / max(1, self.texts)
 
 
-def _hidden(output: Any) -> torch.Tensor:
+def hidden_states(output: Any) -> torch.Tensor:
+    """The hidden states a decoder block's forward hook sees (a block returns them alone or first in a tuple)."""
     return output[0] if isinstance(output, tuple) else output
 
 
-def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Each text's token ids, cut at ``max_length``; texts under 2 tokens are left out (nothing to predict)."""
     encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
     return [ids for ids in encoded if len(ids) >= 2]
 
@@ -190,7 +192,7 @@ def record(
     arch = architecture(model)
     _, layers = decoder_layers(model)
     parallel = bool(arch.parallel_residual and getattr(text_config(model.config), arch.parallel_residual, False))
-    sequences = sorted(_tokenize(loaded.tokenizer, texts, max_length), key=len)
+    sequences = sorted(tokenize_texts(loaded.tokenizer, texts, max_length), key=len)
     if not sequences:
         raise ConfigError("no calibration text is at least 2 tokens long")
     n = len(layers)
@@ -204,10 +206,10 @@ def record(
             acc.block_inputs[index] = args[0] if args else kwargs["hidden_states"]
 
         def keep_attn(_module: Any, _args: Any, output: Any, index: int = index) -> None:
-            acc.attn_outputs[index] = _hidden(output)
+            acc.attn_outputs[index] = hidden_states(output)
 
         def reduce_block(_module: Any, _args: Any, output: Any, index: int = index) -> None:
-            acc.block_done(index, _hidden(output))
+            acc.block_done(index, hidden_states(output))
 
         attn_site = arch.attn_residual if arch.attn_residual and hasattr(block, arch.attn_residual) else arch.attn
         handles.append(block.register_forward_pre_hook(keep_input, with_kwargs=True))

@@ -693,7 +693,15 @@ def export(
                                         "--out FILE.gguf, quantised tensors copied as they are (block plans).")] = _default(ExportSettings, "format"),
     portable: Annotated[bool, typer.Option("--portable", help="gguf: refuse a plan that moves Gemma 3's global layers "
                                            "(only runtimes reading the pattern key would follow it).")] = False,
-    dtype: Annotated[str, typer.Option(help="Weights' dtype in the export: float32, bfloat16 or float16.")] = "float32",
+    repair: Annotated[bool, typer.Option("--repair", help="Fit a linear map for each removed span of blocks on calibration "
+                                         "text and fold it into the block before it (ReplaceMe; block plans, safetensors).")] = False,
+    repair_text: Annotated[str, typer.Option("--repair-text", help="--repair's calibration text: bundled (the bundled "
+                                             "tasks' documents), or a .txt/.jsonl/.json file.")] = "bundled",
+    repair_samples: Annotated[int, typer.Option("--repair-samples", min=1, help="--repair: most calibration texts.")] = _default(CalibrationText, "samples"),
+    stream: Annotated[bool, typer.Option("--stream", help="Block plans of a local safetensors folder: copy the kept "
+                                         "tensors one at a time, never building the model (models larger than memory).")] = False,
+    dtype: Annotated[Optional[str], typer.Option(help="Weights' dtype in the export: float32, bfloat16 or float16 "
+                                                 "(default: float32; with --stream, the source's).")] = None,
     device: DeviceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     allow_pickle: AllowPickleOption = False,
@@ -708,7 +716,9 @@ def export(
 
     try:
         settings = ExportSettings(out=str(out), overwrite=overwrite, max_shard_size=max_shard_size, verify=not no_verify,
-                                  allow_other_model=allow_other_model, format=format, portable=portable)  # type: ignore[arg-type]
+                                  allow_other_model=allow_other_model, format=format, portable=portable,  # type: ignore[arg-type]
+                                  repair={"calibration": {"source": repair_text, "samples": repair_samples}} if repair else None,
+                                  stream=stream, dtype=dtype if stream else None)
     except ValidationError as exc:
         raise _option_error(exc, {"format": "Write --format safetensors or --format gguf."}, "export", "exporting") from None
     console = Console(stderr=True)
@@ -727,19 +737,38 @@ def export(
         for note in pruned.notes:
             typer.echo(f"note: {note}")
         return
-    with console.status(f"loading {model}"):
-        loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    with console.status(f"exporting to {out}"):
-        result = run_export(loaded, plan_path, settings=settings)
+    if settings.stream:  # no model to load: the folder is copied tensor by tensor (the check loads what it needs)
+        with console.status(f"streaming {model} into {out}"):
+            result = run_export(model, plan_path, settings=settings)
+    else:
+        with console.status(f"loading {model}"):
+            loaded = load_model(model, dtype=dtype or "float32", device=device, trust_remote_code=trust_remote_code,
+                                allow_pickle=allow_pickle)
+        result = _export_loaded(run_export, loaded, plan_path, settings, console, out)
     if as_json:
         _print_json(result.model_dump())
         return
     typer.echo(f"exported a {result.format} checkpoint to {result.path}: {result.parameters:,} parameters, "
                f"{result.bytes_on_disk / 2**20:,.1f} MiB in {result.seconds:.1f} s")
+    for span in result.repair.spans if result.repair else []:
+        typer.echo(f"repaired L{span.blocks[0]}..L{span.blocks[-1]} in {span.module}: relative error on the calibration "
+                   f"text {span.error_before:.3f} (dropped) -> {span.error_after:.3f} (mapped), {span.tokens:,} tokens")
     if result.max_abs_logit_diff is not None:
         typer.echo(f"checked: logits equal the masked original (max abs difference {result.max_abs_logit_diff:.2g})")
     for note in result.notes:
         typer.echo(f"note: {note}")
+
+
+def _export_loaded(run_export: Callable[..., Any], loaded: Any, plan_path: Path, settings: ExportSettings,
+                   console: Any, out: Path) -> Any:
+    """The in-memory export, with a progress bar while a repair reads its calibration text."""
+    if settings.repair is not None:
+        with _progress_bar(console, "repair") as progress:
+            result = run_export(loaded, plan_path, settings=settings, progress=progress)
+    else:
+        with console.status(f"exporting to {out}"):
+            result = run_export(loaded, plan_path, settings=settings)
+    return result
 
 
 @app.command()

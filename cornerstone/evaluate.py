@@ -187,7 +187,7 @@ def scored_documents(pruned: str | Path, report: str | Path | None = None
     written before documents were recorded, the report it names. None when nothing records them.
     """
     from .errors import PlanError
-    from .export import PLAN_FILE
+    from .exported import PLAN_FILE
     from .planner import Plan
     from .scores import ScoreReport
 
@@ -217,7 +217,7 @@ def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, leng
     The models take turns for ``rounds`` rounds and each keeps its best round, so a slow spell of a
     shared machine does not land on one model only.
     """
-    from .export import probe_ids
+    from .exported import probe_ids
 
     best = [0.0] * len(models)
     with torch.no_grad():
@@ -290,7 +290,7 @@ def evaluate_models(
     """
     from .loading import resolve_device
     from .provenance import machine, package_versions
-    from .settings import with_options
+    from .options import with_options
 
     nested = {"include_paths": "tasks", "limit": "tasks", "seed": "tasks", "names": "tasks"}
     settings = with_options(settings, EvalSettings, {**options, **({"names": list(tasks)} if tasks is not None else {})},

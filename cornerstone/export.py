@@ -26,43 +26,27 @@ import json
 import shutil
 import time
 from collections.abc import Collection
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel
 
 from .errors import ExportError, PlanError
+from .estimation import Progress
+from .exported import (EXPORT_MANIFEST, NOT_PER_LAYER, PLAN_FILE, RECIPE_FILE, ExportResult, load_exported,
+                       max_logit_difference, model_card, tolerance)
 from .files import check_output, staged_directory
 from .loading import LoadedModel, load_model, resolve
-from .masking import without
 from .planner import Plan
 from .quiet import no_progress_bars
+from .repair import RepairResult
 from .settings import ExportSettings
 from .players import (architecture, decoder_layers, model_type, owned_modules, parse_players, removed_blocks, text_config,
                       unique_parameters)
 
-EXPORT_MANIFEST = "cornerstone-export.json"
-PLAN_FILE = "cornerstone-plan.yaml"
-RECIPE_FILE = "cornerstone-recipe.yaml"
 # Config lists indexed by layer number rather than one entry per layer: remapped, not sliced.
 LAYER_INDEX_FIELDS = ("mlp_only_layers",)
-# Config lists that can have one entry per layer by coincidence.
-NOT_PER_LAYER = ("architectures",)
-
-
-class ExportResult(BaseModel):
-    """What :func:`export` wrote and what it checked."""
-
-    path: str
-    format: Literal["stock", "decilm"]
-    parameters: int
-    planned_parameters: int
-    bytes_on_disk: int
-    files: list[str]
-    max_abs_logit_diff: float | None
-    seconds: float
-    notes: list[str] = []
 
 
 def _slim_from_state_dict(model_class: type, config: Any, state_dict: dict[str, torch.Tensor], source: Any) -> Any:
@@ -165,48 +149,6 @@ def serving_notes(config: Any) -> list[str]:
     return notes
 
 
-def probe_ids(vocab_size: int, batch: int = 2, length: int = 48, seed: int = 0) -> torch.Tensor:
-    """Fixed pseudo-random token ids for comparing two models' logits."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab_size, (batch, length), generator=generator)
-
-
-def max_logit_difference(original: torch.nn.Module, players: list[Any], pruned: torch.nn.Module) -> float:
-    """max |logits(original with ``players`` removed) - logits(pruned)| on :func:`probe_ids`."""
-    ids = probe_ids(text_config(original.config).vocab_size).to(original.device)
-    with torch.no_grad(), without(original, players):
-        expected = original(ids).logits.float()
-    with torch.no_grad():
-        actual = pruned.to(original.device)(ids).logits.float()
-    return float((expected - actual).abs().max())
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return 1e-5 if dtype == torch.float32 else 5e-2
-
-
-def load_exported(folder: str | Path, dtype: torch.dtype | None = None) -> Any:
-    """Load an exported folder the way a user would: stock transformers, and remote code only when the
-    config maps to cornerstone's own modeling files, unchanged (the DeciLM layout). Weights and config
-    must agree (:func:`~cornerstone.loading.check_weights_match`): ``heal`` reads folders a person may
-    have edited, and transformers would fill a missing block with random numbers."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from .loading import check_weights_match, remote_code_trusted
-
-    folder = Path(folder)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # check_weights_match says in one line what transformers' table would
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", output_loading_info=True,
-                                                           trust_remote_code=remote_code_trusted(folder))
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    check_weights_match(folder, model, info)
-    return model.eval()
-
-
 def check_model(plan: Plan, loaded: LoadedModel, named: str = "the plan") -> None:
     """Refuse (:class:`PlanError`) to apply ``plan`` to a model other than the one it was made for: its
     ``model.fingerprint`` must be the loaded model's. A plan without one (null or empty: edited, or
@@ -229,6 +171,7 @@ def export(
     settings: ExportSettings | None = None,
     *,
     recipe: dict[str, Any] | None = None,
+    progress: Progress | None = None,
     **options: Any,
 ) -> ExportResult:
     """Cut ``plan``'s players from ``model`` and write the slim checkpoint to ``out``.
@@ -243,13 +186,15 @@ def export(
     ``verify`` the written folder is loaded back and its logits compared with the original model
     under the plan's mask (max abs difference <= 1e-5 in float32) before the folder is put in place.
     """
-    from .settings import with_options
+    from .options import with_options
 
     settings = with_options(settings, ExportSettings, {**options, **({"out": out} if out is not None else {})},
                             function="export")
     if settings.format == "gguf":
         return export_gguf(model, plan, settings)
-    overwrite, max_shard_size = settings.overwrite, settings.max_shard_size
+    if settings.stream:
+        return export_streamed(model, plan, settings)
+    overwrite = settings.overwrite
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     named = "the plan" if isinstance(plan, Plan) else f"plan '{plan}'"
@@ -262,6 +207,20 @@ def export(
     check_output(out, overwrite=overwrite, marker=EXPORT_MANIFEST, protected=sources)  # before any work
     players = parse_players(loaded.model, plan.player_names)
     blocks = removed_blocks(players)
+    with ExitStack() as repairing:
+        repaired_by = None
+        if settings.repair is not None:  # the weights of the folded projections come back once the folder is written
+            from .repair import repaired
+
+            repaired_by = repairing.enter_context(repaired(loaded, plan, settings.repair, progress=progress))
+        return _write(loaded, plan, players, blocks, settings, sources, started, recipe, repaired_by)
+
+
+def _write(loaded: LoadedModel, plan: Plan, players: list[Any], blocks: set[int], settings: ExportSettings,
+           sources: list[Any], started: float, recipe: dict[str, Any] | None,
+           repaired_by: RepairResult | None) -> ExportResult:
+    """The folder of :func:`export`: cut, save, reload and compare, then put in place."""
+    out, overwrite, max_shard_size = Path(settings.out), settings.overwrite, settings.max_shard_size
     if all(p.layer in blocks for p in players):
         slim, layout = drop_blocks(loaded.model, blocks), "stock"
     else:
@@ -293,7 +252,7 @@ def export(
                 reloaded = load_exported(staging, dtype=slim.dtype)
             difference = max_logit_difference(loaded.model, players, reloaded)
             del reloaded
-            if not difference <= _tolerance(slim.dtype):
+            if not difference <= tolerance(slim.dtype):
                 raise ExportError(f"the exported model's logits differ from the masked original by {difference:.3g}",
                                   hint="Nothing was written. Please report this with the plan and the model.")
         files = sorted(p.name for p in staging.iterdir())
@@ -301,11 +260,27 @@ def export(
         result = ExportResult(path=str(out), format=layout, parameters=parameters,
                               planned_parameters=plan.parameters.remaining, bytes_on_disk=size,
                               files=files + ["README.md", EXPORT_MANIFEST], max_abs_logit_diff=difference,
-                              seconds=time.perf_counter() - started, notes=notes)
+                              seconds=time.perf_counter() - started, notes=notes, repair=repaired_by)
         (staging / "README.md").write_text(model_card(loaded, plan, result))
         (staging / EXPORT_MANIFEST).write_text(json.dumps(
             {**result.model_dump(), "base_model": loaded.describe(), "players_removed": plan.player_names}, indent=2))
     return result
+
+
+def export_streamed(model: LoadedModel | str, plan: Plan | str | Path, settings: ExportSettings) -> Any:
+    """``stream``: a block plan written from a local safetensors folder tensor by tensor, the model never built
+    (:func:`cornerstone.streaming.stream_export`). A loaded model is streamed from the folder it was loaded from."""
+    from .streaming import stream_export
+
+    kind, location = (model.source, model.location) if isinstance(model, LoadedModel) else resolve(model)
+    if kind != "folder":
+        shown = model if isinstance(model, str) else model.spec
+        raise ExportError(f"--stream reads a local safetensors folder, and '{shown}' is a {kind} model",
+                          hint="Download a hub model first (huggingface-cli download ID --local-dir DIR) and give DIR; "
+                          "a GGUF file exports with --format gguf.")
+    return stream_export(location, plan, settings.out, overwrite=settings.overwrite, dtype=settings.dtype,
+                         max_shard_size=settings.max_shard_size, verify=settings.verify,
+                         allow_other_model=settings.allow_other_model)
 
 
 # what llama.cpp and the masked float model are compared on after a GGUF export (a short, ordinary sentence)
@@ -327,44 +302,3 @@ def export_gguf(model: LoadedModel | str, plan: Plan | str | Path, settings: Exp
                       probe=GGUF_PROBE if settings.verify else None)
 
 
-def model_card(loaded: LoadedModel, plan: Plan, result: ExportResult) -> str:
-    """The README.md of an exported folder: base model, what was cut and why, how to load it."""
-    from .provenance import package_versions
-
-    base = loaded.describe()
-    hub_id = loaded.spec if loaded.source == "hub" else None
-    lines = ["---", "library_name: transformers", "tags: [cornerstone, pruned, layer-pruning]"]
-    if hub_id:
-        lines.append(f"base_model: {hub_id}")
-    lines += ["---", "", f"# {loaded.spec}, {plan.what} removed", "",
-              f"Made with cornerstone {package_versions()['cornerstone']} from `{loaded.spec}` "
-              f"({base['model_type']}, {base['num_hidden_layers']} layers, {base['parameters']:,} parameters; "
-              f"fingerprint `{loaded.fingerprint}`).", "",
-              "## What was cut", "",
-              f"Scores: {plan.report.get('method')} at {plan.report.get('granularity')} granularity on "
-              f"{', '.join(plan.report.get('tasks') or [])}; full-model score {plan.report.get('base_score', 0):.4f}, "
-              f"chance {plan.report.get('chance', 0):.4f}; cornerstones: {', '.join(plan.report.get('cornerstones') or []) or 'none'}.",
-              f"Plan: policy `{plan.planner.policy}`, drop `{plan.planner.drop}`, keep_first {plan.planner.keep_first}, "
-              f"keep_last {plan.planner.keep_last}, cornerstones protected: {plan.planner.protect_cornerstones}.", "",
-              "| player | importance | rank | parameters | reason |", "|---|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.importance:+.4f} | {r.rank} | {r.parameters:,} | {r.reason} |" for r in plan.removed]
-    lines += ["", f"Parameters: {result.parameters:,} of {plan.parameters.original:,} "
-              f"({plan.parameters.removed_fraction:.1%} removed); blocks {plan.blocks['remaining']} of {plan.blocks['original']}.",
-              f"{'Measured' if plan.predicted_measured else 'Estimated (not measured)'} score on the scored documents: "
-              f"{plan.predicted_score:.4f} ({plan.predicted_by})." if plan.predicted_score is not None else "",
-              f"Checked: logits equal the original model with these players removed (max abs difference "
-              f"{result.max_abs_logit_diff:.2g})." if result.max_abs_logit_diff is not None else "", "",
-              "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
-    if result.format == "stock":
-        lines += ['model = AutoModelForCausalLM.from_pretrained("PATH")', "```", "",
-                  "A stock checkpoint: `lm_eval --model hf --model_args pretrained=PATH`, vLLM and llama.cpp's "
-                  "converter read it as they read the base model."]
-    else:
-        lines += ['model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)', "```", "",
-                  "DeciLM / Nemotron-NAS layout (`block_configs`, `no_op` sublayers), read by vLLM "
-                  "(`DeciLMForCausalLM`) and llama.cpp's converter; transformers needs `trust_remote_code=True` "
-                  "for the bundled `modeling_decilm.py`. `lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True`."]
-    lines += [""] + [f"Note: {note}" for note in result.notes]
-    lines += ["", "Files: `cornerstone-plan.yaml` (the plan), `cornerstone-recipe.yaml` (the recipe, when one was used), "
-              "`cornerstone-export.json` (this export's numbers).", ""]
-    return "\n".join(lines)

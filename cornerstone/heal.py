@@ -304,10 +304,10 @@ def heal(
     ``pruned`` records them) unless ``allow_overlap``; the check's documents are never trained on.
     """
     from . import harness
-    from .export import load_exported
+    from .exported import load_exported
     from .loading import fingerprint_folder, load_model, resolve_device
     from .quiet import no_progress_bars
-    from .settings import with_options
+    from .options import with_options
 
     healing = with_options(healing, Healing, options, function="heal")
     started = time.perf_counter()

@@ -521,7 +521,7 @@ def make_plan(
     importance_i``, labelled as such and clipped to [0, 1] (:func:`_prediction`). The plan keeps
     the report's document record, so ``cornerstone eval`` measures the export on other documents.
     """
-    from .settings import with_options
+    from .options import with_options
 
     planner = with_options(planner, Planner, options, function="make_plan")
     report_path = None

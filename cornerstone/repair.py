@@ -17,19 +17,25 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import harness
-from .calibration import Calibration, _tokenize, calibration_texts
+from .calibration import Calibration, calibration_texts, hidden_states, tokenize_texts
 from .errors import ConfigError, PlanError, UnsupportedArchitectureError
 from .estimation import Progress
 from .loading import LoadedModel
 from .masking import without
-from .planner import Plan
 from .players import architecture, decoder_layers, model_type, parse_players, removed_blocks, text_config
+
+
+class RemovesPlayers(Protocol):
+    """What repair reads of a plan (:class:`cornerstone.planner.Plan`): the ids of the players it removes."""
+
+    @property
+    def player_names(self) -> list[str]: ...
 
 
 class LinearRepair(BaseModel):
@@ -151,10 +157,6 @@ class _Stop(Exception):
     """Raised by a hook once the last block a pass needs has run: the rest of the model is not computed."""
 
 
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 @contextmanager
 def _hooked(module: torch.nn.Module, hook: Any) -> Iterator[None]:
     handle = module.register_forward_hook(hook)
@@ -233,7 +235,7 @@ def _check_fold_point(model: torch.nn.Module, layer: int, projection: torch.nn.M
 
     def keep(name: str) -> Any:
         def hook(_m: Any, _a: Any, output: Any) -> None:
-            seen[name] = _hidden(output).float()
+            seen[name] = hidden_states(output).float()
             if name.startswith("h"):
                 raise _Stop
         return hook
@@ -253,12 +255,12 @@ def _check_fold_point(model: torch.nn.Module, layer: int, projection: torch.nn.M
             hint="Export without repair; linear repair supports pre-norm FFNs (Llama, Qwen, Mistral, Phi-3, GPT-2, GPT-NeoX).")
 
 
-def blocks_of(model: torch.nn.Module, blocks_removed: Plan | Collection[int]) -> list[int]:
+def blocks_of(model: torch.nn.Module, blocks_removed: RemovesPlayers | Collection[int]) -> list[int]:
     """The block indices ``blocks_removed`` names (a plan's whole-block removals, or the indices themselves),
     checked: a plan that cuts a sublayer alone, an empty set, a block out of range, or a span starting at
     block 0 (no block before it to fold into) is refused with a :class:`PlanError`."""
     _, layers = decoder_layers(model)
-    if isinstance(blocks_removed, Plan):
+    if hasattr(blocks_removed, "player_names"):  # a plan
         players = parse_players(model, blocks_removed.player_names)
         blocks = removed_blocks(players)
         halves = [p.name for p in players if p.layer not in blocks]
@@ -289,7 +291,7 @@ def blocks_of(model: torch.nn.Module, blocks_removed: Plan | Collection[int]) ->
 
 def repair(
     model: LoadedModel | torch.nn.Module,
-    blocks_removed: Plan | Collection[int],
+    blocks_removed: RemovesPlayers | Collection[int],
     settings: LinearRepair | None = None,
     *,
     tokenizer: Any = None,
@@ -316,7 +318,7 @@ def repair(
     projections = [output_projection(module, first - 1) for first, _ in runs]
     started = time.perf_counter()
     texts = calibration_texts(settings.calibration, tasks)
-    sequences = _tokenize(tokenizer, texts, settings.calibration.max_length)
+    sequences = tokenize_texts(tokenizer, texts, settings.calibration.max_length)
     if not sequences:
         raise ConfigError("no calibration text is at least 2 tokens long",
                           hint="Give longer calibration text (calibration.source).")
@@ -352,6 +354,24 @@ def repair(
     return RepairResult(spans=results, texts=len(sequences), seconds=time.perf_counter() - started, settings=settings)
 
 
+@contextmanager
+def repaired(model: LoadedModel | torch.nn.Module, blocks_removed: RemovesPlayers | Collection[int],
+             settings: LinearRepair | None = None, **options: Any) -> Iterator[RepairResult]:
+    """:func:`repair` for the length of a ``with`` block: the folded projections get their weights back on exit,
+    so a caller's model (``export`` of an in-memory model) is left as it was given. Copies only the
+    projections that receive a map (one hidden x intermediate matrix per span), never the model."""
+    module: torch.nn.Module = model.model if isinstance(model, LoadedModel) else model
+    projections = [output_projection(module, first - 1)[1] for first, _ in spans(blocks_of(module, blocks_removed))]
+    saved = [{name: tensor.detach().clone() for name, tensor in p.named_parameters(recurse=False)} for p in projections]
+    try:
+        yield repair(model, blocks_removed, settings, **options)
+    finally:
+        with torch.no_grad():
+            for projection, originals in zip(projections, saved):
+                for name, tensor in projection.named_parameters(recurse=False):
+                    tensor.copy_(originals[name])
+
+
 def _accumulate(model: torch.nn.Module, runs: list[tuple[int, int]], projections: list[torch.nn.Module],
                 fitted: list[tuple[tuple[int, int], tuple[str, torch.nn.Module], torch.Tensor]],
                 sums: list[_NormalEquations], ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -363,7 +383,7 @@ def _accumulate(model: torch.nn.Module, runs: list[tuple[int, int]], projections
 
     def keep(key: tuple[str, int], stop: bool = False) -> Any:
         def hook(_m: Any, _a: Any, output: Any) -> None:
-            seen[key] = _hidden(output)
+            seen[key] = hidden_states(output)
             if stop:
                 raise _Stop
         return hook
@@ -390,4 +410,4 @@ def _accumulate(model: torch.nn.Module, runs: list[tuple[int, int]], projections
                 _run(model, ids, mask)
     real = mask.bool()
     for (first, _), acc in zip(runs, sums):
-        acc.add(_hidden(seen[("h", first)]), seen[("M", first)], seen[("L", first)], real)
+        acc.add(hidden_states(seen[("h", first)]), seen[("M", first)], seen[("L", first)], real)

@@ -426,7 +426,8 @@ def score(
     ``until_resolved`` the documents grow round by round (:mod:`cornerstone.sequential`; ``log`` hears
     of each round).
     """
-    from .settings import ScoreSettings, with_options
+    from .options import with_options
+    from .settings import ScoreSettings
 
     settings = with_options(settings, ScoreSettings, options, {"include_paths": "tasks", "limit": "tasks", "seed": "tasks"},
                             function="score")

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .calibration import Calibration
 from .errors import ConfigError
+from .repair import LinearRepair
 from .rule import CornerstoneRule
 
 if TYPE_CHECKING:
@@ -208,11 +209,40 @@ class ExportSettings(_Settings):
                                                   "gguf: prune a .gguf model's file directly into FILE.gguf (block plans).")
     portable: bool = Field(False, description="gguf: refuse a plan that only runtimes reading an explicit per-layer "
                            "pattern key would run as planned (Gemma 3 sliding/global layers).")
+    stream: bool = Field(False, description="Export a block plan from a local safetensors folder tensor by tensor, never "
+                         "building the model (memory: about two copies of the largest tensor; for models larger than "
+                         "memory). Checked in full where both models fit, else layer by layer.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="stream: the weights' dtype in the export (default: the source's, so a bf16 model stays "
+        "bf16). The in-memory export writes the dtype the model was loaded in.")
+    repair: LinearRepair | None = Field(None, description="Fit a linear map for each removed span of blocks on "
+                                        "calibration text and fold it into the block before it (ReplaceMe); the export "
+                                        "is then checked against the repaired, masked model. Block plans, safetensors.")
 
     @field_validator("out", mode="before")
     @classmethod
     def _out_as_text(cls, out: Any) -> Any:
         return str(out) if isinstance(out, Path) else out
+
+    @model_validator(mode="after")
+    def _repair_writes_safetensors(self) -> "ExportSettings":
+        # a GGUF export copies the source's quantised bytes: a fitted map has nowhere to go without requantising
+        if self.repair is not None and self.format == "gguf":
+            raise ConfigError("--repair changes weights, and a GGUF export copies the source's quantised tensors as they are",
+                              hint="Export safetensors with --repair, or GGUF without it.")
+        return self
+
+    @model_validator(mode="after")
+    def _stream_copies_tensors(self) -> "ExportSettings":
+        # streaming renames and copies the source's tensors: nothing is computed that a repair or a GGUF file needs
+        if self.stream and (self.repair is not None or self.format == "gguf"):
+            other = "--repair" if self.repair is not None else "--format gguf"
+            raise ConfigError(f"--stream copies a safetensors folder's tensors as they are, and {other} cannot be streamed",
+                              hint=f"Leave out --stream (the model is then built in memory), or {other}.")
+        if self.dtype is not None and not self.stream:
+            raise ConfigError("dtype is the streamed export's weight dtype; an in-memory export writes the loaded model's",
+                              hint="Load the model in the dtype you want (cornerstone export --dtype), or add --stream.")
+        return self
 
 
 class EvalSettings(_Settings):
@@ -221,22 +251,3 @@ class EvalSettings(_Settings):
     tasks: EvalTasks = Field(default_factory=EvalTasks)
     batch_size: int = Field(16, ge=1, description="lm-eval batch size.")
     allow_overlap: bool = Field(False, description="Evaluate on the scored documents too.")
-
-
-def with_options(settings: BaseModel | None, model: type[BaseModel], options: dict[str, Any],
-                 nested: dict[str, str] | None = None, *, function: str) -> Any:
-    """``settings`` (or ``model``'s defaults) with ``options`` set: the API's keyword arguments, each a
-    field of ``model`` or, for the names in ``nested`` (``{"limit": "tasks"}``), of that sub-model.
-    An unknown keyword is a TypeError, as Python's own."""
-    # a recipe's section may add fields of its own (where its output goes): only the step's are settings
-    data = ({key: value for key, value in settings.model_dump(exclude_unset=True).items() if key in model.model_fields}
-            if settings is not None else {})
-    for name, value in options.items():
-        parent = (nested or {}).get(name)
-        if parent is not None:
-            data[parent] = {**data.get(parent, {}), name: value}
-        elif name in model.model_fields:
-            data[name] = value
-        else:
-            raise TypeError(f"{function}() got an unexpected keyword argument '{name}'")
-    return model.model_validate(data)

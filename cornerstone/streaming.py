@@ -42,7 +42,8 @@ from typing import Any, Literal
 import torch
 
 from .errors import ConfigError, ExportError, ModelLoadError, PlanError, UnsupportedArchitectureError
-from .export import EXPORT_MANIFEST, NOT_PER_LAYER, PLAN_FILE, ExportResult, _tolerance, load_exported, model_card
+from .exported import (EXPORT_MANIFEST, NOT_PER_LAYER, PLAN_FILE, ExportResult, load_exported, max_logit_difference,
+                       model_card, probe_ids, tolerance)
 from .files import check_output, staged_directory
 from .loading import check_weights_format, fingerprint_folder, read_config
 from .planner import Plan
@@ -125,7 +126,7 @@ _HINT_IN_MEMORY = "Use the in-memory export (cornerstone export without streamin
 
 
 class StreamExportResult(ExportResult):
-    """What :func:`stream_export` wrote (the fields of :class:`~cornerstone.export.ExportResult`, and more)."""
+    """What :func:`stream_export` wrote (the fields of :class:`~cornerstone.exported.ExportResult`, and more)."""
 
     source: str
     dtype: str
@@ -368,7 +369,6 @@ def _verify(folder: Path, staging: Path, plan: Plan, dtype: torch.dtype, mode: L
             layer_memory: int) -> float:
     """max |logits(source with the plan's players masked) - logits(written model)| on a probe; ``layers``
     keeps at most ``layer_memory`` bytes of each model's weights in memory and reads the rest from disk."""
-    from .export import max_logit_difference
     from .players import parse_players
     from .quiet import no_progress_bars
 
@@ -381,7 +381,6 @@ def _verify(folder: Path, staging: Path, plan: Plan, dtype: torch.dtype, mode: L
     from transformers import AutoModelForCausalLM
 
     from .masking import without
-    from .export import probe_ids
     from .players import text_config
 
     results = []
@@ -519,7 +518,7 @@ def stream_export(folder: str | Path, plan: Plan | str | Path, out: str | Path, 
         difference = None
         if mode:
             difference = _verify(folder, staging, plan, out_dtype, mode, layer_memory)
-            if not difference <= _tolerance(out_dtype):
+            if not difference <= tolerance(out_dtype):
                 raise ExportError(f"the exported model's logits differ from the masked original by {difference:.3g}",
                                   hint="Nothing was written. Please report this with the plan and the model.")
         result = StreamExportResult(

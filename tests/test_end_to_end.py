@@ -113,7 +113,8 @@ def test_smollm2_export_reloads_in_a_fresh_process_with_the_masked_logits(smollm
 
     import torch
 
-    from cornerstone.export import export, probe_ids
+    from cornerstone.export import export
+    from cornerstone.exported import probe_ids
     from cornerstone.masking import without
     from cornerstone.planner import Planner, make_plan
     from cornerstone.players import parse_players

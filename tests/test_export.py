@@ -15,7 +15,8 @@ import torch
 from cornerstone import harness
 from cornerstone.errors import ExportError, OutputError
 from cornerstone.estimators import Ablation
-from cornerstone.export import drop_blocks, export, load_exported
+from cornerstone.export import drop_blocks, export
+from cornerstone.exported import load_exported
 from cornerstone.loading import load_model
 from cornerstone.masking import without
 from cornerstone.planner import Planner, make_plan

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from cornerstone.cli import app
 from cornerstone.errors import ConfigError, OutputError, PlanError
-from cornerstone.export import EXPORT_MANIFEST
+from cornerstone.exported import EXPORT_MANIFEST
 from cornerstone.files import _host as host_name
 from cornerstone.files import output_modes, remove_leftovers
 from cornerstone.store import ValueStore

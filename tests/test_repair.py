@@ -4,6 +4,7 @@ reloads stock with the same logits, and what cannot be repaired is refused in on
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from cornerstone import harness
 from cornerstone.calibration import Calibration
 from cornerstone.errors import ConfigError, PlanError, UnsupportedArchitectureError
 from cornerstone.estimators import Ablation
-from cornerstone.export import export, load_exported
+from cornerstone.export import export
+from cornerstone.exported import load_exported
 from cornerstone.loading import load_model
 from cornerstone.masking import without
 from cornerstone.planner import Planner, make_plan
@@ -92,10 +94,10 @@ def test_folded_weights_give_the_error_the_fit_reports(model_type, tokenizer, tm
                 hook.remove()
         return seen
 
-    from cornerstone.calibration import _tokenize, calibration_texts
+    from cornerstone.calibration import calibration_texts, tokenize_texts
     from cornerstone.repair import _batches
 
-    sequences = _tokenize(tokenizer, calibration_texts(settings.calibration), 64)
+    sequences = tokenize_texts(tokenizer, calibration_texts(settings.calibration), 64)
     batches = list(_batches(sequences, 8, "cpu"))
     targets = [states(ids, mask, masked=False)[1] for ids, mask in batches]
     result = repair(model, {1}, settings, tokenizer=tokenizer)
@@ -181,17 +183,37 @@ def test_a_repaired_export_reloads_stock_with_the_repaired_logits(six_block, toy
     ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(7))
     with torch.no_grad(), without(loaded.model, players):
         plain = loaded.model(ids).logits
-    repair(loaded, plan, settings_for(write_text(tmp_path / "calibration.txt", 64, seed=4)))
-    with torch.no_grad(), without(loaded.model, players):
-        repaired = loaded.model(ids).logits
-    result = export(loaded, plan, tmp_path / "slim")
+    settings = settings_for(write_text(tmp_path / "calibration.txt", 64, seed=4))
+    given = {name: tensor.clone() for name, tensor in loaded.model.state_dict().items()}
+    result = export(loaded, plan, tmp_path / "slim", repair=settings)
     assert result.format == "stock" and result.max_abs_logit_diff <= 1e-5
+    assert [span.blocks for span in result.repair.spans] == [[2, 3]] and result.repair.spans[0].layer == 1
+    # the caller's model comes back as it was given: the export holds the repair, not the loaded model
+    assert all(torch.equal(tensor, given[name]) for name, tensor in loaded.model.state_dict().items())
     reloaded = load_exported(tmp_path / "slim", dtype=torch.float32)
     assert type(reloaded) is type(loaded.model) and reloaded.config.num_hidden_layers == 4
     with torch.no_grad():
         exported = reloaded(ids).logits
+    repair(loaded, plan, settings)  # the same fit on the loaded model, masked: what the export must equal
+    with torch.no_grad(), without(loaded.model, players):
+        repaired = loaded.model(ids).logits
     assert (exported - repaired).abs().max() <= 1e-5
     assert (repaired - plain).abs().max() > 1e-3  # the repair is in the checkpoint, not lost on the way
+    manifest = json.loads((tmp_path / "slim" / "cornerstone-export.json").read_text())
+    assert manifest["repair"]["spans"][0]["module"] == result.repair.spans[0].module
+    assert "Repaired:" in (tmp_path / "slim" / "README.md").read_text()
+
+
+def test_repair_is_refused_where_it_cannot_apply_and_nothing_is_written(six_block, toy, tmp_path):
+    loaded = load_model(str(six_block), device="cpu")
+    sublayer = planned(loaded, toy, "sublayer", keep=[f"L{i}.{k}" for i in range(6) for k in ("attn", "mlp")
+                                                       if (i, k) not in ((2, "attn"), (2, "mlp"), (4, "mlp"))], drop=3)
+    settings = settings_for(write_text(tmp_path / "calibration.txt", 8, seed=5))
+    refused_cleanly(loaded.model, lambda: export(loaded, sublayer, tmp_path / "slim", repair=settings),
+                    PlanError, "sublayers alone")
+    assert not (tmp_path / "slim").exists()
+    with pytest.raises(ConfigError, match="GGUF"):
+        export(loaded, sublayer, tmp_path / "slim.gguf", repair=settings, format="gguf")
 
 
 def refused_cleanly(model, call, error: type, *words: str) -> None:
@@ -240,3 +262,23 @@ def test_settings_refuse_unknown_fields():
         LinearRepair(ridge=1e-6, lamda=1.0)
     with pytest.raises(ValueError):
         LinearRepair(ridge=-1.0)
+
+
+def test_export_cli_repairs_and_refuses_repair_for_gguf(six_block, toy, tmp_path):
+    from typer.testing import CliRunner
+
+    from cornerstone.cli import app
+
+    from .conftest import refused
+
+    loaded = load_model(str(six_block), device="cpu")
+    plan_file = planned(loaded, toy, "block", keep=["L0", "L1", "L4", "L5"], drop=2).save(tmp_path / "plan.yaml")
+    text = write_text(tmp_path / "calibration.txt", 16, seed=8)
+    result = CliRunner().invoke(app, ["export", str(six_block), str(plan_file), "--out", str(tmp_path / "slim"),
+                                      "--repair", "--repair-text", str(text), "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["repair"]["spans"][0]["blocks"] == [2, 3] and printed["repair"]["texts"] == 16
+    assert printed["repair"]["spans"][0]["error_after"] < printed["repair"]["spans"][0]["error_before"]
+    refused(tmp_path, ["export", six_block, plan_file, "--out", tmp_path / "slim.gguf", "--format", "gguf", "--repair"],
+            2, "--repair", "GGUF")

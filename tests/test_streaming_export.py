@@ -363,3 +363,25 @@ def test_the_output_never_replaces_the_source_or_a_folder_cornerstone_did_not_wr
     stream_export(sharded, plan, tmp_path / "slim", overwrite=True, verify=False)  # its own output: replaced
     with pytest.raises(OutputError, match="already exists"):
         stream_export(sharded, plan, tmp_path / "slim")
+
+
+def test_export_cli_streams_a_bfloat16_folder_and_refuses_what_cannot_be_streamed(tokenizer, tmp_path):
+    from typer.testing import CliRunner
+
+    from cornerstone.cli import app
+
+    from .conftest import refused
+
+    source = _saved(_model("llama", num_hidden_layers=4).to(torch.bfloat16), tokenizer, tmp_path / "base")
+    plan_file = _block_plan(source, [2]).save(tmp_path / "plan.yaml")
+    result = CliRunner().invoke(app, ["export", str(source), str(plan_file), "--out", str(tmp_path / "slim"),
+                                      "--stream", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    # streamed (its own fields), in the source's dtype, with the API's result
+    assert printed["dtype"] == "bfloat16" and printed["tensors_removed"] == 9 and printed["verified"] == "full"
+    assert {t.dtype for t in _tensors(tmp_path / "slim").values()} == {torch.bfloat16}
+    refused(tmp_path, ["export", source, plan_file, "--out", tmp_path / "other", "--stream", "--repair"],
+            2, "--stream", "--repair")
+    refused(tmp_path, ["export", "smollm2-135m", plan_file, "--out", tmp_path / "other", "--stream"],
+            12, "--stream", "local safetensors folder")
