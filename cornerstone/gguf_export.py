@@ -45,6 +45,11 @@ written as that array and a note says that runtimes deriving the pattern from th
 llama.cpp builds, transformers' GGUF loader) run another model from it; ``portable=True`` refuses
 such a plan instead. For ``gemma2`` nothing was measured, so a plan that shifts its pattern is refused.
 
+**Sublayer plans** (an attention or FFN removed from a block that stays) have no form in a ``llama``
+file; :func:`prune_gguf_sublayers` writes them as llama.cpp's ``deci`` architecture (per-layer head
+counts and FFN widths; its rules and the two cases llama.cpp's deci code handles differently from the
+masked model, with what is done about each, are in that function's docstring).
+
 :func:`verify_in_llamacpp` runs a GGUF in llama.cpp (the optional ``xllamacpp`` package:
 ``pip install cornerstone[gguf]``) and :func:`check_against_masked` compares a pruned file with the
 transformers model of the source GGUF under the plan's mask, against the same comparison before
@@ -57,7 +62,7 @@ import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from .errors import (ConfigError, ExportError, ModelLoadError, ModelNotFoundError, OutputError, PlanError,
-                     UnsupportedArchitectureError)
+                     PlayerError, UnsupportedArchitectureError)
 from .files import check_output, output_modes
 
 if TYPE_CHECKING:
@@ -81,6 +86,9 @@ LAYER_INDEX_KEYS = ("leading_dense_block_count", "nextn_predict_layers", "interl
 PATTERN_KEY = "attention.sliding_window_pattern"
 MARKER_KEY = "cornerstone.blocks_removed"
 SOURCE_BLOCKS_KEY = "cornerstone.source_block_count"
+# a sublayer plan's removals, as player ids of the source (gguf cannot store an empty array, and a deci file
+# may remove no whole block: this key then marks it as cornerstone's)
+SUBLAYERS_KEY = "cornerstone.sublayers_removed"
 INSTALL_HINT = "pip install cornerstone[gguf]"
 
 
@@ -124,14 +132,18 @@ class GGUFExportResult(BaseModel):
 
     alignment: int
     size_accounted: bool  # see :func:`size_accounted`
+    sublayers_removed: list[str] = []  # sublayer plans (:func:`prune_gguf_sublayers`): the half-blocks removed
+    added_tensor_bytes: int = 0  # tensors written that the source has not (the null FFNs of a deci file), padded
     check: GGUFCheck | None = None  # llama.cpp against the masked model, when prune_gguf was given a probe
 
 
 def size_accounted(source_bytes: int, removed_tensor_bytes: int, metadata_bytes_change: int, bytes_on_disk: int,
-                   alignment: int) -> bool:
-    """Whether the output is the source less the removed tensors' padded bytes plus the header change, to the
-    byte, but for the padding after the last tensor (gguf's writer pads it; a source file may not have)."""
-    return abs(bytes_on_disk - (source_bytes - removed_tensor_bytes + metadata_bytes_change)) < alignment
+                   alignment: int, added_tensor_bytes: int = 0) -> bool:
+    """Whether the output is the source less the removed tensors' padded bytes, plus the added ones and the
+    header change, to the byte, but for the padding after the last tensor (gguf's writer pads it; a source
+    file may not have)."""
+    expected = source_bytes - removed_tensor_bytes + added_tensor_bytes + metadata_bytes_change
+    return abs(bytes_on_disk - expected) < alignment
 
 
 def _reader(source: Path) -> Any:
@@ -170,6 +182,37 @@ def _blocks_of(plan: "Plan | Collection[int]") -> set[int]:
                           "a GGUF keeps or drops whole blocks",
                           hint="Plan with --granularity block, or export the sublayer plan with --format decilm.")
     return blocks
+
+
+def _open(source: Path, plan: "Plan | Collection[Any] | str | Path",
+          allow_other_model: bool) -> tuple[Any, "Plan | Collection[Any]", str, int]:
+    """The reader of ``source``, the plan (loaded when given as a YAML path, checked to be the source's unless
+    ``allow_other_model``), the file's architecture and block count; one-line errors for what is missing."""
+    import gguf
+
+    from .planner import Plan
+
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    reader = _reader(source)
+    if isinstance(plan, Plan) and not allow_other_model:
+        check_plan_source(plan, source)
+    arch = _scalar(reader, gguf.Keys.General.ARCHITECTURE)
+    if not isinstance(arch, str):
+        raise ModelLoadError(f"'{source}' names no general.architecture",
+                             hint="Re-convert it with llama.cpp's converter.")
+    count = _scalar(reader, f"{arch}.block_count")
+    if not isinstance(count, int) or count < 1:
+        raise ExportError(f"'{source}' has no {arch}.block_count, so it has no blocks to remove",
+                          hint="Give the GGUF of a decoder model (one with blk.N.* tensors).")
+    return reader, plan, arch, count
+
+
+def _check_layers(layers: Collection[int], count: int, source: Path) -> None:
+    if not set(layers) <= set(range(count)):
+        missing = sorted(set(layers) - set(range(count)))
+        raise PlanError(f"blocks {missing} do not exist: '{source}' has blk.0..blk.{count - 1}",
+                        hint="Use a plan made for this model.")
 
 
 def check_plan_source(plan: "Plan", source: Path) -> None:
@@ -258,7 +301,7 @@ def _check_target(out: Path, source: Path, overwrite: bool) -> None:
         raise OutputError(f"--out '{out}' is the model being read ('{source}')",
                           hint="Write the pruned GGUF to a file of its own.")
     try:
-        marked = MARKER_KEY in _reader(out).fields
+        marked = not {MARKER_KEY, SUBLAYERS_KEY}.isdisjoint(_reader(out).fields)
     except (ModelLoadError, ModelNotFoundError):
         marked = False
     if not marked:
@@ -286,6 +329,88 @@ def _staged_file(target: Path) -> Iterator[Path]:
             raise OutputError(f"cannot write '{target}': {exc.strerror or exc}",
                               hint="Nothing was left behind; free space or choose another --out.") from exc
         raise
+
+
+def _kept_blocks(count: int, removed: Collection[int]) -> list[int]:
+    keep = [index for index in range(count) if index not in removed]
+    if not keep:
+        raise PlanError(f"a plan cannot remove every block ({count} of {count})", hint="Lower --drop.")
+    return keep
+
+
+def _split_tensors(reader: Any, source: Path, arch: str, keep: list[int],
+                   dropped: Callable[[int | None, str], bool]) -> tuple[list[tuple[str, Any, Any, Any]], list[Any]]:
+    """The source's tensors as ``(kept, removed)``: ``dropped(block, part)`` (block None outside ``blk.N.*``,
+    part the name after ``blk.N.``) says which go; kept ones are renumbered to their block's index in
+    ``keep`` and given as :func:`_write` takes them, data and type as stored."""
+    count = _scalar(reader, f"{arch}.block_count")
+    renumber = {old: new for new, old in enumerate(keep)}
+    kept, removed = [], []
+    for tensor in reader.tensors:
+        block = _tensor_block(tensor.name)
+        if block is not None and block >= count:
+            raise ModelLoadError(f"'{source}' holds tensor {tensor.name} but {arch}.block_count is {count}",
+                                 hint="The file contradicts itself; re-convert it.")
+        part = "" if block is None else tensor.name.split(".", 2)[2]
+        if dropped(block, part):
+            removed.append(tensor)
+            continue
+        name = tensor.name if block is None else f"blk.{renumber[block]}.{part}"
+        kept.append((name, tensor.data, tensor.tensor_type, reader.endianess))
+    return kept, removed
+
+
+def _write(out: Path, reader: Any, arch: str, fields: list[tuple[str, Any, Any, Any]],
+           tensors: list[tuple[str, Any, Any, Any]],
+           check: "Callable[[Path], GGUFCheck] | None") -> tuple[int, "GGUFCheck | None"]:
+    """Write ``fields`` (``(key, value, type, sub_type)``) and ``tensors`` (``(name, data, GGML type,
+    endianness)``: data as the reader gives it, quantised ones as raw bytes) to a staged file with the
+    source's alignment, run ``check`` on it, and only then put it in place at ``out``.
+    Returns the written file's data offset and the check; a failed check is an :class:`ExportError`."""
+    import gguf
+
+    with _staged_file(out) as staging:
+        writer = gguf.GGUFWriter(staging, arch, endianess=reader.endianess)
+        writer.data_alignment = _alignment(reader)
+        for key, value, vtype, sub_type in fields:
+            writer.add_key_value(key, value, vtype, sub_type=sub_type)
+        for name, data, tensor_type, _ in tensors:
+            # the raw bytes and the GGML type as stored: shape in elements comes from the type's block size
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, data, _, endianness in tensors:
+            writer.write_tensor_data(data, tensor_endianess=endianness)
+        writer.close()
+        written = _reader(staging)
+        data_offset = int(written.data_offset)
+        del written
+        result = None if check is None else check(staging)
+        if result is not None and not result.passed:
+            raise ExportError(f"llama.cpp's log-probabilities on the pruned file differ from the masked model by "
+                              f"{result.pruned_gap:.3g} nats, beyond {result.bound:.3g} ({result.factor:g} x the unpruned "
+                              f"gap {result.baseline_gap:.3g} + {result.slack:g})",
+                              hint="Nothing was written. Please report this with the plan and the source GGUF.")
+    return data_offset, result
+
+
+def _alignment(reader: Any) -> int:
+    import gguf
+
+    return int(_scalar(reader, gguf.Keys.General.ALIGNMENT) or gguf.GGUF_DEFAULT_ALIGNMENT)
+
+
+def _sizes(source: Path, out: Path, reader: Any, data_offset: int, removed: Sequence[Any],
+           added: Sequence[Any] = ()) -> dict[str, int]:
+    """The byte counts of :class:`GGUFExportResult` (tensor data padded to the alignment, as gguf stores it)."""
+    alignment = _alignment(reader)
+    sizes = dict(source_bytes=source.stat().st_size, bytes_on_disk=out.stat().st_size, alignment=alignment,
+                 removed_tensor_bytes=sum(_padded(int(t.n_bytes), alignment) for t in removed),
+                 metadata_bytes_change=data_offset - int(reader.data_offset))
+    if added:
+        sizes["added_tensor_bytes"] = sum(_padded(int(data.nbytes), alignment) for data in added)
+    return sizes
 
 
 def _explicit_pattern(reader: Any, arch: str, count: int, removed: Collection[int],
@@ -328,88 +453,226 @@ def prune_gguf(source: str | Path, plan: "Plan | Collection[int] | str | Path", 
     """
     import gguf
 
-    from .planner import Plan
-
     source, out = Path(source), Path(out)
-    if isinstance(plan, (str, Path)):
-        plan = Plan.load(plan)
-    reader = _reader(source)
-    if isinstance(plan, Plan) and not allow_other_model:
-        check_plan_source(plan, source)
+    reader, plan, arch, count = _open(source, plan, allow_other_model)
     removed = _blocks_of(plan)
-    arch = _scalar(reader, gguf.Keys.General.ARCHITECTURE)
-    if not isinstance(arch, str):
-        raise ModelLoadError(f"'{source}' names no general.architecture",
-                             hint="Re-convert it with llama.cpp's converter.")
-    count = _scalar(reader, f"{arch}.block_count")
-    if not isinstance(count, int) or count < 1:
-        raise ExportError(f"'{source}' has no {arch}.block_count, so it has no blocks to remove",
-                          hint="Give the GGUF of a decoder model (one with blk.N.* tensors).")
     if arch not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"GGUF architecture '{arch}' is not one cornerstone prunes",
             hint="Supported: " + ", ".join(sorted(ARCHITECTURES)) + "; others need their per-layer rules checked "
             "in llama.cpp first (a row in cornerstone/gguf_export.py).")
-    if not removed <= set(range(count)):
-        missing = sorted(removed - set(range(count)))
-        raise PlanError(f"blocks {missing} do not exist: '{source}' has blk.0..blk.{count - 1}",
-                        hint="Use a plan made for this model.")
-    keep = [index for index in range(count) if index not in removed]
-    if not keep:
-        raise PlanError(f"a plan cannot remove every block ({count} of {count})", hint="Lower --drop.")
+    _check_layers(removed, count, source)
+    keep = _kept_blocks(count, removed)
     fields, sliced = _metadata(reader, arch, count, keep)
     pattern, notes = _explicit_pattern(reader, arch, count, removed, portable)
     _check_target(out, source, overwrite)
-    renumber = {old: new for new, old in enumerate(keep)}
-    kept, removed_tensors = [], []
-    for tensor in reader.tensors:
-        block = _tensor_block(tensor.name)
-        if block is not None and block >= count:
-            raise ModelLoadError(f"'{source}' holds tensor {tensor.name} but {arch}.block_count is {count}",
-                                 hint="The file contradicts itself; re-convert it.")
-        if block in removed:
-            removed_tensors.append(tensor)
-            continue
-        name = tensor.name if block is None else f"blk.{renumber[block]}.{tensor.name.split('.', 2)[2]}"
-        kept.append((name, tensor))
-    alignment = int(_scalar(reader, gguf.Keys.General.ALIGNMENT) or gguf.GGUF_DEFAULT_ALIGNMENT)
+    kept, removed_tensors = _split_tensors(reader, source, arch, keep, lambda block, part: block in removed)
+    extra = [(MARKER_KEY, sorted(removed), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32),
+             (SOURCE_BLOCKS_KEY, count, gguf.GGUFValueType.UINT32, None)]
+    if pattern is not None:
+        extra.insert(0, (f"{arch}.{PATTERN_KEY}", pattern, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL))
+    data_offset, check = _write(out, reader, arch, fields + extra, kept, None if probe is None else
+                                lambda staging: check_against_masked(source, staging, removed, probe))
 
-    with _staged_file(out) as staging:
-        writer = gguf.GGUFWriter(staging, arch, endianess=reader.endianess)
-        writer.data_alignment = alignment
-        for key, value, vtype, sub_type in fields:
-            writer.add_key_value(key, value, vtype, sub_type=sub_type)
-        if pattern is not None:
-            writer.add_key_value(f"{arch}.{PATTERN_KEY}", pattern, gguf.GGUFValueType.ARRAY,
-                                 sub_type=gguf.GGUFValueType.BOOL)
-        writer.add_key_value(MARKER_KEY, sorted(removed), gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
-        writer.add_key_value(SOURCE_BLOCKS_KEY, count, gguf.GGUFValueType.UINT32)
-        for name, tensor in kept:
-            # the raw bytes and the GGML type as stored: shape in elements comes from the type's block size
-            writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for _, tensor in kept:
-            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-        writer.close()
-        written = _reader(staging)
-        data_offset = written.data_offset
-        del written
-        check = None if probe is None else check_against_masked(source, staging, removed, probe)
-        if check is not None and not check.passed:
-            raise ExportError(f"llama.cpp's log-probabilities on the pruned file differ from the masked model by "
-                              f"{check.pruned_gap:.3g} nats, beyond {check.bound:.3g} ({check.factor:g} x the unpruned "
-                              f"gap {check.baseline_gap:.3g} + {check.slack:g})",
-                              hint="Nothing was written. Please report this with the plan and the source GGUF.")
-
-    sizes = dict(source_bytes=source.stat().st_size, bytes_on_disk=out.stat().st_size, alignment=alignment,
-                 removed_tensor_bytes=sum(_padded(int(t.n_bytes), alignment) for t in removed_tensors),
-                 metadata_bytes_change=int(data_offset) - int(reader.data_offset))
+    sizes = _sizes(source, out, reader, data_offset, removed_tensors)
     return GGUFExportResult(
         path=str(out), source=str(source), architecture=arch, blocks_original=count, blocks_removed=sorted(removed),
         blocks_kept=len(keep), tensors_removed=len(removed_tensors), tensors_kept=len(kept), sliced_keys=sliced,
         notes=notes, size_accounted=size_accounted(**sizes), check=check, **sizes)
+
+
+# --- sublayer plans: llama.cpp's deci architecture -------------------------------------------------
+
+# the deci (DeciLM / Nemotron-NAS) graph in llama.cpp: per layer, head_count 0 skips attention, and
+# feed_forward_length 0 skips the *whole* layer (see prune_gguf_sublayers); a null FFN has this width
+NULL_FFN_WIDTH = 1
+# the source architectures whose GGUF becomes a deci file: deci's graph is Llama's (RMS norms, SiLU-gated
+# FFN, normal RoPE) with per-layer head counts and FFN widths
+DECI_SOURCES = ("llama",)
+_PER_LAYER_HEADS = ("attention.head_count", "attention.head_count_kv")
+
+
+@dataclass(frozen=True)
+class _Removal:
+    layer: int
+    kind: str
+
+
+def _removals(plan: "Plan | Collection[str]") -> list[Any]:
+    """The plan's removals, each with ``.layer`` and ``.kind``: a plan's own, or parsed from player ids."""
+    from .planner import Plan
+    from .players import _PLAYER_ID
+
+    if isinstance(plan, Plan):
+        return list(plan.removed)
+    removals = []
+    for name in plan:
+        match = _PLAYER_ID.match(name) if isinstance(name, str) else None
+        if match is None:
+            raise PlayerError(f"'{name}' is not a player id")
+        removals.append(_Removal(int(match.group(1)), match.group(2) or "block"))
+    return removals
+
+
+def _null_ffn(block: int, width: int) -> list[tuple[str, Any]]:
+    """An FFN of :data:`NULL_FFN_WIDTH` that adds exactly zero: gate, up and down are zero (silu(0) * 0 = 0,
+    and a zero projection of it is zero); F32, so no quantisation block size applies. numpy shapes are
+    ggml's reversed: ffn_gate/up are {width, 1}, ffn_down {1, width} in ggml terms."""
+    import numpy as np
+
+    return [(f"blk.{block}.ffn_norm.weight", np.ones(width, dtype=np.float32)),
+            (f"blk.{block}.ffn_gate.weight", np.zeros((NULL_FFN_WIDTH, width), dtype=np.float32)),
+            (f"blk.{block}.ffn_up.weight", np.zeros((NULL_FFN_WIDTH, width), dtype=np.float32)),
+            (f"blk.{block}.ffn_down.weight", np.zeros((width, NULL_FFN_WIDTH), dtype=np.float32))]
+
+
+def _deci_metadata(fields: list[tuple[str, Any, Any, Any]], sliced: list[str], source: Path, keep: list[int],
+                   no_attention: set[int], no_ffn: set[int]) -> tuple[list[tuple[str, Any, Any, Any]], list[str]]:
+    """``fields`` of a pruned llama file (blocks already dropped, arrays sliced) as deci's: every ``llama.*``
+    key renamed, head counts and FFN widths written per layer (0 heads for a removed attention, the null
+    FFN's width for a removed FFN), and the head size written out, since llama.cpp otherwise derives it
+    from layer 0's head count, which may now be 0 (the converter's DeciModel writes it too)."""
+    import gguf
+
+    values = {key: value for key, value, _, _ in fields}
+    if values.get("llama.expert_count"):
+        raise ExportError(f"'{source}' is a mixture-of-experts llama file (llama.expert_count = "
+                          f"{values['llama.expert_count']}); llama.cpp's deci graph has no experts",
+                          hint="Plan at block granularity (--granularity block) to export this model as GGUF.")
+    per_layer: dict[str, list[int]] = {}
+    for name in (*_PER_LAYER_HEADS, "feed_forward_length"):
+        value = values.get(f"llama.{name}")
+        if value is None:
+            raise ExportError(f"'{source}' has no llama.{name}", hint="Re-convert it with llama.cpp's converter.")
+        per_layer[name] = list(value) if isinstance(value, list) else [value] * len(keep)
+    for new, old in enumerate(keep):
+        if old in no_attention:
+            for name in _PER_LAYER_HEADS:
+                per_layer[name][new] = 0
+        if old in no_ffn:
+            per_layer["feed_forward_length"][new] = NULL_FFN_WIDTH
+    heads = set(values["llama.attention.head_count"]) if isinstance(values["llama.attention.head_count"], list) \
+        else {values["llama.attention.head_count"]}
+    head_size = {}
+    if "llama.attention.key_length" not in values or "llama.attention.value_length" not in values:
+        if len(heads - {0}) != 1 or not isinstance(values.get("llama.embedding_length"), int):
+            raise ExportError(f"'{source}' gives no llama.attention.key_length and its head counts {sorted(heads)} "
+                              "do not determine one", hint="Re-convert it with llama.cpp's converter.")
+        size = values["llama.embedding_length"] // max(heads)
+        head_size = {"attention.key_length": size, "attention.value_length": size}
+    out = []
+    for key, value, vtype, sub_type in fields:
+        if key.startswith("llama."):
+            name = key[len("llama."):]
+            key = f"deci.{name}"
+            if name in per_layer:
+                value, vtype, sub_type = per_layer.pop(name), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
+        out.append((key, value, vtype, sub_type))
+    out += [(f"deci.{name}", size, gguf.GGUFValueType.UINT32, None) for name, size in head_size.items()
+            if f"llama.{name}" not in values]
+    renamed = sorted({f"deci.{key[len('llama.'):]}" for key in sliced} |
+                     {f"deci.{name}" for name in (*_PER_LAYER_HEADS, "feed_forward_length")})
+    return out, renamed
+
+
+def prune_gguf_sublayers(source: str | Path, plan: "Plan | Collection[str] | str | Path", out: str | Path, *,
+                         overwrite: bool = False, allow_other_model: bool = False, portable: bool = False,
+                         probe: str | None = None) -> GGUFExportResult:
+    """Write ``source`` without the players ``plan`` removes, attention and FFN sublayers included, to ``out``.
+
+    ``plan`` is a :class:`~cornerstone.planner.Plan` (or its YAML path; fingerprint as in :func:`prune_gguf`)
+    or player ids (``L5.attn``, ``L5.mlp``, ``L5``). A plan that removes only whole blocks (a block, or
+    both its halves) is a block plan and :func:`prune_gguf` writes it, architecture unchanged. Otherwise
+    the source must be a ``llama`` file, and the output is llama.cpp's ``deci`` architecture (the
+    DeciLM / Nemotron-NAS graph, ``src/models/deci.cpp``; its loader in ``src/llama-model.cpp``):
+
+    - ``general.architecture`` is ``deci`` and every ``llama.*`` key is renamed ``deci.*``, values kept
+      (deci reads the same keys: RMS epsilon, RoPE base and dimensions, context length);
+    - emptied blocks are dropped and the rest renumbered, per-layer arrays sliced, as :func:`prune_gguf` does;
+    - ``deci.attention.head_count`` and ``head_count_kv`` become per-layer arrays, 0 where attention is
+      removed; that layer's ``attn_norm``/``attn_q``/``attn_k``/``attn_v``/``attn_output`` (and any attention
+      bias) are dropped: llama.cpp's loader creates them only where ``head_count_kv > 0``, and its graph
+      passes the residual stream through (``cur = inpL``);
+    - ``deci.feed_forward_length`` becomes a per-layer array. A removed FFN is **not** written as 0:
+      llama.cpp's deci graph ``continue``s past a layer whose width is 0 before adding the attention
+      output to the residual stream, so that layer's attention would be dropped too (its loader then
+      also drops the FFN tensors). Measured with xllamacpp 2026.10 on SmolLM2 (L12.mlp removed): the file
+      with width 0 agrees with the model without the whole block L12 (gap 0.39 nats), not with the one
+      without L12.mlp (2.6). So a removed FFN is written as a null FFN: width :data:`NULL_FFN_WIDTH`,
+      zero F32 weights (:func:`_null_ffn`, 9 KiB for SmolLM2), which adds exactly 0; its quantised
+      tensors are dropped.
+    - every other tensor's quantised bytes are copied as they are; ``deci.attention.key_length`` and
+      ``value_length`` are written when the source leaves them to be derived;
+    - ``cornerstone.sublayers_removed`` lists the removed halves (source player ids),
+      ``cornerstone.blocks_removed`` the emptied blocks (when any).
+
+    Refused (:class:`ExportError`): a source of another architecture (deci is Llama's graph), a
+    mixture-of-experts llama file (deci has no experts), and a plan whose first kept block loses its
+    attention: llama.cpp's ``load_hparams`` reads the head size only ``if (hparams.n_head() > 0)``, which
+    is layer 0's count, so such a file fails to load (measured: ``check_tensor_dims`` expects ``attn_q``
+    of ``{n_embd, 0}``), whatever ``key_length`` says. ``portable`` is passed to :func:`prune_gguf` for
+    block plans; a deci file runs in llama.cpp and what is built on it (Ollama, LM Studio), not in
+    transformers' GGUF loader, which has no deci. With a ``probe``, the file is checked in llama.cpp
+    against the source's float model with the same players masked (:func:`check_against_masked`).
+    """
+    import gguf
+
+    from .players import removed_blocks
+
+    source, out = Path(source), Path(out)
+    reader, plan, arch, count = _open(source, plan, allow_other_model)
+    removals = _removals(plan)
+    blocks = removed_blocks(removals)
+    halves = [r for r in removals if r.layer not in blocks]
+    if not halves:
+        return prune_gguf(source, blocks, out, overwrite=overwrite, portable=portable, probe=probe)
+    if arch not in DECI_SOURCES:
+        raise ExportError(f"the plan removes sublayers (L{halves[0].layer}.{halves[0].kind}, ...) and '{source}' is a "
+                          f"{arch} file: only llama files have a GGUF form for that (llama.cpp's deci)",
+                          hint="Plan at block granularity (--granularity block) to export this model as GGUF.")
+    _check_layers({r.layer for r in removals}, count, source)
+    no_attention = {r.layer for r in halves if r.kind == "attn"}
+    no_ffn = {r.layer for r in halves if r.kind == "mlp"}
+    names = sorted({f"L{r.layer}.{r.kind}" for r in halves}, key=lambda name: [int(name[1:].split(".")[0]), name])
+    keep = _kept_blocks(count, blocks)
+    if keep[0] in no_attention:
+        # load_hparams reads the head size (key_length) only `if (hparams.n_head() > 0)`, i.e. layer 0's count;
+        # measured: check_tensor_dims then expects attn_q of {n_embd, 0} in the next layer and the file fails to load
+        raise ExportError(f"the plan removes L{keep[0]}.attn, which would be the first layer of the GGUF: llama.cpp "
+                          "takes the head size from its first layer's heads, so a deci file without attention there "
+                          "does not load", hint=f"Plan with --keep L{keep[0]}.attn (or at block granularity).")
+    fields, sliced = _metadata(reader, arch, count, keep)
+    fields, sliced = _deci_metadata(fields, sliced, source, keep, no_attention, no_ffn)
+    _check_target(out, source, overwrite)
+
+    def dropped(block: int | None, part: str) -> bool:
+        return block in blocks or (block in no_attention and part.startswith("attn_")) or \
+            (block in no_ffn and part.startswith("ffn_"))
+
+    kept, removed_tensors = _split_tensors(reader, source, arch, keep, dropped)
+    renumber = {old: new for new, old in enumerate(keep)}
+    width = _scalar(reader, "llama.embedding_length")
+    if not isinstance(width, int):
+        raise ExportError(f"'{source}' has no llama.embedding_length", hint="Re-convert it with llama.cpp's converter.")
+    added = [item for block in sorted(no_ffn) for item in _null_ffn(renumber[block], width)]
+    marks = [(SUBLAYERS_KEY, names, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING),
+             (SOURCE_BLOCKS_KEY, count, gguf.GGUFValueType.UINT32, None)]
+    if blocks:
+        marks.insert(0, (MARKER_KEY, sorted(blocks), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32))
+    tensors = kept + [(name, data, gguf.GGMLQuantizationType.F32, None) for name, data in added]
+    data_offset, check = _write(out, reader, "deci", fields + marks, tensors, None if probe is None else
+                                lambda staging: check_against_masked(source, staging, blocks, probe, sublayers=names))
+    notes = ["Written as llama.cpp's deci architecture (per-layer head counts and FFN widths): it runs in llama.cpp "
+             "and runtimes built on it (Ollama, LM Studio); transformers' GGUF loader has no deci."]
+    if no_ffn:
+        notes.append(f"Blocks {sorted(renumber[b] for b in no_ffn)} (source {sorted(no_ffn)}) keep attention without "
+                     f"their FFN: each carries a null FFN of width {NULL_FFN_WIDTH} (zero weights, adds exactly 0), "
+                     "since llama.cpp's deci graph skips a layer of FFN width 0 whole, its attention included.")
+    sizes = _sizes(source, out, reader, data_offset, removed_tensors, [data for _, data in added])
+    return GGUFExportResult(
+        path=str(out), source=str(source), architecture="deci", blocks_original=count, blocks_removed=sorted(blocks),
+        blocks_kept=len(keep), tensors_removed=len(removed_tensors), tensors_kept=len(kept), sliced_keys=sliced,
+        notes=notes, size_accounted=size_accounted(**sizes), check=check, sublayers_removed=names, **sizes)
 
 
 # --- verification in llama.cpp -------------------------------------------------------------------
@@ -436,6 +699,7 @@ class GGUFCheck(BaseModel):
     source: str
     pruned: str
     blocks_removed: list[int]
+    sublayers_removed: list[str] = []  # masked as well (player ids of the source, e.g. L5.attn)
     probe_tokens: int
     top_k: int
     baseline_gap: float
@@ -522,11 +786,12 @@ def _gap(llama_rows: list[dict[int, float]], logprobs: Any) -> tuple[float, floa
 
 
 def check_against_masked(source: str | Path, pruned: str | Path, blocks: Collection[int], probe_text: str, *,
-                         top_k: int = 10, factor: float = GAP_FACTOR, slack: float = ABSOLUTE_SLACK,
-                         threads: int | None = None) -> GGUFCheck:
+                         sublayers: Collection[str] = (), top_k: int = 10, factor: float = GAP_FACTOR,
+                         slack: float = ABSOLUTE_SLACK, threads: int | None = None) -> GGUFCheck:
     """Compare ``pruned`` in llama.cpp with the transformers model of ``source`` (dequantised, float32)
-    with ``blocks`` masked, against the unpruned baseline (rules: :class:`GGUFCheck`). The probe is
-    tokenised by the source's tokenizer and the same ids go to both runtimes."""
+    with ``blocks`` and the ``sublayers`` (player ids such as ``L5.attn``) masked, against the unpruned
+    baseline (rules: :class:`GGUFCheck`). The probe is tokenised by the source's tokenizer and the same
+    ids go to both runtimes."""
     import torch
 
     from .loading import load_model
@@ -541,7 +806,7 @@ def check_against_masked(source: str | Path, pruned: str | Path, blocks: Collect
     tensor = torch.tensor([ids])
     with torch.no_grad():
         full = torch.log_softmax(loaded.model(tensor).logits[0].float(), dim=-1)
-        with without(loaded.model, parse_players(loaded.model, [f"L{b}" for b in sorted(blocks)])):
+        with without(loaded.model, parse_players(loaded.model, [f"L{b}" for b in sorted(blocks)] + list(sublayers))):
             masked = torch.log_softmax(loaded.model(tensor).logits[0].float(), dim=-1)
     del loaded
     source_rows, runtime = verify_in_llamacpp(source, ids, top_k=top_k, threads=threads)
@@ -550,7 +815,8 @@ def check_against_masked(source: str | Path, pruned: str | Path, blocks: Collect
     gap, agree_pruned = _gap(pruned_rows, masked)
     control, _ = _gap(pruned_rows, full)
     bound = factor * baseline + slack
-    return GGUFCheck(source=str(source), pruned=str(pruned), blocks_removed=sorted(blocks), probe_tokens=len(ids),
+    return GGUFCheck(source=str(source), pruned=str(pruned), blocks_removed=sorted(blocks),
+                     sublayers_removed=list(sublayers), probe_tokens=len(ids),
                      top_k=top_k, baseline_gap=baseline, pruned_gap=gap, control_gap=control, factor=factor,
                      slack=slack, bound=bound, passed=math.isfinite(gap) and gap <= bound,
                      top1_agreement_baseline=agree_baseline, top1_agreement_pruned=agree_pruned, runtime=runtime)

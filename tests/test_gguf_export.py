@@ -143,12 +143,13 @@ def test_overwrite_replaces_only_a_gguf_cornerstone_wrote(tmp_path):
     assert fields(out)[MARKER_KEY] == [2]
 
 
-def _refused(tmp_path: Path, error: type[CornerstoneError], source: Path, plan, out: Path | None = None, **options):
+def _refused(tmp_path: Path, error: type[CornerstoneError], source: Path, plan, out: Path | None = None, *,
+             prune=prune_gguf, **options):
     """Run a prune that must fail: the error's class and one-line message with a hint, and nothing under
     ``tmp_path`` changed (the source included)."""
     before = snapshot(tmp_path)
     with pytest.raises(error) as caught:
-        prune_gguf(source, plan, out or tmp_path / "out.gguf", **options)
+        prune(source, plan, out or tmp_path / "out.gguf", **options)
     assert "\n" not in caught.value.message and caught.value.hint, caught.value
     assert caught.value.exit_code == error.exit_code
     assert changed(before, snapshot(tmp_path)) == set()
