@@ -34,13 +34,15 @@ import torch
 
 from .errors import ExportError, PlanError
 from .estimation import Progress
-from .exported import (EXPORT_MANIFEST, NOT_PER_LAYER, PLAN_FILE, RECIPE_FILE, ExportResult, load_exported,
+from .exported import (EXPORT_MANIFEST, PLAN_FILE, RECIPE_FILE, ExportResult, load_exported,
                        max_logit_difference, model_card, tolerance)
 from .files import check_output, staged_directory
 from .loading import LoadedModel, load_model, resolve
 from .planner import Plan
 from .quiet import no_progress_bars
 from .repair import RepairResult
+from .serving import compatibility
+from .serving import notes as runtime_notes
 from .settings import ExportSettings
 from .players import (architecture, decoder_layers, model_type, owned_modules, parse_players, removed_blocks, text_config,
                       unique_parameters)
@@ -49,8 +51,11 @@ from .players import (architecture, decoder_layers, model_type, owned_modules, p
 LAYER_INDEX_FIELDS = ("mlp_only_layers",)
 
 
-def _slim_from_state_dict(model_class: type, config: Any, state_dict: dict[str, torch.Tensor], source: Any) -> Any:
-    """Build ``model_class(config)`` without allocating, then move ``state_dict`` in (strict: every name and shape must match)."""
+def _slim_from_state_dict(model_class: type, config: Any, state_dict: dict[str, torch.Tensor], source: Any,
+                          source_name: Any = None) -> Any:
+    """Build ``model_class(config)`` without allocating, then move ``state_dict`` in (strict: every name and shape must
+    match). Buffers that are not saved (rotary ``inv_freq``) are taken from ``source``'s buffer of the same name
+    (``source_name`` maps a slim name to the source's), so the slim model runs as it is, not only once reloaded."""
     with torch.device("meta"):
         slim = model_class(config)
     try:
@@ -60,6 +65,15 @@ def _slim_from_state_dict(model_class: type, config: Any, state_dict: dict[str, 
                           f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}",
                           hint="This architecture has a per-layer rule cornerstone cannot rewrite; "
                           "please report it with the model's config.json.") from None
+    buffers = dict(source.named_buffers())
+    for name, buffer in list(slim.named_buffers()):
+        if buffer.is_meta:
+            original = buffers.get(source_name(name) if source_name else name)
+            if original is None or original.shape != buffer.shape:
+                raise ExportError(f"the pruned {model_type(source)} model has a buffer {name} that the original lacks",
+                                  hint="Please report this with the model's config.json.")
+            owner, _, leaf = name.rpartition(".")
+            slim.get_submodule(owner).register_buffer(leaf, original, persistent=False)
     # assign=True wraps each tensor in its own Parameter: tie the embeddings again as the config says
     slim.tie_weights()
     slim.generation_config = copy.deepcopy(source.generation_config)
@@ -81,17 +95,16 @@ def drop_blocks(model: torch.nn.Module, layers: Collection[int]) -> torch.nn.Mod
     keep = [index for index in range(count) if index not in dropped]
     if not keep:
         raise PlanError("a plan cannot drop every block")
+    from .streaming import edit_config
+
     renumber = {old: new for new, old in enumerate(keep)}
     config = copy.deepcopy(model.config)
     text = text_config(config)
-    for key, value in list(vars(text).items()):
-        if key in NOT_PER_LAYER or not isinstance(value, (list, tuple)):
-            continue
-        if key in LAYER_INDEX_FIELDS:
-            setattr(text, key, type(value)(renumber[i] for i in value if i in renumber))
-        elif len(value) == count:
-            setattr(text, key, type(value)(value[i] for i in keep))
-    text.num_hidden_layers = len(keep)
+    # the streamed export's rules, one table for both (thresholds such as max_window_layers count kept layers)
+    fields = {key: list(value) if isinstance(value, tuple) else value for key, value in text.to_dict().items()}
+    fields["num_hidden_layers"] = count  # GPT-2's n_layer and the like: transformers maps the name both ways
+    for key, (_, value) in edit_config(fields, keep, where=f"the {model_type(model)} config").items():
+        setattr(text, key, value)
 
     prefix = path + "."
     state: dict[str, torch.Tensor] = {}
@@ -102,7 +115,14 @@ def drop_blocks(model: torch.nn.Module, layers: Collection[int]) -> torch.nn.Mod
                 continue
             name = f"{prefix}{renumber[int(index)]}.{rest}"
         state[name] = tensor
-    return _slim_from_state_dict(type(model), config, state, model)
+
+    def source_name(name: str) -> str:
+        if not name.startswith(prefix):
+            return name
+        index, rest = name[len(prefix):].split(".", 1)
+        return f"{prefix}{keep[int(index)]}.{rest}"
+
+    return _slim_from_state_dict(type(model), config, state, model, source_name)
 
 
 def drop_sublayers(model: torch.nn.Module, players: Collection[Any]) -> torch.nn.Module:
@@ -127,26 +147,6 @@ def drop_sublayers(model: torch.nn.Module, players: Collection[Any]) -> torch.nn
     gone = tuple(f"{path}." for p in players for path in owned_modules(model, p))
     state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(gone)}
     return _slim_from_state_dict(DeciLMForCausalLM, decilm_config, state, model)
-
-
-def serving_notes(config: Any) -> list[str]:
-    """What serving engines get wrong about a DeciLM checkpoint, found by reading their sources
-    (vLLM ``nemotron_nas.py``, llama.cpp ``src/models/deci.cpp``); transformers loads all of them exactly."""
-    blocks = config.block_configs
-    notes = []
-    if any(block["ffn"].get("intermediate_size") is not None for block in blocks):
-        notes.append("The FFN width is stored explicitly (ffn.intermediate_size): vLLM and llama.cpp derive it from "
-                     "ffn_mult rounded up to a multiple of 256, which gives another width for this model.")
-    if blocks[0]["attention"]["no_op"] and not blocks[0]["ffn"]["no_op"]:
-        notes.append("Layer 0 keeps its FFN but not its attention: vLLM's DeciLM layer then meets an empty residual "
-                     "and fails; serve it with transformers, or protect L0.attn when planning.")
-    half = [i for i, block in enumerate(blocks) if block["ffn"]["no_op"] and not block["attention"]["no_op"]]
-    if half:
-        which = f"Layer {half[0]} keeps" if len(half) == 1 else f"Layers {', '.join(map(str, half))} keep"
-        notes.append(f"{which} attention without an FFN: llama.cpp's DeciLM graph "
-                     "skips such a layer whole (its attention output is dropped), so a GGUF of this checkpoint is "
-                     "not this model; vLLM and transformers compute it correctly.")
-    return notes
 
 
 def check_model(plan: Plan, loaded: LoadedModel, named: str = "the plan") -> None:
@@ -225,7 +225,7 @@ def _write(loaded: LoadedModel, plan: Plan, players: list[Any], blocks: set[int]
         slim, layout = drop_blocks(loaded.model, blocks), "stock"
     else:
         slim, layout = drop_sublayers(loaded.model, players), "decilm"
-    notes = serving_notes(slim.config) if layout == "decilm" else []
+    runtimes = compatibility(slim.config, layout, loaded.tokenizer)
     parameters = unique_parameters(slim)
     if parameters != plan.parameters.remaining:
         raise ExportError(f"the exported model has {parameters:,} parameters but the plan predicts "
@@ -260,7 +260,8 @@ def _write(loaded: LoadedModel, plan: Plan, players: list[Any], blocks: set[int]
         result = ExportResult(path=str(out), format=layout, parameters=parameters,
                               planned_parameters=plan.parameters.remaining, bytes_on_disk=size,
                               files=files + ["README.md", EXPORT_MANIFEST], max_abs_logit_diff=difference,
-                              seconds=time.perf_counter() - started, notes=notes, repair=repaired_by)
+                              seconds=time.perf_counter() - started, notes=runtime_notes(runtimes),
+                              runtimes=runtimes, repair=repaired_by)
         (staging / "README.md").write_text(model_card(loaded, plan, result))
         (staging / EXPORT_MANIFEST).write_text(json.dumps(
             {**result.model_dump(), "base_model": loaded.describe(), "players_removed": plan.player_names}, indent=2))
@@ -289,16 +290,17 @@ GGUF_PROBE = "The capital of France is Paris. The capital of Italy is Rome, and 
 
 def export_gguf(model: LoadedModel | str, plan: Plan | str | Path, settings: ExportSettings) -> Any:
     """``format: gguf``: write the model's GGUF file without the plan's blocks, tensors copied as they are
-    (:func:`cornerstone.gguf_export.prune_gguf`); with ``verify``, the file is run in llama.cpp and its
-    next-token log-probabilities checked against the masked float model before it is put in place."""
-    from .gguf_export import prune_gguf
+    (:func:`cornerstone.gguf_export.prune_gguf`); a sublayer plan of a Llama file becomes llama.cpp's ``deci``
+    architecture (:func:`cornerstone.gguf_export.prune_gguf_sublayers`). With ``verify``, the file is run in
+    llama.cpp and its next-token log-probabilities checked against the masked float model before it is put in place."""
+    from .gguf_export import prune_gguf_sublayers
 
     kind, location = (model.source, model.location) if isinstance(model, LoadedModel) else resolve(model)
     if kind not in ("alias", "gguf"):
         raise ExportError(f"--format gguf prunes a .gguf file, and '{model if isinstance(model, str) else model.spec}' "
                           f"is a {kind} model", hint="Give the .gguf file (or a bundled alias), or export safetensors.")
-    return prune_gguf(location, plan, settings.out, overwrite=settings.overwrite,
-                      allow_other_model=settings.allow_other_model, portable=settings.portable,
-                      probe=GGUF_PROBE if settings.verify else None)
+    return prune_gguf_sublayers(location, plan, settings.out, overwrite=settings.overwrite,
+                                allow_other_model=settings.allow_other_model, portable=settings.portable,
+                                probe=GGUF_PROBE if settings.verify else None)
 
 

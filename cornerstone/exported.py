@@ -18,6 +18,7 @@ from .masking import without
 from .planner import Plan
 from .players import text_config
 from .repair import RepairResult
+from .serving import RuntimeSupport
 
 EXPORT_MANIFEST = "cornerstone-export.json"
 PLAN_FILE = "cornerstone-plan.yaml"
@@ -39,6 +40,7 @@ class ExportResult(BaseModel):
     seconds: float
     notes: list[str] = []
     repair: RepairResult | None = None
+    runtimes: list[RuntimeSupport] = []
 
 
 def probe_ids(vocab_size: int, batch: int = 2, length: int = 48, seed: int = 0) -> torch.Tensor:

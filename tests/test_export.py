@@ -116,9 +116,12 @@ def test_sublayer_plan_of_a_llama_exports_as_decilm_and_reloads_with_remote_code
     result = export(loaded, plan, tmp_path / "slim")
     assert result.format == "decilm" and result.max_abs_logit_diff <= 1e-5
     # what vLLM / llama.cpp would get wrong about this plan is said, not hidden
-    assert len(result.notes) == 3 and "ffn.intermediate_size" in result.notes[0]
+    assert len(result.notes) == 4 and "ffn.intermediate_size" in result.notes[0]
     assert "Layer 0 keeps its FFN but not its attention" in result.notes[1] and "vLLM" in result.notes[1]
     assert "Layer 1 keeps attention without an FFN" in result.notes[2] and "llama.cpp" in result.notes[2]
+    assert "Cannot find Llama BPE tokenizer" in result.notes[3]  # the tests' byte-level BPE tokenizer, as SmolLM2's
+    verdicts = {(row.runtime, row.status) for row in result.runtimes}
+    assert ("transformers", "supported") in verdicts and any(s == "refused" for _, s in verdicts)
     config = json.loads((tmp_path / "slim" / "config.json").read_text())
     assert config["architectures"] == ["DeciLMForCausalLM"] and config["model_type"] == "nemotron-nas"
     assert [(b["attention"]["no_op"], b["ffn"]["no_op"]) for b in config["block_configs"]] == [

@@ -141,9 +141,12 @@ def test_qwen2_sliding_threshold_left_behind_is_a_vllm_caveat():
     model.config.use_sliding_window, model.config.max_window_layers = True, 1
     model.config.layer_types = ["full_attention", "sliding_attention", "sliding_attention"]
     assert flagged(compatibility(model.config, "stock")) == {}
-    slim = drop_blocks(model, [0])  # sliced layer_types, max_window_layers still 1
-    assert flagged(compatibility(slim.config, "stock")) == {VLLM: "caveat"}
-    # the out-of-core export renumbers the threshold (streaming.LAYER_FIELDS): nothing left to flag
+    stale = drop_blocks(model, [0]).config  # a threshold left as it was is flagged...
+    stale.max_window_layers = 1
+    assert flagged(compatibility(stale, "stock")) == {VLLM: "caveat"}
+    # ...and both exports renumber it (streaming.LAYER_FIELDS): nothing left to flag
+    assert drop_blocks(model, [0]).config.max_window_layers == 0
+    assert flagged(compatibility(drop_blocks(model, [0]).config, "stock")) == {}
     edited = model.config.to_dict()
     edit_config(edited, keep=[1, 2])
     assert flagged(compatibility(AutoConfig.for_model("qwen2", **{k: v for k, v in edited.items()
