@@ -187,3 +187,17 @@ def test_large_exports_are_sharded_and_reload_whole(toy, tokenizer, tmp_path):
     assert set(index["weight_map"].values()) == set(shards)
     reloaded = load_exported(tmp_path / "slim", dtype=torch.float32)
     assert_reloaded_equals_masked(loaded.model, ["L1"], reloaded)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURE_NAMES)
+def test_drop_blocks_gives_a_model_that_runs_as_it_is(model_type):
+    """The slim model works before any save and reload: buffers the checkpoint does not hold (rotary
+    frequencies) come from the original, and its logits are the masked original's."""
+    model = tiny_model(model_type)
+    slim = drop_blocks(model, [1])
+    assert not any(buffer.is_meta for buffer in slim.buffers()) and not any(p.is_meta for p in slim.parameters())
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), without(model, parse_players(model, ["L1"])):
+        expected = model(ids).logits
+    with torch.no_grad():
+        assert (slim(ids).logits - expected).abs().max() <= 1e-5
