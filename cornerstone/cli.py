@@ -306,7 +306,8 @@ def _option_error(exc: Any, hints: dict[str, str], command: str, what: str) -> C
     """The first problem pydantic found in ``what`` settings made from options, as one line naming the option
     and the value (pydantic's own text spans lines and ends in a documentation URL); ``hints`` by field."""
     first = exc.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else ""
+    # the innermost named field: --objective, not the --tasks section it lives in
+    field = next((str(part) for part in reversed(first["loc"]) if isinstance(part, str)), "")
     message = first["msg"].removeprefix("Value error, ")
     given = "" if first["type"] == "value_error" or "input" not in first else f" (got {first['input']!r})"
     return ConfigError(f"invalid {what} option --{field.replace('_', '-')}: {message}{given}",
@@ -397,6 +398,8 @@ def score(
                      "evaluation, so the sweep costs (players + 1) x limit x tasks documents."),
     ] = _default(TaskSelection, "limit"),
     all_docs: Annotated[bool, typer.Option("--all-docs", help="Use every document of every task (ignores --limit).")] = False,
+    objective: Annotated[str, typer.Option(help="accuracy (lm-eval's, 0/1 per document) or probability (the gold "
+                                           "answer's, continuous: less noise per document).")] = _default(TaskSelection, "objective"),
     until_resolved: Annotated[
         Optional[int], typer.Option("--until-resolved", min=2, metavar="MAX_DOCS",
                                     help="Ablation: start at --limit documents per task and double them while a player's "
@@ -457,7 +460,7 @@ def score(
             outlier=outlier, store=False if no_store else str(store) if store else True, until_resolved=until_resolved,
             boundary=boundary, force=force,
             tasks=TaskSelection(names=_split(tasks), include_paths=[str(p) for p in include_path or []],
-                                limit=None if all_docs else limit, seed=seed),
+                                limit=None if all_docs else limit, seed=seed, objective=objective),  # type: ignore[arg-type]
             calibration=CalibrationText(source=calibration, samples=calibration_samples, max_length=max_length),
             avss=dict(threshold=avss_threshold, relative=not avss_absolute, epsilon=avss_epsilon, prune_share=avss_share))
     except ValidationError as exc:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError, EvaluationError, TaskError
@@ -32,6 +33,10 @@ from .quiet import no_tqdm
 from .textfiles import FORMATS_HINT, read_text_file
 
 PREFERRED_METRICS = ("acc_norm", "acc")
+# What a task's per-document value is (see :func:`gold_probability`): lm-eval's accuracy metric, or the
+# probability the model gives the gold answer, a continuous value from the same log-likelihoods.
+OBJECTIVES = ("accuracy", "probability")
+PROBABILITY_METRICS = {"acc": "prob", "acc_norm": "prob_norm"}
 # The value of a rolling log-likelihood task (a text:FILE task, or lm-eval's loglikelihood_rolling tasks such as
 # wikitext): 1 / perplexity per token. See :func:`rolling_result`.
 ROLLING_METRIC = "inv_perplexity"
@@ -194,13 +199,15 @@ def _leaf_tasks(task_dict: dict) -> Iterator[tuple[str, Any]]:
             yield _name_of(key), value
 
 
-def _choose_metric(name: str, task: Any) -> str:
+def _choose_metric(name: str, task: Any, objective: str = "accuracy") -> str:
     if task.config.output_type == ROLLING:
         return ROLLING_METRIC  # computed here from the log-likelihoods, whatever the task's own metrics
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{objective}'", hint=f"Use one of: {', '.join(OBJECTIVES)}.")
     available = set(task.aggregation())
     for metric in PREFERRED_METRICS:
         if metric in available:
-            return metric
+            return PROBABILITY_METRICS[metric] if objective == "probability" else metric
     raise TaskError(
         f"task '{name}' has no acc or acc_norm metric (it has: {', '.join(sorted(available)) or 'none'})",
         hint="cornerstone scores multiple-choice and loglikelihood tasks by accuracy.",
@@ -233,8 +240,12 @@ def load_tasks(
     documents: Mapping[str, DocumentRecord] | None = None,
     exclude: Mapping[str, Sequence[int]] | None = None,
     vocab_size: int | None = None,
+    objective: str = "accuracy",
 ) -> list[TaskSpec]:
     """Resolve task names (or tags/groups) to :class:`TaskSpec` objects with a fixed document set.
+
+    ``objective``: each multiple-choice or loglikelihood task's value is lm-eval's accuracy (``acc_norm``,
+    else ``acc``), or the gold answer's probability (``prob_norm`` / ``prob``, :func:`gold_probability`).
 
     A name ``text:FILE`` is a rolling log-likelihood task whose documents are FILE's texts
     (:func:`text_task`); ``vocab_size`` (the model's) sets rolling tasks' chance level.
@@ -295,7 +306,7 @@ def load_tasks(
             indices, selection = _draw(name, len(docs), limit, seed, (exclude or {}).get(name, ()))
         for index in indices:
             check_document(name, task, docs[index], index, output_type)
-        spec = TaskSpec(name=name, task=task, metric=_choose_metric(name, task), doc_indices=indices,
+        spec = TaskSpec(name=name, task=task, metric=_choose_metric(name, task, objective), doc_indices=indices,
                         total_docs=len(docs), chance=_chance(task, [docs[i] for i in indices], output_type, vocab_size),
                         output_type=output_type, selection=selection)
         expected = documents[name].content_sha256 if documents is not None else None
@@ -552,6 +563,11 @@ def run_tasks(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
             results[spec.name] = rolling_result([float(sample["filtered_resps"][0]) for sample in samples],
                                                 [len(lm.tok_encode(sample["target"])) for sample in samples])
             continue
+        if spec.metric in PROBABILITY_METRICS.values():  # not one of lm-eval's metrics: from its log-likelihoods
+            per_doc = [gold_probability(spec, sample["doc"], [float(ll) for ll, _ in sample["filtered_resps"]])
+                       for sample in samples]
+            results[spec.name] = TaskResult(score=aggregate(spec, per_doc), per_doc=per_doc)
+            continue
         per_doc = [float(sample[spec.metric]) for sample in samples]
         results[spec.name] = TaskResult(score=float(output["results"][spec.name][f"{spec.metric},none"]), per_doc=per_doc)
     return results
@@ -724,10 +740,43 @@ def encode_requests(lm: Any, spec: TaskSpec) -> list[EncodedDoc]:
 
 
 def score_doc(spec: TaskSpec, doc: Any, responses: list[tuple[float, bool]]) -> float:
-    """The task's own metric for one document, from its (loglikelihood, is_greedy) responses."""
+    """The task's own metric for one document, from its (loglikelihood, is_greedy) responses (or the gold
+    answer's probability, :func:`gold_probability`)."""
+    if spec.metric in PROBABILITY_METRICS.values():
+        return gold_probability(spec, doc, [float(ll) for ll, _ in responses])
     return float(spec.task.process_results(doc, responses)[spec.metric])
 
 
+def gold_probability(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float]) -> float:
+    """The probability the model gives the gold answer, from the log-likelihoods lm-eval's accuracy compares.
+
+    Multiple choice: the softmax over the choices of the scores ``acc`` ranks by (``prob``: the choices'
+    log-likelihoods ``l_i``) or ``acc_norm`` ranks by (``prob_norm``: ``l_i / len(choice_i)`` in characters),
+    at the gold choice (summed over the gold choices of a multi-target task):
+
+        p_gold = exp(s_gold) / sum_i exp(s_i).
+
+    Its mean over documents is the accuracy of a model that answers by sampling from that distribution, so
+    uniform guessing scores the same chance, 1 / choices; unlike the 0/1 accuracy it moves with every change of
+    the model's preference, which is what a small layer effect on tens of documents is (issue 20). A
+    loglikelihood task (one target): exp(l), the target's probability.
+    """
+    scores = np.asarray(loglikelihoods, dtype=np.float64)
+    if spec.output_type != "multiple_choice":
+        return float(np.exp(scores[0]))
+    task = spec.task
+    choices = task.doc_to_choice(doc)
+    scores = scores[:len(choices)]  # lm-eval's mutual-information variant appends unconditional requests
+    if spec.metric == "prob_norm":
+        scores = scores / np.array([float(len(choice)) for choice in choices])
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    golds = {choices.index(g) if isinstance(g, str) else int(g) for g in (gold if isinstance(gold, list) else [gold])}
+    weights = np.exp(scores - scores.max())
+    return float(sum(weights[g] for g in golds) / weights.sum())
+
+
 def aggregate(spec: TaskSpec, values: list[float]) -> float:
-    """The task's own aggregation of per-document values (a mean for acc and acc_norm)."""
+    """The task's own aggregation of per-document values (a mean for acc and acc_norm, and for probabilities)."""
+    if spec.metric in PROBABILITY_METRICS.values():
+        return float(np.mean(values))
     return float(spec.task.aggregation()[spec.metric](values))

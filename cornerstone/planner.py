@@ -672,6 +672,6 @@ def _report_value_function(report: ScoreReport, loaded: Any, store: str | Path |
                              "fingerprints covered the whole weights no longer matches it: re-score).")
     # exactly the scored documents, checked against their recorded content: the same game the report played
     specs = harness.load_tasks(settings["tasks"], include_paths=settings.get("include_paths") or [],
-                               documents=report.documents())
+                               documents=report.documents(), objective=settings.get("objective") or "accuracy")
     return ValueFunction(loaded, specs, batch_size=settings.get("batch_size", 32),
                          engine=settings.get("engine", "fast"), store=store)

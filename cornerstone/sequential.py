@@ -84,7 +84,10 @@ def score_until_resolved(score: Callable[..., ScoreReport], model: Any, tasks: S
     if sequential.max_docs < sequential.start:
         raise ConfigError(f"--until-resolved {sequential.max_docs} is below the first round's {sequential.start} documents",
                           hint="Give a larger maximum, or a smaller --limit.")
-    specs = harness.load_tasks(list(tasks), include_paths=include_paths, limit=sequential.start, seed=sequential.seed)
+    settings = options.get("settings")
+    objective = settings.tasks.objective if settings is not None else "accuracy"
+    specs = harness.load_tasks(list(tasks), include_paths=include_paths, limit=sequential.start, seed=sequential.seed,
+                               objective=objective)
     rounds: list[dict[str, Any]] = []
     size = sequential.start
     while True:
@@ -97,7 +100,8 @@ def score_until_resolved(score: Callable[..., ScoreReport], model: Any, tasks: S
         if not left or size >= sequential.max_docs or exhausted:
             break
         size = min(sequential.max_docs, 2 * size)
-        specs = harness.load_tasks(list(tasks), include_paths=include_paths, documents=_grow(specs, size, sequential.seed))
+        specs = harness.load_tasks(list(tasks), include_paths=include_paths, documents=_grow(specs, size, sequential.seed),
+                                   objective=objective)
     report.diagnostics["rounds"] = rounds
     report.diagnostics["sequential"] = sequential.model_dump()
     return report

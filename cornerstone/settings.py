@@ -59,6 +59,9 @@ class TaskSelection(_Settings):
     # 25 documents x 4 bundled tasks x 61 evaluations: the README's main job takes ~3 minutes on 2 CPU cores
     limit: int | None = Field(25, ge=1, description="Documents per task (seeded random); null for all.")
     seed: int = 0
+    objective: Literal["accuracy", "probability"] = Field(
+        "accuracy", description="Each document's value: lm-eval's accuracy (0 or 1), or the probability the model gives "
+        "the gold answer (continuous, same chance level; see harness.gold_probability).")
 
     @field_validator("include_paths", mode="before")
     @classmethod
@@ -71,7 +74,7 @@ class TaskSelection(_Settings):
         from . import harness
 
         return harness.load_tasks(self.names, include_paths=self.include_paths, limit=self.limit, seed=self.seed,
-                                  **selection)
+                                  objective=self.objective, **selection)
 
 
 class EvalTasks(TaskSelection):
@@ -79,6 +82,8 @@ class EvalTasks(TaskSelection):
 
     limit: int | None = Field(None, ge=1, description="Documents per task (seeded random, from those not scored); "
                               "null for all.")
+    # a pruned model is judged by what users read off lm-eval: its accuracy
+    objective: Literal["accuracy"] = Field("accuracy", description="Evaluation reports lm-eval's accuracy.")
 
 
 class CalibrationText(Calibration):
