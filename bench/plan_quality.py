@@ -1,0 +1,326 @@
+"""Benchmark: which way of choosing what to drop keeps the most, on tasks and text it never saw? (issue 20)
+
+    python bench/plan_quality.py --model smollm2-135m --budgets 10,20,25,33 --eval-limit 100
+
+Selection data, all that any method may look at: the four real tasks ARC-Easy, ARC-Challenge, BoolQ
+and PIQA on the documents the committed reports were scored on (``--selection-report``, 40 per task),
+and the first half of WikiText-2's raw test split. Evaluation, on data no method saw:
+
+- ``unseen``: the seven other real tasks (HellaSwag, COPA, SST-2, TruthfulQA MC1, LAMBADA,
+  OpenBookQA, Winogrande), ``--eval-limit`` documents each (seeded draw);
+- ``family``: the four selection tasks on documents none of the reports was scored on;
+- ``ppl``: perplexity on the second half of WikiText-2 (``--ppl-paragraphs`` paragraphs).
+
+Every method is a block plan of ``round(budget x blocks)`` blocks made by ``cornerstone plan``'s own
+code with its defaults (first and last block kept, cornerstones protected):
+
+- peers: ``last`` (the blocks before the final one; Gromov et al. 2024, Lu et al. 2024), ``bi``
+  (ShortGPT's block influence), ``angular`` (lowest) and ``angular-span`` (Gromov et al.'s contiguous
+  span), ``cosine`` (LLM-Drop, sublayer cosine summed per block), ``avss``, ``sleb`` (greedy on
+  the perplexity of the selection half of WikiText-2, SLEB);
+- ours: ``ablation`` and ``shapley`` (lowest), ``greedy`` and ``beam`` (measured search on the
+  selection documents; ``greedy-prob`` values each document by the gold answer's probability instead of
+  its accuracy); with ``--repair METHODS``, those methods' plans also with linear repair (ReplaceMe)
+  fitted on the selection half of WikiText-2.
+
+A greedy or beam search runs once, to the largest budget, and is cut at each budget (``search_until``).
+Pruned models are measured as masks of the one loaded model with the fast engine, whose per-document
+results equal lm-eval's own loop (tests/test_engine.py), so every plan is scored on exactly the same
+documents. ``kept`` is the share of the base model's above-chance score the pruned model keeps,
+``(P - C) / (B - C)`` on the macro means of a group, with a bootstrap standard error over documents
+(paired: base and pruned resampled together; ``--bootstrap`` draws, seeded). Throughput (forward
+tokens/s, prefill) of a model with k blocks physically removed is measured side by side with the
+full model in the same run and given as a ratio.
+
+Writes ``reports/plan-quality/MODEL.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cornerstone import harness
+from cornerstone.evaluate import tokens_per_second
+from cornerstone.export import drop_blocks
+from cornerstone.files import atomic_write
+from cornerstone.loading import load_model
+from cornerstone.planner import Planner, make_plan
+from cornerstone.players import parse_players, unique_parameters
+from cornerstone.provenance import machine
+from cornerstone.scores import ScoreReport
+from cornerstone.value import ValueFunction
+
+SELECTION_TASKS = ["cs_real_arc_challenge", "cs_real_arc_easy", "cs_real_boolq", "cs_real_piqa"]
+UNSEEN_TASKS = ["cs_real_hellaswag", "cs_real_copa", "cs_real_sst2", "cs_real_truthfulqa_mc1", "cs_real_lambada_openai",
+                "cs_real_openbookqa", "cs_real_winogrande"]
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+
+# each model's committed reports chosen on the selection tasks: method -> (report, policy)
+REPORTS = {
+    "smollm2-135m": {
+        "bi": ("reports/proxies/proxy-fidelity-smollm2-135m-bi.json", "lowest"),
+        "angular": ("reports/proxies/proxy-fidelity-smollm2-135m-angular.json", "lowest"),
+        "angular-span": ("reports/proxies/proxy-fidelity-smollm2-135m-angular.json", "contiguous"),
+        "cosine": ("reports/proxies/proxy-fidelity-smollm2-135m-cosine.json", "lowest"),
+        "avss": ("reports/proxies/proxy-fidelity-smollm2-135m-avss.json", "lowest"),
+        "ablation": ("reports/pruning/smollm2-135m-drop8-real-scores.json", "lowest"),
+        "shapley": ("reports/proxies/smollm2-135m-real-shapley-kernel-block-bf16.json", "lowest"),
+    },
+    "gemma3-270m": {
+        "bi": ("reports/proxies/proxy-fidelity-gemma3-270m-bi.json", "lowest"),
+        "angular": ("reports/proxies/proxy-fidelity-gemma3-270m-angular.json", "lowest"),
+        "angular-span": ("reports/proxies/proxy-fidelity-gemma3-270m-angular.json", "contiguous"),
+        "cosine": ("reports/proxies/proxy-fidelity-gemma3-270m-cosine.json", "lowest"),
+        "avss": ("reports/proxies/proxy-fidelity-gemma3-270m-avss.json", "lowest"),
+        "ablation": ("reports/pruning/gemma3-270m-drop5-real-scores.json", "lowest"),
+        "shapley": ("reports/proxies/gemma3-270m-real-shapley-kernel-block-bf16.json", "lowest"),
+    },
+}
+PEERS = ("last", "bi", "angular", "angular-span", "cosine", "avss", "sleb")
+OURS = ("ablation", "shapley", "greedy", "greedy-prob", "beam")
+
+
+def wikitext_halves(folder: Path, ppl_paragraphs: int, selection_paragraphs: int) -> tuple[Path, Path]:
+    """The first half of WikiText-2's test paragraphs (selection) and the second (held out), as text files
+    in ``folder`` (outside the project): the two never share a line."""
+    raw = WIKITEXT.read_text(encoding="utf-8")
+    paragraphs = [p.strip() for p in raw.split("\n") if p.strip() and not p.strip().startswith("=")]
+    half = len(paragraphs) // 2
+    selection = paragraphs[:half][:selection_paragraphs]
+    held_out = paragraphs[half:][:ppl_paragraphs]
+    paths = folder / "wikitext-selection.txt", folder / "wikitext-heldout.txt"
+    for path, texts in zip(paths, (selection, held_out)):
+        path.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+    return paths
+
+
+def kept(base: dict[str, list[float]], pruned: dict[str, list[float]], chance: dict[str, float],
+         draws: int, seed: int) -> tuple[float | None, float | None]:
+    """(P - C) / (B - C) on the macro means over ``base``'s tasks, and its paired bootstrap standard error."""
+    tasks = sorted(base)
+    margin = np.mean([np.mean(base[t]) - chance[t] for t in tasks])
+    if margin <= 0:
+        return None, None
+    point = float(np.mean([np.mean(pruned[t]) - chance[t] for t in tasks]) / margin)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        b = p = 0.0
+        for t in tasks:
+            index = rng.integers(0, len(base[t]), len(base[t]))
+            b += np.mean(np.asarray(base[t])[index]) - chance[t]
+            p += np.mean(np.asarray(pruned[t])[index]) - chance[t]
+        if b > 0:
+            values.append(p / b)
+    return point, float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", choices=sorted(REPORTS))
+    parser.add_argument("--budgets", default="10,20,25,33", help="Shares of blocks to drop, in percent.")
+    parser.add_argument("--methods", default=",".join(PEERS + OURS))
+    parser.add_argument("--eval-limit", type=int, default=100, help="Documents per evaluation task.")
+    parser.add_argument("--eval-seed", type=int, default=1)
+    parser.add_argument("--ppl-paragraphs", type=int, default=200)
+    parser.add_argument("--selection-paragraphs", type=int, default=64, help="WikiText-2 paragraphs SLEB and repair read.")
+    parser.add_argument("--beam-width", type=int, default=3)
+    parser.add_argument("--shortlist", type=int, default=8, help="Beam: candidates re-measured per path and step.")
+    parser.add_argument("--repair", default="", help="Also measure these methods' plans with linear repair "
+                        "(comma-separated, or 'all').")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default="reports/plan-quality")
+    parser.add_argument("--name", default=None, help="Output file name (default: the model's).")
+    args = parser.parse_args()
+    started = time.perf_counter()
+
+    loaded = load_model(args.model, dtype="float32", device="cpu")
+    blocks = loaded.model.config.get_text_config(decoder=True).num_hidden_layers
+    budgets = {float(b): max(1, round(float(b) / 100 * blocks)) for b in args.budgets.split(",")}
+    largest = max(budgets.values())
+    methods = [m for m in args.methods.split(",") if m]
+    work = Path(tempfile.mkdtemp(prefix="plan-quality-"))
+    selection_text, heldout_text = wikitext_halves(work, args.ppl_paragraphs, args.selection_paragraphs)
+    reports = {name: (ScoreReport.load(path), policy) for name, (path, policy) in REPORTS[args.model].items()}
+    selection_report = reports["ablation"][0]
+    print(f"{args.model}: {blocks} blocks, budgets {budgets}, methods {methods}", flush=True)
+
+    # --- plans: block names per method and budget
+    plans: dict[str, dict[float, list[str]]] = {}
+    seconds: dict[str, float] = {}
+    for method in methods:
+        tick = time.perf_counter()
+        if method == "last":
+            plans[method] = {b: [f"L{i}" for i in range(blocks - 1 - k, blocks - 1)] for b, k in budgets.items()}
+        elif method in reports:
+            report, policy = reports[method]
+            plans[method] = {b: make_plan(report, Planner(drop=k, policy=policy), loaded=loaded).player_names
+                             for b, k in budgets.items()}
+        else:  # measured searches: one run to the largest budget, cut at each
+            if method == "sleb":
+                value = ValueFunction(loaded, harness.load_tasks([f"text:{selection_text}"]), batch_size=args.batch_size)
+                planner = Planner(policy="greedy", drop=largest)
+            elif method == "greedy":
+                value = None
+                planner = Planner(policy="greedy", drop=largest)
+            elif method == "greedy-prob":  # the same documents, each valued by the gold answer's probability
+                value = ValueFunction(loaded, harness.load_tasks(selection_report.settings["tasks"],
+                                                                 documents=selection_report.documents(),
+                                                                 objective="probability"), batch_size=args.batch_size)
+                planner = Planner(policy="greedy", drop=largest)
+            elif method == "beam":
+                value = None
+                planner = Planner(policy="beam", drop=largest, width=args.beam_width, shortlist=args.shortlist)
+            else:
+                raise SystemExit(f"unknown method {method}")
+            made = make_plan(selection_report, planner, loaded=loaded, value=value)
+            order = [step.name for step in made.search]
+            plans[method] = {b: order[:k] for b, k in budgets.items()}
+        seconds[method] = time.perf_counter() - tick
+        print(f"  plan {method}: {seconds[method]:.0f} s, {plans[method]}", flush=True)
+
+    # --- evaluation documents: none that any report was scored on
+    used: dict[str, set[int]] = {}
+    for report, _ in reports.values():
+        for name, record in report.documents().items():
+            used.setdefault(name, set()).update(record.doc_indices)
+    family = harness.load_tasks(SELECTION_TASKS, limit=args.eval_limit, seed=args.eval_seed,
+                                exclude={name: sorted(indices) for name, indices in used.items()})
+    unseen = harness.load_tasks(UNSEEN_TASKS, limit=args.eval_limit, seed=args.eval_seed,
+                                exclude={name: sorted(indices) for name, indices in used.items()})
+    perplexity = harness.load_tasks([f"text:{heldout_text}"])
+    groups = {"unseen": unseen, "family": family, "ppl": perplexity}
+
+    variants = [(method, budget, False) for method in methods for budget in budgets]
+    repaired_methods = methods if args.repair == "all" else [m for m in args.repair.split(",") if m]
+    variants += [(method, budget, True) for method in repaired_methods for budget in budgets]
+    masks = {(m, b): plans[m][b] for m, b, _ in variants}
+
+    def measure(model_loaded: Any, keys: list[tuple[str, float]], specs: list[harness.TaskSpec]) -> dict:
+        value = ValueFunction(model_loaded, specs, batch_size=args.batch_size)
+        names = [masks[key] for key in keys]
+        evaluations = value.evaluate_many([[]] + [parse_players(model_loaded.model, n) for n in names])
+        return {"base": evaluations[0], **dict(zip(keys, evaluations[1:]))}
+
+    results: dict[str, dict] = {}
+    for group, specs in groups.items():
+        tick = time.perf_counter()
+        results[group] = measure(loaded, sorted({(m, b) for m, b, _ in variants}), specs)
+        print(f"  evaluated {group}: {time.perf_counter() - tick:.0f} s", flush=True)
+    repaired: dict[tuple[str, float], dict[str, Any]] = {}
+    if repaired_methods:
+        from cornerstone.repair import LinearRepair, repair
+
+        from cornerstone.calibration import Calibration
+
+        settings = LinearRepair(calibration=Calibration(source=str(selection_text), samples=args.selection_paragraphs))
+        for method, budget, _ in [v for v in variants if v[2]]:
+            copy_loaded = copy.copy(loaded)
+            copy_loaded.model = copy.deepcopy(loaded.model)
+            layers = sorted(int(name[1:]) for name in plans[method][budget])
+            repair(copy_loaded, layers, settings)
+            repaired[(method, budget)] = {group: measure(copy_loaded, [(method, budget)], specs)[(method, budget)]
+                                          for group, specs in groups.items()}
+            print(f"  repaired {method} {budget}%", flush=True)
+
+    # --- throughput: k blocks physically removed, side by side with the full model
+    slim = {k: drop_blocks(loaded.model, list(range(blocks - 1 - k, blocks - 1))) for k in sorted(set(budgets.values()))}
+    speeds = tokens_per_second([loaded.model] + list(slim.values()))
+    speed_ratio = {k: speed / speeds[0] for k, speed in zip(slim, speeds[1:])}
+    parameters = {k: unique_parameters(model) for k, model in slim.items()}
+
+    chance = {group: {spec.name: spec.chance for spec in specs} for group, specs in groups.items()}
+    rows = []
+    for method, budget, with_repair in variants:
+        measured = repaired[(method, budget)] if with_repair else {g: results[g][(method, budget)] for g in groups}
+        row: dict[str, Any] = {"method": method + (" + repair" if with_repair else ""),
+                               "kind": "peer" if method in PEERS else "ours", "budget": budget,
+                               "blocks": plans[method][budget], "parameters": parameters[budgets[budget]],
+                               "speed_ratio": speed_ratio[budgets[budget]], "plan_seconds": seconds[method]}
+        for group in ("unseen", "family"):
+            point, error = kept(results[group]["base"].per_doc, measured[group].per_doc, chance[group],
+                                args.bootstrap, seed=0)
+            row[f"{group}_kept"], row[f"{group}_kept_se"] = point, error
+            row[f"{group}_score"] = measured[group].score
+        row["ppl"] = 1 / measured["ppl"].score if measured["ppl"].score > 0 else math.inf
+        rows.append(row)
+    base = {"unseen": results["unseen"]["base"].score, "family": results["family"]["base"].score,
+            "ppl": 1 / results["ppl"]["base"].score, "parameters": unique_parameters(loaded.model)}
+    document = {"model": args.model, "blocks": blocks, "budgets": budgets, "base": base, "rows": rows,
+                "selection": {"tasks": SELECTION_TASKS, "wikitext_paragraphs": args.selection_paragraphs},
+                "evaluation": {"unseen": {s.name: len(s.doc_indices) for s in unseen},
+                               "family": {s.name: len(s.doc_indices) for s in family},
+                               "ppl_paragraphs": len(perplexity[0].doc_indices)},
+                "machine": machine(), "seconds": time.perf_counter() - started, "args": vars(args)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / f"{args.name or args.model}.json", (json.dumps(document, indent=2) + "\n").encode())
+    atomic_write(out / f"{args.name or args.model}.md", markdown(document).encode())
+    plot(document, out / f"{args.name or args.model}.png")
+    print(markdown(document))
+
+
+def _pct(value: float | None, error: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}" + (f" ± {error:.0%}" if error is not None else "")
+
+
+def markdown(document: dict) -> str:
+    base = document["base"]
+    lines = [f"# Plan quality: {document['model']} ({document['blocks']} blocks)", "",
+             f"Chosen on {', '.join(document['selection']['tasks'])} (the reports' documents) and the first half of "
+             f"WikiText-2; judged on {', '.join(document['evaluation']['unseen'])} (**unseen**), the four selection tasks "
+             "on other documents (**family**) and perplexity on the second half of WikiText-2 (**ppl**). "
+             "kept = share of the base model's above-chance score kept (macro over the group's tasks), ± bootstrap s.e.",
+             "", f"Base: unseen {base['unseen']:.4f}, family {base['family']:.4f}, ppl {base['ppl']:.2f}, "
+             f"{base['parameters']:,} parameters. Machine: {document['machine']}.", ""]
+    for budget in sorted({row["budget"] for row in document["rows"]}):
+        rows = sorted((r for r in document["rows"] if r["budget"] == budget),
+                      key=lambda r: -(r["unseen_kept"] if r["unseen_kept"] is not None else -9))
+        first = rows[0]
+        lines += [f"## {budget:g}% of blocks ({len(first['blocks'])}): {first['parameters']:,} parameters, "
+                  f"{first['speed_ratio']:.2f}x the full model's tokens/s", "",
+                  "| method | kind | unseen kept | family kept | ppl | blocks dropped | plan s |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['kind']} | {_pct(r['unseen_kept'], r['unseen_kept_se'])} | "
+                  f"{_pct(r['family_kept'], r['family_kept_se'])} | {r['ppl']:.1f} | "
+                  f"{','.join(sorted(r['blocks'], key=lambda n: int(n[1:])))} | {r['plan_seconds']:.0f} |" for r in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(document: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in sorted({row["method"] for row in document["rows"]}):
+        rows = sorted((r for r in document["rows"] if r["method"] == method), key=lambda r: r["budget"])
+        style = "-" if rows[0]["kind"] == "ours" else "--"
+        for axis, key in zip(axes, ("unseen_kept", "family_kept")):
+            axis.errorbar([r["budget"] for r in rows], [r[key] if r[key] is not None else np.nan for r in rows],
+                          yerr=[r[f"{key}_se"] or 0 for r in rows], label=method, linestyle=style, marker="o", capsize=2)
+    for axis, title in zip(axes, ("unseen tasks", "selection tasks, other documents")):
+        axis.set_xlabel("blocks removed (%)")
+        axis.set_ylabel("above-chance score kept")
+        axis.set_title(f"{document['model']}: {title}")
+        axis.axhline(0, color="grey", linewidth=0.5)
+    axes[1].legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    main()
