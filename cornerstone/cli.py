@@ -306,8 +306,9 @@ def _option_error(exc: Any, hints: dict[str, str], command: str, what: str) -> C
     """The first problem pydantic found in ``what`` settings made from options, as one line naming the option
     and the value (pydantic's own text spans lines and ends in a documentation URL); ``hints`` by field."""
     first = exc.errors()[0]
-    # the innermost named field: --objective, not the --tasks section it lives in
-    field = next((str(part) for part in reversed(first["loc"]) if isinstance(part, str)), "")
+    # the task selection's fields are options of their own (--limit, --objective), not a --tasks section
+    location = first["loc"][1:] if first["loc"][:1] == ("tasks",) and len(first["loc"]) > 1 else first["loc"]
+    field = str(location[0]) if location else ""
     message = first["msg"].removeprefix("Value error, ")
     given = "" if first["type"] == "value_error" or "input" not in first else f" (got {first['input']!r})"
     return ConfigError(f"invalid {what} option --{field.replace('_', '-')}: {message}{given}",
