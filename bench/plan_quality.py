@@ -142,6 +142,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="reports/plan-quality")
     parser.add_argument("--name", default=None, help="Output file name (default: the model's).")
+    parser.add_argument("--orders", default=None, help="JSON {method: {\"order\": [...], \"seconds\": S}}: a measured "
+                        "search's removal order and time from an earlier run of this script (its log), cut at each "
+                        "budget instead of searching again.")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -159,9 +162,12 @@ def main() -> None:
     # --- plans: block names per method and budget
     plans: dict[str, dict[float, list[str]]] = {}
     seconds: dict[str, float] = {}
+    given = json.loads(args.orders) if args.orders else {}
     for method in methods:
         tick = time.perf_counter()
-        if method == "last":
+        if method in given:
+            plans[method] = {b: list(given[method]["order"][:k]) for b, k in budgets.items()}
+        elif method == "last":
             plans[method] = {b: [f"L{i}" for i in range(blocks - 1 - k, blocks - 1)] for b, k in budgets.items()}
         elif method in reports:
             report, policy = reports[method]
@@ -187,7 +193,7 @@ def main() -> None:
             made = make_plan(selection_report, planner, loaded=loaded, value=value)
             order = [step.name for step in made.search]
             plans[method] = {b: order[:k] for b, k in budgets.items()}
-        seconds[method] = time.perf_counter() - tick
+        seconds[method] = given[method]["seconds"] if method in given else time.perf_counter() - tick
         print(f"  plan {method}: {seconds[method]:.0f} s, {plans[method]}", flush=True)
 
     # --- evaluation documents: none that any report was scored on
