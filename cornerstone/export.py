@@ -47,8 +47,6 @@ from .settings import ExportSettings
 from .players import (architecture, decoder_layers, model_type, owned_modules, parse_players, removed_blocks, text_config,
                       unique_parameters)
 
-# Config lists indexed by layer number rather than one entry per layer: remapped, not sliced.
-LAYER_INDEX_FIELDS = ("mlp_only_layers",)
 
 
 def _slim_from_state_dict(model_class: type, config: Any, state_dict: dict[str, torch.Tensor], source: Any,
@@ -103,7 +101,7 @@ def drop_blocks(model: torch.nn.Module, layers: Collection[int]) -> torch.nn.Mod
     # the streamed export's rules, one table for both (thresholds such as max_window_layers count kept layers)
     fields = {key: list(value) if isinstance(value, tuple) else value for key, value in text.to_dict().items()}
     fields["num_hidden_layers"] = count  # GPT-2's n_layer and the like: transformers maps the name both ways
-    for key, (_, value) in edit_config(fields, keep, where=f"the {model_type(model)} config").items():
+    for key, (_, value) in edit_config(fields, keep, where=f"the {model_type(model)} config", streamed=False).items():
         setattr(text, key, value)
 
     prefix = path + "."

@@ -221,10 +221,12 @@ def _text_part(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def edit_config(config: dict[str, Any], keep: list[int], derived: dict[str, list[Any]] | None = None,
-                where: str = "config.json") -> dict[str, Any]:
+                where: str = "config.json", streamed: bool = True) -> dict[str, Any]:
     """Edit the text part of ``config`` (in place) for a model that keeps only the blocks ``keep`` (old
     indices, in order), by :data:`LAYER_FIELDS`; ``derived`` holds per-layer lists transformers derives but
-    the file does not write (they are written out, sliced). Returns the edits made, ``{field: [old, new]}``."""
+    the file does not write (they are written out, sliced). Returns the edits made, ``{field: [old, new]}``.
+    ``streamed``: the caller is the streamed export (its refusals then point to the in-memory one, which
+    :func:`cornerstone.export.drop_blocks` is, using the same rules)."""
     text = _text_part(config)
     count = text.get("num_hidden_layers")
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
@@ -242,12 +244,13 @@ def edit_config(config: dict[str, Any], keep: list[int], derived: dict[str, list
             if looks and key not in NOT_PER_LAYER and not key.endswith(("token_id", "token_ids")):
                 raise ExportError(f"'{where}' field {key} ({len(value)} entries, {count} layers) may describe layers, "
                                   "and cornerstone has no rule for it", hint="Add its rule to LAYER_FIELDS in "
-                                  "cornerstone/streaming.py, or use the in-memory export, which builds the model.")
+                                  "cornerstone/streaming.py" + (", or use the in-memory export, which builds the "
+                                  "model." if streamed else "; please report the model's config.json."))
             continue
         if value is None or rule.rule == "pattern":
             continue
         bad = ExportError(f"'{where}' field {key} is {value!r}, not what its rule ({rule.rule}: {rule.why}) expects",
-                          hint="Restore the model's config.json, or use the in-memory export.")
+                          hint="Restore the model's config.json" + (", or use the in-memory export." if streamed else "."))
         if rule.rule == "count":
             text[key] = len(keep)
         elif rule.rule == "per_layer":
