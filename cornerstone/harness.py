@@ -82,6 +82,11 @@ class TaskSpec:
     # How doc_indices were chosen, in words and numbers (recorded in reports; see :func:`load_tasks`).
     selection: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def probability(self) -> bool:
+        """Whether the value is the gold answer's probability (:func:`gold_probability`), not lm-eval's metric."""
+        return self.metric in PROBABILITY_METRICS.values()
+
     @functools.cached_property
     def content_hash(self) -> str:
         """sha256 of what the model is asked: each chosen document's prompt, choices and target.
@@ -563,7 +568,7 @@ def run_tasks(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
             results[spec.name] = rolling_result([float(sample["filtered_resps"][0]) for sample in samples],
                                                 [len(lm.tok_encode(sample["target"])) for sample in samples])
             continue
-        if spec.metric in PROBABILITY_METRICS.values():  # not one of lm-eval's metrics: from its log-likelihoods
+        if spec.probability:  # not one of lm-eval's metrics: from its log-likelihoods
             per_doc = [gold_probability(spec, sample["doc"], [float(ll) for ll, _ in sample["filtered_resps"]])
                        for sample in samples]
             results[spec.name] = TaskResult(score=aggregate(spec, per_doc), per_doc=per_doc)
@@ -742,7 +747,7 @@ def encode_requests(lm: Any, spec: TaskSpec) -> list[EncodedDoc]:
 def score_doc(spec: TaskSpec, doc: Any, responses: list[tuple[float, bool]]) -> float:
     """The task's own metric for one document, from its (loglikelihood, is_greedy) responses (or the gold
     answer's probability, :func:`gold_probability`)."""
-    if spec.metric in PROBABILITY_METRICS.values():
+    if spec.probability:
         return gold_probability(spec, doc, [float(ll) for ll, _ in responses])
     return float(spec.task.process_results(doc, responses)[spec.metric])
 
@@ -777,6 +782,6 @@ def gold_probability(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float]) 
 
 def aggregate(spec: TaskSpec, values: list[float]) -> float:
     """The task's own aggregation of per-document values (a mean for acc and acc_norm, and for probabilities)."""
-    if spec.metric in PROBABILITY_METRICS.values():
+    if spec.probability:
         return float(np.mean(values))
     return float(spec.task.aggregation()[spec.metric](values))

@@ -18,22 +18,14 @@ from cornerstone.planner import Planner, make_plan
 from cornerstone.scores import score
 
 from .conftest import refused, save_six_block_llama, tiny_model
-from .tasks import toy_docs, write_task
 from .test_engine import masks_for
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("probability-tasks")
-    write_task(folder, "toy_prob", toy_docs(12))
-    write_task(folder, "toy_prob_acc", toy_docs(8), metrics=("acc",))
-    return folder
+from .test_engine import toy_folder as toy  # noqa: F401 (a fixture: the engine tests' toy tasks)
 
 
 def test_probability_per_document_equals_lm_eval_and_agrees_with_accuracy(toy, tokenizer):
     model = tiny_model("llama")
     lm = harness.make_lm(model, tokenizer, batch_size=4)
-    names = ["toy_prob", "toy_prob_acc"]
+    names = ["toy_engine", "toy_engine_acc"]
     probability = harness.load_tasks(names, include_paths=[toy], objective="probability")
     accuracy = harness.load_tasks(names, include_paths=[toy])
     assert [s.metric for s in probability] == ["prob_norm", "prob"] and [s.metric for s in accuracy] == ["acc_norm", "acc"]
@@ -53,13 +45,13 @@ def test_probability_per_document_equals_lm_eval_and_agrees_with_accuracy(toy, t
                 # the gold choice is the argmax exactly when it holds the largest share: at least 1/n, and above
                 # one half it cannot be beaten
                 assert value >= 1 / n - 1e-12 if correct else value <= 0.5 + 1e-12
-        moved += ours["toy_prob"].per_doc != engine.task_results([])["toy_prob"].per_doc
+        moved += ours["toy_engine"].per_doc != engine.task_results([])["toy_engine"].per_doc
     assert moved  # removing players changes the values
 
 
 def test_a_probability_report_plans_greedily_on_probability(toy, tmp_path):
     loaded = load_model(str(save_six_block_llama(tmp_path / "six", seed=3)), device="cpu")
-    specs = harness.load_tasks(["toy_prob"], include_paths=[toy], objective="probability")
+    specs = harness.load_tasks(["toy_engine"], include_paths=[toy], objective="probability")
     report = score(loaded, specs, estimator=Ablation(granularity="block"), include_paths=[toy], store=None)
     assert report.settings["objective"] == "probability" and report.tasks[0].metric == "prob_norm"
     written = tmp_path / "report.json"
