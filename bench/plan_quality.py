@@ -136,6 +136,10 @@ def main() -> None:
     parser.add_argument("--selection-paragraphs", type=int, default=64, help="WikiText-2 paragraphs SLEB and repair read.")
     parser.add_argument("--beam-width", type=int, default=3)
     parser.add_argument("--shortlist", type=int, default=8, help="Beam: candidates re-measured per path and step.")
+    parser.add_argument("--greedy-shortlist", type=int, default=None, help="Greedy searches (greedy, greedy-prob, "
+                        "sleb): re-measure only this many candidates per step after the first (default: all).")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Every plan is chosen "
+                        "(searches) and judged in this dtype, the base model too.")
     parser.add_argument("--repair", default="", help="Also measure these methods' plans with linear repair "
                         "(comma-separated, or 'all').")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -148,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
 
-    loaded = load_model(args.model, dtype="float32", device="cpu")
+    loaded = load_model(args.model, dtype=args.dtype, device="cpu")
     blocks = loaded.model.config.get_text_config(decoder=True).num_hidden_layers
     budgets = {float(b): max(1, round(float(b) / 100 * blocks)) for b in args.budgets.split(",")}
     largest = max(budgets.values())
@@ -176,15 +180,15 @@ def main() -> None:
         else:  # measured searches: one run to the largest budget, cut at each
             if method == "sleb":
                 value = ValueFunction(loaded, harness.load_tasks([f"text:{selection_text}"]), batch_size=args.batch_size)
-                planner = Planner(policy="greedy", drop=largest)
+                planner = Planner(policy="greedy", drop=largest, shortlist=args.greedy_shortlist)
             elif method == "greedy":
                 value = None
-                planner = Planner(policy="greedy", drop=largest)
+                planner = Planner(policy="greedy", drop=largest, shortlist=args.greedy_shortlist)
             elif method == "greedy-prob":  # the same documents, each valued by the gold answer's probability
                 value = ValueFunction(loaded, harness.load_tasks(selection_report.settings["tasks"],
                                                                  documents=selection_report.documents(),
                                                                  objective="probability"), batch_size=args.batch_size)
-                planner = Planner(policy="greedy", drop=largest)
+                planner = Planner(policy="greedy", drop=largest, shortlist=args.greedy_shortlist)
             elif method == "beam":
                 value = None
                 planner = Planner(policy="beam", drop=largest, width=args.beam_width, shortlist=args.shortlist)

@@ -4,7 +4,8 @@ Scoring is embarrassingly parallel across coalitions. The estimators here are de
 given their seed and the values they have seen, so every rank runs the same estimator in lockstep
 and only the evaluations are split. For each batch of masks the estimator asks for, rank 0 decides
 which values are still unknown (not in memory and not in the shared on-disk store) and broadcasts
-that list. Rank r computes the masks at positions r, r + world, ... and appends each value to the
+that list. Rank r computes the r-th of ``world`` consecutive runs of the trie walk
+(:func:`cornerstone.schedule.shares`: whole branches, equal blocks computed) and appends each value to the
 store as soon as it has it, so a killed job loses at most one evaluation per rank. Then
 ``all_gather_object`` gives every rank every new value, and all ranks continue with the same state.
 Rank 0 alone reports and prints.
@@ -38,10 +39,6 @@ class Ranks:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-    def owns(self, index: int) -> bool:
-        """Whether the ``index``-th unknown coalition of a batch is this rank's to compute (round robin)."""
-        return index % self.world == self.rank
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank."""

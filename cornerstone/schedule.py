@@ -130,3 +130,41 @@ def schedule(masks: Sequence[Sequence[Player]], *, n_blocks: int, state_bytes: S
                 runs.append(Run(batch, start, source, capture))
         steps.append(Step(j, mask, release, points[position], tuple(runs), sum(kept.values())))
     return steps
+
+
+def blocks_computed(steps: Sequence[Step], n_blocks: int) -> int:
+    """Block forward passes (over all batches) that ``steps`` run: what prefix reuse saves is the rest."""
+    return sum(n_blocks - run.start for step in steps for run in step.runs)
+
+
+def shares(masks: Sequence[Sequence[Player]], world: int, *, n_blocks: int) -> list[list[int]]:
+    """Which masks each of ``world`` processes evaluates: whole branches of the trie, not every world-th mask.
+
+    Dealing masks round robin splits every removal chain across processes, so each loses the prefix
+    states the others compute. Instead the masks are put in the order of the walk (:func:`schedule`)
+    and cut into ``world`` consecutive runs of about equal cost. A mask's cost is the blocks it computes
+    when the walk keeps every branch state: ``n_blocks - max(first removed layer, divergence from the
+    mask before it)`` (the full model's own mask costs nothing). Each cut is moved to the place, within
+    a quarter of a share of the even split, where consecutive masks diverge earliest, so a cut falls
+    between top branches of the trie where it can. Indices refer to ``masks``; a share may be empty
+    when there are fewer masks than processes.
+    """
+    ordered = [in_forward_order(mask) for mask in masks]
+    order = sorted(range(len(ordered)), key=lambda j: [forward_order(p) for p in ordered[j]])
+    if world <= 1 or not order:
+        return [order] + [[] for _ in range(max(0, world - 1))]
+    # where the walk's mask p leaves mask p-1's path: a low value is a cut between big branches
+    split = [0] + [divergence(ordered[order[p - 1]], ordered[order[p]], n_blocks) for p in range(1, len(order))]
+    cost = [n_blocks - max(ordered[j][0].layer, split[p]) if ordered[j] else 0 for p, j in enumerate(order)]
+    prefix = [0]
+    for c in cost:
+        prefix.append(prefix[-1] + c)
+    total, cuts = prefix[-1], [0]
+    for r in range(1, world):
+        target = total * r / world
+        candidates = range(cuts[-1], len(order) + 1)
+        near = [p for p in candidates if p > 0 and abs(prefix[p] - target) <= total / world / 4] if total else []
+        cuts.append(min(near, key=lambda p: (split[p] if p < len(order) else n_blocks, abs(prefix[p] - target)))
+                    if near else min(candidates, key=lambda p: abs(prefix[p] - target)))
+    cuts.append(len(order))
+    return [order[a:b] for a, b in zip(cuts, cuts[1:])]

@@ -19,7 +19,8 @@ from . import harness
 from .errors import ConfigError
 from .loading import LoadedModel
 from .masking import without
-from .players import Player
+from .players import Player, decoder_layers
+from .schedule import shares
 from .store import ValueStore, game_key
 
 if TYPE_CHECKING:
@@ -145,7 +146,11 @@ class ValueFunction:
                 if key not in self._memo and key not in todo and not self._from_store(key):
                     raise RuntimeError(f"rank {self.ranks.rank} cannot find the stored value of {sorted(key)}")
         pending = list(todo.items())
-        mine = [index for index in range(len(pending)) if self.ranks is None or self.ranks.owns(index)]
+        if self.ranks is None:
+            mine = list(range(len(pending)))
+        else:  # whole branches of the mask trie per process, so each keeps its prefix reuse
+            blocks = len(decoder_layers(self.loaded.model)[1])
+            mine = sorted(shares([mask for _, mask in pending], self.ranks.world, n_blocks=blocks)[self.ranks.rank])
         computed: list[Evaluation] = []
         started = time.perf_counter()
         for position, results in self._compute([pending[index][1] for index in mine]):

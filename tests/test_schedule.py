@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cornerstone.players import Player
-from cornerstone.schedule import Run, branch_points, divergence, in_forward_order, plan_cache, schedule
+from cornerstone.schedule import (Run, blocks_computed, branch_points, divergence, in_forward_order, plan_cache, schedule,
+                                 shares)
 
 N_BLOCKS = 4
 
@@ -206,3 +207,37 @@ def test_every_run_starts_from_a_state_its_mask_shares(masks, sizes, cached, bud
                 kept[(run.batch, d)] = tuple(p for p in step.players if p.layer < d)
                 room -= sizes[run.batch]
         assert step.kept_bytes == sum(sizes[batch] for batch, _ in kept) == budget - room
+
+
+def test_processes_get_whole_branches_of_the_trie():
+    """Two removal chains of equal cost: each process gets one whole chain, not every other mask."""
+    chains = [mask("L1"), mask("L1", "L2"), mask("L1", "L2", "L3"), mask("L2"), mask("L2", "L3"), mask("L2", "L3.mlp")]
+    split = shares(chains, 2, n_blocks=N_BLOCKS)
+    assert sorted(map(sorted, split)) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_whole_branches_compute_fewer_blocks_than_round_robin():
+    """Prefix reuse survives the split: a process that holds a chain computes each removal from the state
+    its earlier mask kept; dealt round robin, chains break and their shared blocks are computed twice."""
+    chains = [mask(*[f"L{b}" for b in range(first, first + depth)])
+              for first in (1, 2, 3, 4) for depth in range(1, 4)]
+    n_blocks = 8
+
+    def cost(indices):
+        steps = schedule([chains[i] for i in indices], n_blocks=n_blocks, state_bytes=[1], budget=10**6)
+        return blocks_computed(steps, n_blocks)
+
+    branches = shares(chains, 2, n_blocks=n_blocks)
+    dealt = [list(range(len(chains)))[r::2] for r in range(2)]
+    assert sum(map(cost, branches)) < sum(map(cost, dealt))
+    # and neither process is left with most of the work
+    assert max(map(cost, branches)) <= 0.75 * sum(map(cost, branches))
+
+
+@given(masks=masks_strategy, world=st.integers(1, 4))
+def test_shares_split_the_masks_into_consecutive_runs_of_the_walk(masks, world):
+    split = shares(masks, world, n_blocks=N_BLOCKS)
+    assert len(split) == world
+    assert sorted(i for share in split for i in share) == list(range(len(masks)))
+    walk = [step.mask for step in schedule(masks, n_blocks=N_BLOCKS, state_bytes=[1])]
+    assert [i for share in split for i in share] == walk
