@@ -638,6 +638,9 @@ def plan(
     width: Annotated[int, typer.Option(min=1, help="beam: partial removal sets kept at every step.")] = _default(Planner, "width"),
     shortlist: Annotated[Optional[int], typer.Option(min=1, help="greedy/beam: re-measure only this many candidates per "
                                                      "step, those that hurt least at the previous one.")] = None,
+    lazy: Annotated[bool, typer.Option("--lazy", help="greedy: measure candidates best last score first, --shortlist "
+                                       "(default 4) at a time, and stop a step once none left can beat the best "
+                                       "(exact when removing more never helps).")] = False,
     search_until: Annotated[Optional[str], typer.Option("--search-until", help="greedy/beam: search on to this many "
                                                         "players or share (>= --drop) and record the whole order.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Plan path (YAML). Default: beside the report, REPORT-plan.yaml.")] = None,
@@ -653,7 +656,8 @@ def plan(
     try:
         planner = Planner(policy=policy, granularity=granularity, drop=drop, keep_first=keep_first,  # type: ignore[arg-type]
                           keep_last=keep_last, keep=_split(keep), protect_cornerstones=not no_protect,
-                          harmless_only=harmless_only, width=width, shortlist=shortlist, search_until=search_until)
+                          harmless_only=harmless_only, width=width, shortlist=shortlist, lazy=lazy,
+                          search_until=search_until)
     except ValidationError as exc:
         raise _option_error(exc, {"drop": "Write --drop 8 (a number of players) or --drop 25% (a share of the parameters).",
                                   "search_until": "Write --search-until 12 (players) or 40% (of the parameters), at least --drop."},

@@ -14,7 +14,13 @@ Policies
   that single-player scores miss. ``shortlist`` m makes it cheaper: after the first step, only the m
   candidates whose removal hurt least at the previous step are re-measured (a candidate that cost
   little one step earlier rarely costs much now; the others keep their last score as a bound), so a
-  step costs m evaluations instead of one per remaining candidate.
+  step costs m evaluations instead of one per remaining candidate. ``lazy`` keeps greedy's choice
+  where it can (lazy greedy, Minoux 1978): if a player's removal never keeps a larger share of the
+  score once more is removed, the share it kept at an earlier step bounds its score now, so
+  candidates are measured best bound first, a few at a time, and a step stops once its best measured
+  score reaches every unmeasured candidate's bound. It picks what full greedy picks whenever the
+  bounds hold (a noisy objective can break one: the step then takes the best it measured), often at
+  a handful of evaluations a step.
 - ``beam``: greedy that keeps the ``width`` best partial removal sets at every step instead of one,
   so a removal that looks worse alone but combines better survives; about ``width x candidates x
   steps`` evaluations (sets reached by two orders are measured once).
@@ -33,6 +39,7 @@ Cornerstones are protected unless ``protect_cornerstones`` is off, and so are th
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,6 +82,10 @@ class Planner(BaseModel):
     width: int = Field(4, ge=1, description="beam: partial removal sets kept at every step.")
     shortlist: int | None = Field(None, ge=1, description="greedy/beam: re-measure only this many candidates per step "
                                   "(those that hurt least at the previous step); null: all.")
+    lazy: bool = Field(False, description="greedy: measure candidates best bound first, ``shortlist`` (default 4) "
+                       "at a time, and stop a step once the best measured reaches every unmeasured candidate's bound, "
+                       "the current score times the share its removal kept when last measured (lazy greedy, Minoux "
+                       "1978; exact when a removal never keeps a larger share once more is removed).")
     search_until: int | str | None = Field(None, description="greedy/beam: search on to this many players or share of "
                                            "parameters (>= drop) and record the whole removal order; null: drop.")
 
@@ -426,7 +437,7 @@ def _contiguous(candidates: list[_Candidate], protected: dict[str, str], target:
 
 
 def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Progress | None, *, width: int = 1,
-            shortlist: int | None = None) -> tuple[list[_Candidate], list[float]]:
+            shortlist: int | None = None, lazy: bool = False) -> tuple[list[_Candidate], list[float]]:
     """Measured search for the removal order that keeps the score highest (``greedy``: ``width`` 1; ``beam``).
 
     Every step extends each kept path by one more player, measures v(N minus the path) for every
@@ -434,13 +445,19 @@ def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Pr
     the ``width`` best paths; sets reached twice are measured once (the value function memoises them).
     With ``shortlist`` m, a path tries only the m players whose removal, at the previous step, left the
     highest score (at the first step: the report's lowest importances). Ties go to the lower
-    importance, then the earlier layer. Returns the best path that meets ``target`` and its score
-    after every step.
+    importance, then the earlier layer. With ``lazy`` (greedy only), a step measures the candidates
+    best bound first, ``shortlist`` (default 4) at a time, until its best measured score is at least
+    every unmeasured candidate's bound ``v(S) * r_c``, where ``r_c = v(S' + c) / v(S')`` is the share of
+    the score c's removal kept when it was last measured (on an earlier path S'). Returns the best path that meets
+    ``target`` and its score after every step.
     """
     from .players import parse_players
 
     players = {c.name: parse_players(value.loaded.model, [c.name])[0] for c in allowed}
     last_score: dict[str, float] = {}  # each player's most recent measured score as the next removal
+    # lazy: the share of the score each player's removal kept when last measured, v(S + c) / v(S)
+    last_ratio: dict[str, float] = {}
+    base = value.evaluate_many([[]])[0].score if lazy else 0.0
 
     def promise(c: _Candidate) -> tuple[float, float, int]:
         return (-last_score[c.name] if c.name in last_score else float("-inf"), c.importance, c.layer)
@@ -461,7 +478,7 @@ def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Pr
             left = [c for c in allowed if c not in chosen]
             if not left:
                 raise target.unreachable(allowed)
-            if shortlist is not None:
+            if shortlist is not None and not lazy:
                 left = sorted(left, key=lambda c: promise(c) if last_score else (c.importance, -c.layer))[:shortlist]
             for c in left:
                 key = frozenset(x.name for x in chosen) | {c.name}
@@ -469,6 +486,15 @@ def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Pr
                     seen.add(key)
                     extensions.append((chosen + [c], scores))
         new = [path for path in extensions if len(path[1]) < len(path[0])]
+        if lazy and last_ratio:
+            now = paths[0][1][-1] if paths[0][1] else base
+
+            def bound(path: tuple[list[_Candidate], list[float]]) -> float:
+                ratio = last_ratio.get(path[0][-1].name)
+                return math.inf if ratio is None or now <= 0 else now * ratio
+
+            new.sort(key=lambda path: (-bound(path), path[0][-1].importance, -path[0][-1].layer))
+        chunk = (shortlist or 4) if lazy and last_ratio else len(new)
         planned = done + len(new)
 
         def tick(_evaluation: Any) -> None:
@@ -477,10 +503,20 @@ def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Pr
             if progress is not None:
                 progress(done, planned, f"search step {max(len(c) for c, _ in new)}")
 
-        results = value.evaluate_many([[players[c.name] for c in chosen] for chosen, _ in new], on_done=tick)
-        for (chosen, _), result in zip(new, results):
-            last_score[chosen[-1].name] = result.score
-        measured = [(chosen, scores + [result.score]) for (chosen, scores), result in zip(new, results)]
+        measured = []
+        for start in range(0, len(new), chunk):
+            batch = new[start:start + chunk]
+            results = value.evaluate_many([[players[c.name] for c in chosen] for chosen, _ in batch], on_done=tick)
+            measured += [(chosen, scores + [result.score]) for (chosen, scores), result in zip(batch, results)]
+            rest = new[start + chunk:]
+            if rest and lazy and last_ratio and max(s[-1] for _, s in measured) >= max(map(bound, rest)):
+                planned = done  # the bounds of the rest cannot beat what is measured: the step is done
+                break
+        for chosen, scores in measured:
+            last_score[chosen[-1].name] = scores[-1]
+            before = scores[-2] if len(scores) > 1 else base
+            if lazy and before > 0:
+                last_ratio[chosen[-1].name] = scores[-1] / before
         finished = [path for path in extensions if len(path[1]) == len(path[0])]
         paths = sorted(finished + measured, key=rank)[:width]
     best = min((path for path in paths if target.met(path[0])), key=rank)
@@ -564,7 +600,8 @@ def make_plan(
             raise PlanError(f"search_until {planner.search_until} is less than drop {planner.drop}",
                             hint="Give --search-until at least --drop (in the same unit), or leave it out.")
         order, order_scores = _search(allowed, until, value, progress,
-                                      width=planner.width if planner.policy == "beam" else 1, shortlist=planner.shortlist)
+                                      width=planner.width if planner.policy == "beam" else 1, shortlist=planner.shortlist,
+                                      lazy=planner.lazy and planner.policy == "greedy")
         removed_so_far = [sum(c.parameters for c in order[:k + 1]) for k in range(len(order))]
         search = [SearchStep(name=c.name, score_after=score, parameters_removed=count)
                   for c, score, count in zip(order, order_scores, removed_so_far)]
