@@ -56,7 +56,7 @@ from . import harness
 from .batching import (Batch, Request, build_batch, can_pack, check_scorable, group_rows, packed_rows, plain_rows,
                        unique_requests)
 from .masking import without
-from .players import Player, decoder_layers, text_config
+from .players import Player, decoder_layers, enumerate_players, text_config
 from .schedule import plan_cache, schedule
 
 # The dtype of the log-softmax over the vocabulary, whatever the model's: bf16 keeps ~3 significant
@@ -109,6 +109,18 @@ class Engine:
         self._cache: dict[tuple[int, int], torch.Tensor] = {}  # (batch, block entered): full-model state
         self._full: list[tuple[float, bool]] | None = None  # the full model's responses
         self.block_passes = 0  # blocks computed over all batches and masks: the work prefix reuse saves
+        # Matrix-multiply work of the forwards run, in FLOPs: what a matmul bound is computed from
+        # (bench/engine_bound.py). Per token a sublayer costs 2 x its weight matrices' entries (an MoE's
+        # every expert counted), the head 2 x its entries at each scored position only; attention's own
+        # products cost 4 x length x width per token and layer, over the padded row.
+        self.linear_flops = 0
+        self.attention_flops = 0
+        self._sublayer_flops = {(p.layer, p.kind): 2 * sum(w.numel() for w in model.get_submodule(p.module_path).parameters()
+                                                         if w.dim() >= 2)
+                                for p in enumerate_players(model)}
+        self._head_flops = 2 * self._head.weight.numel()
+        self._attention_width = getattr(config, "num_attention_heads", 0) * (
+            getattr(config, "head_dim", None) or config.hidden_size // max(1, getattr(config, "num_attention_heads", 1)))
         self._cached_blocks = plan_cache(len(self._layers), sum(self._state_bytes), cache_bytes)
         self.tokens = sum(b.inputs.shape[0] * b.inputs.shape[1] for b in self.batches)
 
@@ -225,7 +237,20 @@ class Engine:
                     stack.callback(self._layers[block - 1].register_forward_hook(keeper(block)).remove)
             results = self._forward(batch)
         self.block_passes += len(self._layers) - start
+        self._count_work(batch, players, start)
         return results, captured
+
+    def _count_work(self, batch: Batch, players: Sequence[Player], start: int) -> None:
+        rows, length = batch.inputs.shape[0], batch.inputs.shape[1]
+        removed = {(p.layer, p.kind) for p in players}
+        for layer in range(start, len(self._layers)):
+            if (layer, "block") in removed:
+                continue
+            present = [kind for kind in ("attn", "mlp") if (layer, kind) not in removed]
+            self.linear_flops += rows * length * sum(self._sublayer_flops.get((layer, kind), 0) for kind in present)
+            if "attn" in present:
+                self.attention_flops += 4 * rows * length * length * self._attention_width
+        self.linear_flops += batch.positions.numel() * self._head_flops
 
     def _forward(self, batch: Batch) -> list[tuple[int, float, bool]]:
         def scored_only(_head: Any, args: tuple) -> tuple:

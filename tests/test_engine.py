@@ -228,6 +228,32 @@ def test_masks_in_one_call_share_prefixes_and_equal_lm_eval(model_type, toy_fold
             assert engine.block_passes == alone.block_passes  # nothing kept, nothing reused
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_the_work_the_engine_counts_is_the_work_torch_counts(model_type, toy_folder, tokenizer):
+    """Engine.linear_flops and attention_flops (what bench/engine_bound.py's matmul bound divides) against
+    torch's own FLOP counter over the same evaluations: prefix reuse, removed players and scored
+    positions only must all show in both, and removed players cost nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_model(model_type)
+    model.set_attn_implementation("eager")  # attention as matmuls torch counts (it does not count CPU sdpa)
+    lm = harness.make_lm(model, tokenizer, batch_size=4)
+    engine = Engine(model, lm, harness.load_tasks(["toy_engine"], include_paths=[toy_folder]), batch_size=4)
+    sublayers, blocks = enumerate_players(model), enumerate_players(model, "block")
+    # the full pass, whose states later masks start from, and a first call of each removed module kind,
+    # which runs it once to learn what it returns (masking._skipping)
+    engine.task_results([sublayers[0], sublayers[1], blocks[1]])
+    previous = None
+    for mask in ([sublayers[-1]], [blocks[1]], [sublayers[0], blocks[2]], sublayers[1:]):
+        before = engine.linear_flops + engine.attention_flops
+        with FlopCounterMode(display=False) as counter:
+            engine.task_results(mask)
+        counted = engine.linear_flops + engine.attention_flops - before
+        assert counted == counter.get_total_flops(), [p.name for p in mask]
+        assert counted != previous
+        previous = counted
+
+
 @pytest.mark.slow
 def test_engine_equals_lm_eval_on_smollm2_with_real_and_bundled_tasks(smollm2, shared_data, tmp_path):
     specs = harness.load_tasks(["cs_real_arc_easy", "cs_capitals", "cs_antonyms"], limit=12, seed=3)

@@ -55,6 +55,7 @@ def test_masking_restores_the_model_on_exit_even_after_an_error(model_type):
         with without(model, players):
             raise RuntimeError("boom")
     assert hook_count(model) == hooks
+    assert not any("forward" in m.__dict__ for m in model.modules())
     assert torch.equal(logits(model), before)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
@@ -98,3 +99,25 @@ def test_a_removed_player_contributes_zero(model_type, player_id):
     with without(model, [player]):
         assert torch.equal(logits(model), masked)
     assert not torch.allclose(logits(model), masked)
+
+
+@pytest.mark.parametrize("model_type", TABLE_NAMES)
+def test_a_removed_player_is_not_computed(model_type):
+    """No weight of a removed player takes part in the forward (the first call of a module class may run
+    once, to learn what it returns): a second masked forward calls none of its modules that hold weights."""
+    model = table_model(model_type)
+    players = parse_players(model, ["L1.attn", "L0.mlp", "L2"])
+    calls = []
+    handles = [module.register_forward_hook(lambda *_: calls.append(1))
+               for player in players for module in model.get_submodule(player.module_path).modules()
+               if any(True for _ in module.parameters(recurse=False))]
+    with without(model, players):
+        logits(model)
+    calls.clear()
+    with without(model, players):
+        logits(model)
+    assert calls == []
+    logits(model)
+    assert calls  # unmasked, the same hooks fire: the check can fail
+    for handle in handles:
+        handle.remove()
