@@ -311,7 +311,8 @@ def _option_error(exc: Any, hints: dict[str, str], command: str, what: str) -> C
     field = str(location[0]) if location else ""
     message = first["msg"].removeprefix("Value error, ")
     given = "" if first["type"] == "value_error" or "input" not in first else f" (got {first['input']!r})"
-    return ConfigError(f"invalid {what} option --{field.replace('_', '-')}: {message}{given}",
+    named = f"option --{field.replace('_', '-')}" if field else "options"  # a check across fields names none
+    return ConfigError(f"invalid {what} {named}: {message}{given}",
                        hint=hints.get(field, f"See `cornerstone {command} --help`."))
 
 
@@ -624,10 +625,17 @@ def models(as_json: JsonOption = False) -> None:
 @app.command()
 def plan(
     report: Annotated[Path, typer.Argument(help="A JSON report written by `cornerstone score`.")],
-    drop: Annotated[str, typer.Option(help="How much to drop: a number of players (8) or a share of parameters (25%).")],
+    drop: Annotated[Optional[str], typer.Option(help="How much to drop: a number of players (8) or a share of parameters "
+                                                "(25%). Every policy but fit needs it.")] = None,
     policy: Annotated[str, typer.Option(help="lowest (one shot by importance), greedy (remove one, re-measure the rest, "
-                                        "repeat; loads the model), beam (greedy keeping --width paths) or contiguous "
-                                        "(the lowest-importance run of consecutive players).")] = _default(Planner, "policy"),
+                                        "repeat; loads the model), beam (greedy keeping --width paths), contiguous "
+                                        "(the lowest-importance run of consecutive players) or fit (the least "
+                                        "importance meeting --target on --profile's measured costs).")] = _default(Planner, "policy"),
+    target: Annotated[Optional[list[str]], typer.Option("--target", help="fit: a cost target (repeatable): kv:50% "
+                                                        "(share of the KV cache kept), weights:70% or weights:90MB, "
+                                                        "decode:1.3x or decode:4ms, prefill:1.2x or prefill:30ms.")] = None,
+    profile: Annotated[Optional[Path], typer.Option(help="fit: the cost profile (`cornerstone profile`'s JSON) the "
+                                                    "targets are measured on.")] = None,
     granularity: Annotated[str, typer.Option(help="block or sublayer (sublayer plans need a sublayer report).")] = _default(Planner, "granularity"),
     keep_first: Annotated[int, typer.Option("--keep-first", min=0, help="Never drop the first k blocks.")] = _default(Planner, "keep_first"),
     keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Never drop the last k blocks.")] = _default(Planner, "keep_last"),
@@ -657,9 +665,12 @@ def plan(
         planner = Planner(policy=policy, granularity=granularity, drop=drop, keep_first=keep_first,  # type: ignore[arg-type]
                           keep_last=keep_last, keep=_split(keep), protect_cornerstones=not no_protect,
                           harmless_only=harmless_only, width=width, shortlist=shortlist, lazy=lazy,
-                          search_until=search_until)
+                          search_until=search_until, targets=[t for text in target or [] for t in _split(text)],
+                          profile=str(profile) if profile is not None else None)
     except ValidationError as exc:
         raise _option_error(exc, {"drop": "Write --drop 8 (a number of players) or --drop 25% (a share of the parameters).",
+                                  "": "Give --drop with a policy other than fit, or --policy fit with --target "
+                                            "and --profile (made by `cornerstone profile MODEL`).",
                                   "search_until": "Write --search-until 12 (players) or 40% (of the parameters), at least --drop."},
                             "plan", "planning") from None
     console = Console(stderr=True)
@@ -682,10 +693,73 @@ def plan(
     Console().print(table)
     if made.protected:
         typer.echo("protected: " + ", ".join(f"{p.name} ({p.reason})" for p in made.protected))
+    for measure, cost in (made.fit or {}).get("measures", {}).items():
+        typer.echo(f"{measure}: {_cost_text(measure, cost['whole'])} -> {_cost_text(measure, cost['whole'] - cost['saved'])} "
+                   f"predicted (target at most {_cost_text(measure, cost['limit'])}; from the profile's summed costs)")
     if made.predicted_score is not None:
         what = "measured score" if made.predicted_measured else "estimated score (not measured)"
         typer.echo(f"{what} {made.predicted_score:.4f} (full model {made.report['base_score']:.4f}): {made.predicted_by}")
     typer.echo(f"plan: {path}")
+
+
+def _cost_text(measure: str, value: float) -> str:
+    """A cost in its unit: bytes as MiB/KiB, times as ms."""
+    if measure in ("prefill", "decode"):
+        return f"{value * 1e3:.2f} ms"
+    return f"{value / 2**20:,.2f} MiB" if measure == "weights" else f"{value / 2**10:,.2f} KiB/token"
+
+
+@app.command()
+def profile(
+    model: ModelArgument,
+    out: Annotated[Optional[Path], typer.Option(callback=_output_file, help="Profile path (JSON). Default: "
+                                                "cornerstone-output/MODEL-profile-DEVICE-DTYPE.json.")] = None,
+    prefill: Annotated[str, typer.Option(help="Prompt lengths to time, comma-separated; prefill targets use the first.")] = "256",
+    decode: Annotated[str, typer.Option(help="Decode shapes CONTEXTxBATCH to time, comma-separated; decode and kv "
+                                        "targets use the first.")] = "512x1",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per shape (after a warm-up); the median is kept.")] = 5,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16: the dtype you will serve in.")] = "float32",
+    device: DeviceOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: AllowPickleOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure what each sublayer of MODEL costs on this device (weights, KV cache, prefill and decode time), for `plan --policy fit`."""
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    from .costs import ProfileSettings, measure_profile
+    from .loading import load_model
+
+    try:
+        settings = ProfileSettings(prefill_lengths=_split(prefill), decode_shapes=_split(decode), repeats=repeats)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise _option_error(exc, {"prefill_lengths": "Write e.g. --prefill 128,512.",
+                                  "decode_shapes": "Write e.g. --decode 512x1,2048x8 (context x batch)."},
+                            "profile", "profiling") from None
+    console = Console(stderr=True)
+    with console.status(f"loading {model} ({dtype})"):
+        loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    with _progress_bar(console, "profiling") as progress:
+        measured = measure_profile(loaded, settings, progress=progress)
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name)
+    path = measured.save(out or Path("cornerstone-output") / f"{safe}-profile-{measured.device.replace(':', '')}-{measured.dtype}.json")
+    if as_json:
+        _print_json({**measured.model_dump(mode="json"), "path": str(path)})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"cost profile of {model} on {measured.device} ({measured.dtype}, {measured.machine.get('cpu') or ''})")
+    for column in ("player", "weights", "KV/token", f"prefill {settings.prefill_lengths[0]}", f"decode {settings.decode_shapes[0]}"):
+        table.add_column(column, justify="left" if column == "player" else "right")
+    rows = [(name, cost.model_dump()) for name, cost in measured.players.items()]
+    rows.append(("whole model", measured.totals))
+    for name, cost in rows:
+        table.add_row(name, _cost_text("weights", cost["weight_bytes"]), f"{cost['kv_bytes_per_token'] / 2**10:,.2f} KiB",
+                      _cost_text("prefill", cost["prefill_seconds"][str(settings.prefill_lengths[0])]),
+                      _cost_text("decode", cost["decode_seconds"][settings.decode_shapes[0]]))
+    Console().print(table)
+    typer.echo(f"profile: {path}")
 
 
 @app.command()

@@ -104,7 +104,9 @@ def model_card(loaded: LoadedModel, plan: Plan, result: ExportResult) -> str:
               f"Scores: {plan.report.get('method')} at {plan.report.get('granularity')} granularity on "
               f"{', '.join(plan.report.get('tasks') or [])}; full-model score {plan.report.get('base_score', 0):.4f}, "
               f"chance {plan.report.get('chance', 0):.4f}; cornerstones: {', '.join(plan.report.get('cornerstones') or []) or 'none'}.",
-              f"Plan: policy `{plan.planner.policy}`, drop `{plan.planner.drop}`, keep_first {plan.planner.keep_first}, "
+              f"Plan: policy `{plan.planner.policy}`, "
+              + (f"targets `{', '.join(plan.planner.targets)}`" if plan.planner.targets else f"drop `{plan.planner.drop}`")
+              + f", keep_first {plan.planner.keep_first}, "
               f"keep_last {plan.planner.keep_last}, cornerstones protected: {plan.planner.protect_cornerstones}.", "",
               "| player | importance | rank | parameters | reason |", "|---|---|---|---|---|"]
     lines += [f"| {r.name} | {r.importance:+.4f} | {r.rank} | {r.parameters:,} | {r.reason} |" for r in plan.removed]

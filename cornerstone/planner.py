@@ -24,6 +24,9 @@ Policies
 - ``beam``: greedy that keeps the ``width`` best partial removal sets at every step instead of one,
   so a removal that looks worse alone but combines better survives; about ``width x candidates x
   steps`` evaluations (sets reached by two orders are measured once).
+- ``fit``: drop what meets cost ``targets`` (KV cache, weight bytes, prefill or decode time, measured
+  per sublayer on a device: :mod:`cornerstone.costs`) with the least summed importance, solved exactly
+  as a covering knapsack (:mod:`cornerstone.solver`, HiGHS), as NVIDIA's Puzzle plans to measured costs.
 - ``contiguous``: drop the consecutive span with the lowest summed importance (the span choice of
   angular-distance pruning, Gromov et al. 2024, https://arxiv.org/abs/2403.17887). With an
   ``angular`` report and a block plan, the span with the smallest measured distance d(l, n) between
@@ -70,9 +73,14 @@ class Planner(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["lowest", "greedy", "beam", "contiguous"] = "lowest"
+    policy: Literal["lowest", "greedy", "beam", "contiguous", "fit"] = "lowest"
     granularity: Literal["block", "sublayer"] = "block"
-    drop: int | str
+    drop: int | str | None = Field(None, description="Players (8) or a share of parameters (25%) to drop; every "
+                                   "policy but fit needs it.")
+    targets: list[str] = Field(default_factory=list, description="fit: cost targets the pruned model must meet, "
+                               "e.g. [kv:50%, decode:1.3x, weights:90MB] (cornerstone.costs.parse_target).")
+    profile: str | None = Field(None, description="fit: the cost profile (cornerstone profile's JSON) the targets "
+                                "are measured against.")
     keep_first: int = Field(1, ge=0, description="Never drop the first k blocks.")
     keep_last: int = Field(1, ge=0, description="Never drop the last k blocks.")
     protect_cornerstones: bool = True
@@ -89,6 +97,19 @@ class Planner(BaseModel):
     search_until: int | str | None = Field(None, description="greedy/beam: search on to this many players or share of "
                                            "parameters (>= drop) and record the whole removal order; null: drop.")
 
+    @model_validator(mode="after")
+    def _what_to_drop(self) -> "Planner":
+        if self.policy == "fit":
+            if not self.targets or self.profile is None:
+                raise ValueError("policy fit needs targets and a cost profile (--target kv:50% --profile PROFILE.json)")
+            if self.drop is not None:
+                raise ValueError("policy fit chooses how much to drop from its targets; leave drop out")
+        elif self.drop is None:
+            raise ValueError("drop is required: a number of players (8) or a share of parameters (25%)")
+        elif self.targets:
+            raise ValueError("targets are planned with policy fit (--policy fit)")
+        return self
+
     @field_validator("search_until")
     @classmethod
     def _check_until(cls, until: int | str | None) -> int | str | None:
@@ -96,7 +117,9 @@ class Planner(BaseModel):
 
     @field_validator("drop")
     @classmethod
-    def _check_drop(cls, drop: int | str) -> int | str:
+    def _check_drop(cls, drop: int | str | None) -> int | str | None:
+        if drop is None:
+            return None
         if isinstance(drop, str) and drop.strip().isdigit():
             drop = int(drop)
         if isinstance(drop, int):
@@ -220,6 +243,8 @@ class Plan(BaseModel):
     predicted_measured: bool = Field(False, description="Whether predicted_score was measured on the scored documents.")
     search: list[SearchStep] | None = Field(None, description="greedy/beam: the whole removal order, with the "
                                             "measured score after each step (to planner.search_until).")
+    fit: dict[str, Any] | None = Field(None, description="fit: the solver, and per measure the whole model's cost, "
+                                       "the predicted saving and the limit the targets set.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Plan":
@@ -581,10 +606,13 @@ def make_plan(
     candidates = _candidates(report, planner.granularity, counts)
     protected = _protection(candidates, planner, num_blocks)
     allowed = [c for c in candidates if c.name not in protected]
-    target = _Target(planner.drop, total_parameters)
+    target = _Target(planner.drop, total_parameters) if planner.drop is not None else None
     step_scores: list[float] = []
     search: list[SearchStep] | None = None
-    if planner.policy == "lowest":
+    fit: dict[str, Any] | None = None
+    if planner.policy == "fit":
+        chosen, fit = _fit(allowed, planner, report)
+    elif planner.policy == "lowest":
         chosen = _lowest(allowed, target)
     elif planner.policy == "contiguous":
         span_distance = _span_distance(report, planner)
@@ -618,7 +646,8 @@ def make_plan(
                "greedy": f"greedy step {step + 1}: its removal hurt least ({step_scores[step]:.4f} after)"
                if step_scores else "",
                "beam": f"beam step {step + 1} of the best path ({step_scores[step]:.4f} after)"
-               if step_scores else ""}[planner.policy]
+               if step_scores else "",
+               "fit": f"{importance}{c.note}: part of the least-loss set meeting {', '.join(planner.targets)}"}[planner.policy]
         removals.append(PlannedRemoval(name=c.name, layer=c.layer, kind=c.kind, importance=c.importance, rank=c.rank,
                                        parameters=c.parameters, reason=why + "; not protected",
                                        stderr=c.stderr, effect=c.effect,
@@ -626,7 +655,7 @@ def make_plan(
                                        score_after=step_scores[step] if step_scores else None))
     emptied = removed_blocks(chosen)
     if len(emptied) == num_blocks:
-        raise PlanError(f"dropping {target.text} would remove every block of the model")
+        raise PlanError(f"dropping {target.text if target else ', '.join(planner.targets)} would remove every block of the model")
     predicted, predicted_by = _prediction(report, chosen, step_scores)
     return Plan(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -650,7 +679,33 @@ def make_plan(
         predicted_by=predicted_by,
         predicted_measured=bool(step_scores),
         search=search,
+        fit=fit,
     )
+
+
+def _fit(allowed: list[_Candidate], planner: Planner, report: ScoreReport) -> tuple[list[_Candidate], dict[str, Any]]:
+    """The least-importance set of ``allowed`` whose summed costs meet ``planner.targets`` (policy fit)."""
+    from .costs import CostProfile, needs, parse_target
+    from .solver import Item, solve
+
+    profile = CostProfile.load(planner.profile)  # type: ignore[arg-type]
+    layers = report.model.get("num_hidden_layers")
+    if profile.model.get("num_hidden_layers") != layers or (
+            profile.model.get("fingerprint") and report.model.get("fingerprint")
+            and profile.model["fingerprint"] != report.model["fingerprint"]):
+        raise PlanError(f"the cost profile '{planner.profile}' was measured on another model than the report's",
+                        hint="Profile the report's model: cornerstone profile MODEL --out PROFILE.json.")
+    targets = [parse_target(text, profile) for text in planner.targets]
+    need = needs(targets, profile)
+    items = [Item(c.name, c.importance, {m: profile.cost(c.name, m) for m in need}) for c in allowed]
+    solution = solve(items, need)
+    by_name = {c.name: c for c in allowed}
+    measures = {t.measure for t in targets}
+    return [by_name[n] for n in solution.names], {
+        "solver": solution.method, "profile": planner.profile, "device": profile.device, "dtype": profile.dtype,
+        "measures": {m: {"whole": profile.total(m), "saved": sum(profile.cost(n, m) for n in solution.names),
+                         "limit": min(t.limit for t in targets if t.measure == m)} for m in sorted(measures)},
+        "summed_importance": solution.loss}
 
 
 def _document_record(report: ScoreReport) -> dict[str, Any] | None:

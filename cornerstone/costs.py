@@ -1,0 +1,318 @@
+"""What each player costs on a device, and what a target asks to save: the data behind ``plan --target``.
+
+:func:`measure_profile` (``cornerstone profile MODEL``) measures, for every attention and MLP
+sublayer of a loaded model, on the device it is loaded on:
+
+* ``weight_bytes``: the bytes its weights take (shared weights counted once);
+* ``kv_bytes_per_token``: an attention sublayer's KV-cache bytes per token, 2 (keys and values) x KV
+  heads x head size x element size; a sliding-window layer holds at most its window
+  (``kv_window``), so at context c it costs ``min(c, window) / c`` of that per token (the ``kv``
+  measure is taken at the first decode shape's context);
+* ``prefill_seconds`` at each prompt length and ``decode_seconds`` at each (context, batch): the time
+  spent inside the sublayer during the model's own forward, timed by hooks around it (the device
+  synchronised on a GPU), median over repeats. Timing inside the real forward, caches and masks
+  included, needs no per-architecture call of a sublayer alone.
+
+Per shape it also records the whole forward's median time (``totals``): what is left after the
+sublayers (embeddings, norms, LM head, Python) is not removable, and a speed-up is measured against
+the total. A block's cost is the sum of its two sublayers'. Savings add up across players: the
+assumption the planner's solver (:mod:`cornerstone.solver`) rests on, checked after export by
+measuring the pruned model itself (``evaluate``'s speed).
+
+Targets (:func:`parse_target`): ``weights:70%`` (keep at most 70% of the weight bytes), ``weights:90MB``,
+``kv:50%`` (of the KV cache per token), ``decode:1.3x`` / ``prefill:1.2x`` (a speed-up at the profile's
+first decode / prefill shape), ``decode:4ms`` / ``prefill:30ms`` (absolute time per step). Each
+becomes a need: what the removed players must save together.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import ConfigError, PlanError, ReportError
+from .files import atomic_write, parse_json, read_validated
+
+PROFILE_SCHEMA_VERSION = 1
+
+
+class PlayerCost(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    layer: int = Field(ge=0)
+    kind: str
+    weight_bytes: int = Field(ge=0)
+    kv_bytes_per_token: int = Field(ge=0)
+    kv_window: int | None = Field(None, ge=1)
+    prefill_seconds: dict[str, float]
+    decode_seconds: dict[str, float]
+
+
+class CostProfile(BaseModel):
+    """Per-sublayer costs of one model on one device (``cornerstone profile``'s JSON)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    schema_version: int = PROFILE_SCHEMA_VERSION
+    created: str
+    model: dict[str, Any]
+    device: str
+    dtype: str
+    machine: dict[str, Any]
+    versions: dict[str, str]
+    prefill_lengths: list[int]
+    decode_shapes: list[str] = Field(description="CONTEXTxBATCH, e.g. 512x1")
+    players: dict[str, PlayerCost]
+    totals: dict[str, Any] = Field(description="weight_bytes, kv_bytes_per_token, prefill_seconds and decode_seconds "
+                                   "of the whole model")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        atomic_write(path, (self.model_dump_json(indent=2) + "\n").encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostProfile:
+        profile = read_validated(cls, path, parse_json, "JSON", ReportError, "cost profile",
+                                 hint="Make one with `cornerstone profile MODEL --out PROFILE.json`.")
+        for name, cost in profile.players.items():
+            missing = [s for s in profile.prefill_lengths if str(s) not in cost.prefill_seconds]
+            missing += [s for s in profile.decode_shapes if s not in cost.decode_seconds]
+            if missing or cost.kind not in ("attn", "mlp") or name != f"L{cost.layer}.{cost.kind}":
+                raise ReportError(f"cost profile '{path}': player {name} is inconsistent (name, kind or shapes)",
+                                  hint="Re-measure with `cornerstone profile`.")
+        return profile
+
+    def cost(self, name: str, measure: str) -> float:
+        """What removing player ``name`` (``L5``, ``L5.attn``) saves in ``measure`` (a :data:`MEASURES` key)."""
+        members = [name] if "." in name else [f"{name}.attn", f"{name}.mlp"]
+        if any(m not in self.players for m in members):
+            raise PlanError(f"the cost profile has no costs for {name}", hint="Profile the model the report was made on.")
+        return sum(_measure(self.players[m], measure, self) for m in members)
+
+    def total(self, measure: str) -> float:
+        return _measure(None, measure, self)
+
+
+def _measure(cost: PlayerCost | None, measure: str, profile: CostProfile) -> float:
+    source = cost.model_dump() if cost is not None else profile.totals
+    if measure == "weights":
+        return float(source["weight_bytes"])
+    if measure == "kv":  # at the first decode shape's context: a sliding-window layer holds at most its window
+        if cost is None:
+            return sum(_measure(c, "kv", profile) for c in profile.players.values())
+        context = _decode_shape(profile.decode_shapes[0])[0]
+        return float(cost.kv_bytes_per_token) * (min(context, cost.kv_window) / context if cost.kv_window else 1.0)
+    if measure == "prefill":
+        return float(source["prefill_seconds"][str(profile.prefill_lengths[0])])
+    if measure == "decode":
+        return float(source["decode_seconds"][profile.decode_shapes[0]])
+    raise ConfigError(f"unknown cost '{measure}'", hint=f"Use one of: {', '.join(MEASURES)}.")
+
+
+MEASURES = ("weights", "kv", "prefill", "decode")
+_TARGET = re.compile(r"^\s*(weights|kv|prefill|decode)\s*:\s*(\d+(?:\.\d+)?)\s*(%|x|mb|gb|kb|ms|s)\s*$", re.I)
+_UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "ms": 1e-3, "s": 1.0}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One cost target: ``measure`` must end at most ``limit`` (same unit as the profile's totals)."""
+
+    text: str
+    measure: str
+    limit: float
+
+    def need(self, profile: CostProfile) -> float:
+        """What the removed players must save together."""
+        return profile.total(self.measure) - self.limit
+
+
+def parse_target(text: str, profile: CostProfile) -> Target:
+    """``kv:50%``, ``weights:90MB``, ``decode:1.3x``, ``prefill:30ms``: see the module docstring."""
+    match = _TARGET.match(text)
+    if match is None:
+        raise ConfigError(f"target '{text}' is not understood",
+                          hint="Write e.g. --target kv:50% (share kept), weights:90MB, decode:1.3x (speed-up) or decode:4ms.")
+    measure, number, unit = match.group(1).lower(), float(match.group(2)), match.group(3).lower()
+    total = profile.total(measure)
+    if unit == "%":
+        if not 0 < number < 100:
+            raise ConfigError(f"target '{text}': a share kept must lie between 0% and 100%")
+        limit = total * number / 100
+    elif unit == "x":
+        if measure not in ("prefill", "decode") or number <= 1:
+            raise ConfigError(f"target '{text}': a speed-up applies to prefill or decode and must exceed 1x")
+        limit = total / number
+    elif (unit in ("ms", "s")) != (measure in ("prefill", "decode")):
+        raise ConfigError(f"target '{text}': {measure} is measured in "
+                          f"{'seconds (ms, s)' if measure in ('prefill', 'decode') else 'bytes (KB, MB, GB)'}")
+    elif measure == "kv":
+        raise ConfigError(f"target '{text}': give the KV cache as a share kept (kv:50%)")
+    else:
+        limit = number * _UNITS[unit]
+    return Target(text=text, measure=measure, limit=limit)
+
+
+class ProfileSettings(BaseModel):
+    """What ``cornerstone profile`` measures: the shapes timed and how often."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefill_lengths: list[int] = Field([256], min_length=1, description="Prompt lengths timed (batch 1); the first "
+                                       "is the one prefill targets refer to.")
+    decode_shapes: list[str] = Field(["512x1"], min_length=1, description="CONTEXTxBATCH decode shapes timed (one new "
+                                     "token after CONTEXT cached ones); the first is the one decode and kv targets "
+                                     "refer to.")
+    repeats: int = Field(5, ge=1, description="Timed runs per shape (after one warm-up); the median is kept.")
+    seed: int = 0
+
+    @field_validator("prefill_lengths")
+    @classmethod
+    def _lengths(cls, lengths: list[int]) -> list[int]:
+        if any(length < 1 for length in lengths):
+            raise ValueError("prompt lengths must be at least 1 token")
+        return lengths
+
+    @field_validator("decode_shapes")
+    @classmethod
+    def _shapes(cls, shapes: list[str]) -> list[str]:
+        for shape in shapes:
+            if re.fullmatch(r"[1-9]\d*x[1-9]\d*", shape.strip()) is None:
+                raise ValueError(f"decode shape '{shape}' is not CONTEXTxBATCH (e.g. 512x1)")
+        return [shape.strip() for shape in shapes]
+
+
+def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progress: Any = None) -> CostProfile:
+    """Measure every sublayer's costs on the device ``loaded`` sits on (module docstring).
+
+    ``progress(done, total, what)`` is called after each shape."""
+    import torch
+
+    from .players import enumerate_players, player_parameters, text_config, unique_parameters
+    from .provenance import machine, package_versions
+
+    settings = settings or ProfileSettings()
+    prefill_lengths, decode_shapes, repeats = settings.prefill_lengths, settings.decode_shapes, settings.repeats
+    model = loaded.model
+    config = text_config(model.config)
+    players = enumerate_players(model)
+    element = torch.finfo(model.dtype).bits // 8
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    shapes = [_decode_shape(s) for s in decode_shapes]
+    cuda = model.device.type == "cuda"
+    generator = torch.Generator().manual_seed(settings.seed)
+    vocab = model.get_input_embeddings().weight.shape[0]
+
+    spent: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize(model.device)
+        return time.perf_counter()
+
+    def before(name: str) -> Any:
+        return lambda *_: started.__setitem__(name, now())
+
+    def after(name: str) -> Any:
+        return lambda *_: spent.__setitem__(name, spent.get(name, 0.0) + now() - started[name])
+
+    handles = []
+    for p in players:
+        module = model.get_submodule(p.module_path)
+        handles += [module.register_forward_pre_hook(before(p.name)), module.register_forward_hook(after(p.name))]
+    per_player: dict[str, dict[str, list[float]]] = {p.name: {} for p in players}
+    totals: dict[str, list[float]] = {}
+
+    def timed(key: str, run: Any, prepare: Any = lambda: None) -> None:
+        for repeat in range(repeats + 1):  # the first is a warm-up
+            state = prepare()  # untimed: e.g. a fresh copy of the decode cache
+            spent.clear()
+            t0 = now()
+            run(state)
+            elapsed = now() - t0
+            if repeat == 0:
+                continue
+            totals.setdefault(key, []).append(elapsed)
+            for p in players:
+                per_player[p.name].setdefault(key, []).append(spent.get(p.name, 0.0))
+
+    # transformers 5 renamed the forward's cache argument; older releases take past_key_values
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    try:
+        with torch.inference_mode():
+            for length in prefill_lengths:
+                ids = torch.randint(0, vocab, (1, length), generator=generator).to(model.device)
+                timed(f"prefill:{length}", lambda _, ids=ids: model(input_ids=ids, use_cache=False))
+                if progress:
+                    progress(len(totals), len(prefill_lengths) + len(shapes), f"prefill {length}")
+            for text, (context, batch) in zip(decode_shapes, shapes):
+                ids = torch.randint(0, vocab, (batch, context + 1), generator=generator).to(model.device)
+                filled = model(input_ids=ids[:, :context], use_cache=True).past_key_values
+                # every timed step starts from the same CONTEXT cached tokens (a copy: a step appends to its cache)
+                timed(f"decode:{text}", lambda cache, ids=ids, context=context: model(
+                    input_ids=ids[:, context:], use_cache=True, **{cache_argument: cache}),
+                      prepare=lambda filled=filled: copy.deepcopy(filled))
+                if progress:
+                    progress(len(totals), len(prefill_lengths) + len(shapes), f"decode {text}")
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def median(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    costs = {}
+    for p in players:
+        sliding = window if window and layer_types and layer_types[p.layer] == "sliding_attention" else None
+        costs[p.name] = PlayerCost(
+            layer=p.layer, kind=p.kind, weight_bytes=player_parameters(model, p) * element,
+            kv_bytes_per_token=2 * kv_heads * head_dim * element if p.kind == "attn" else 0,
+            kv_window=sliding if p.kind == "attn" else None,
+            prefill_seconds={str(s): median(per_player[p.name][f"prefill:{s}"]) for s in prefill_lengths},
+            decode_seconds={s: median(per_player[p.name][f"decode:{s}"]) for s in decode_shapes})
+    return CostProfile(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), model=loaded.describe(),
+        device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
+        machine={**machine(), **({"gpu": torch.cuda.get_device_name(model.device)} if cuda else {})},
+        versions=package_versions(), prefill_lengths=list(prefill_lengths), decode_shapes=list(decode_shapes),
+        players=costs,
+        totals={"weight_bytes": unique_parameters(model) * element,
+                "kv_bytes_per_token": sum(c.kv_bytes_per_token for c in costs.values()),
+                "prefill_seconds": {str(s): median(totals[f"prefill:{s}"]) for s in prefill_lengths},
+                "decode_seconds": {s: median(totals[f"decode:{s}"]) for s in decode_shapes}})
+
+
+def _decode_shape(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ConfigError(f"decode shape '{text}' is not CONTEXTxBATCH", hint="Write e.g. 512x1 (context 512, batch 1).")
+    return int(match.group(1)), int(match.group(2))
+
+
+def needs(targets: Sequence[Target], profile: CostProfile) -> dict[str, float]:
+    """The saving each measure needs: the largest any target on it asks."""
+    out: dict[str, float] = {}
+    for target in targets:
+        out[target.measure] = max(out.get(target.measure, 0.0), target.need(profile))
+    return out
+
+
+def savings(profile: CostProfile, names: Sequence[str], measures: Mapping[str, float] | Sequence[str]) -> dict[str, float]:
+    """What removing ``names`` saves in each measure (savings added up)."""
+    return {m: sum(profile.cost(n, m) for n in names) for m in measures}

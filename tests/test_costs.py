@@ -1,0 +1,195 @@
+"""Cost profiles (`cornerstone profile`) and plans to a cost target (`plan --policy fit`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from cornerstone.cli import app
+from cornerstone.costs import CostProfile, PlayerCost, ProfileSettings, measure_profile, parse_target
+from cornerstone.errors import ConfigError, PlanError, ReportError
+from cornerstone.loading import load_model
+from cornerstone.planner import Planner, make_plan
+
+from .architectures import random_model
+from .conftest import TINY_CONFIGS
+from .test_planner import EIGHT, report_with
+
+runner = CliRunner()
+SMALL = ProfileSettings(prefill_lengths=[12], decode_shapes=["16x2"], repeats=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
+
+
+def test_a_profile_holds_every_sublayers_weights_kv_cache_and_time(tiny_llama, tmp_path):
+    profile = measure_profile(tiny_llama, SMALL)
+    config = tiny_llama.model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert sorted(profile.players) == sorted(f"L{i}.{k}" for i in range(config.num_hidden_layers) for k in ("attn", "mlp"))
+    model = tiny_llama.model
+    outside = {id(p): p for m in (model.model.embed_tokens, model.model.norm, model.lm_head) for p in m.parameters()}
+    # every float32 weight is in exactly one sublayer, or outside the blocks (embeddings, final norm, head)
+    assert sum(c.weight_bytes for c in profile.players.values()) + 4 * sum(p.numel() for p in outside.values()) \
+        == profile.total("weights") == 4 * sum(p.numel() for p in model.parameters())
+    for name, cost in profile.players.items():
+        assert cost.weight_bytes > 0
+        # a float32 key and value per KV head per token; an MLP keeps no cache
+        assert cost.kv_bytes_per_token == (2 * config.num_key_value_heads * head_dim * 4 if cost.kind == "attn" else 0)
+        assert cost.prefill_seconds["12"] > 0 and cost.decode_seconds["16x2"] > 0
+    # the sublayers are part of the whole forward: their time and weights are less than its
+    for measure in ("weights", "prefill", "decode"):
+        assert sum(profile.cost(n, measure) for n in profile.players) < profile.total(measure)
+    assert profile.total("kv") == sum(profile.cost(n, "kv") for n in profile.players)
+    assert CostProfile.load(profile.save(tmp_path / "p.json")) == profile
+
+
+def test_the_time_of_a_sublayer_is_measured_inside_it(tiny_llama, monkeypatch):
+    """A sublayer made slow (a sleep inside its forward) is the one the profile finds slow."""
+    mlp = tiny_llama.model.model.layers[1].mlp
+    forward = mlp.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.03)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(mlp, "forward", slow)
+    profile = measure_profile(tiny_llama, SMALL)
+    for measure in ("prefill", "decode"):
+        costs = {name: profile.cost(name, measure) for name in profile.players}
+        assert max(costs, key=costs.get) == "L1.mlp"
+        assert costs["L1.mlp"] >= 0.03
+        assert profile.total(measure) >= 0.03
+
+
+def test_sliding_window_layers_hold_at_most_their_window(tmp_path):
+    """Gemma 3: the decode cache is cropped back between timed steps, and a sliding layer's KV cost per
+    token at the profiled context is its window's share of a global layer's."""
+    from cornerstone.loading import LoadedModel
+
+    config = {**TINY_CONFIGS["gemma3_text"], "num_hidden_layers": 4, "layer_types":
+              ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}
+    model = random_model("gemma3_text", **config, vocab_size=300)
+    loaded = LoadedModel(model=model, tokenizer=None, spec="tiny-gemma3", source="folder", location=str(tmp_path),
+                         fingerprint="g", dtype="float32", device="cpu", load_seconds=0.0)
+    profile = measure_profile(loaded, SMALL)
+    sliding, full = profile.players["L0.attn"], profile.players["L1.attn"]
+    assert sliding.kv_window == 4 and full.kv_window is None
+    assert sliding.kv_bytes_per_token == full.kv_bytes_per_token
+    assert profile.cost("L0.attn", "kv") == pytest.approx(profile.cost("L1.attn", "kv") * 4 / 16)
+
+
+def synthetic_profile(kv: dict[str, int], decode: dict[str, float], weights: dict[str, int] | None = None,
+                      layers: int = 8) -> CostProfile:
+    """A profile of the toy report's model with the given per-block costs (attention holds the KV cache and
+    the decode time; the MLP the weights)."""
+    weights = weights or {f"L{i}": 100 for i in range(layers)}
+    players = {}
+    for i in range(layers):
+        block = f"L{i}"
+        players[f"{block}.attn"] = PlayerCost(layer=i, kind="attn", weight_bytes=0, kv_bytes_per_token=kv.get(block, 0),
+                                              prefill_seconds={"8": 0.0}, decode_seconds={"32x1": decode.get(block, 0.0)})
+        players[f"{block}.mlp"] = PlayerCost(layer=i, kind="mlp", weight_bytes=weights[block], kv_bytes_per_token=0,
+                                             prefill_seconds={"8": 0.0}, decode_seconds={"32x1": 0.0})
+    return CostProfile(created="2026-01-01T00:00:00+00:00", model={"spec": "toy", "fingerprint": "toy",
+                                                                   "num_hidden_layers": layers},
+                       device="cpu", dtype="float32", machine={}, versions={}, prefill_lengths=[8], decode_shapes=["32x1"],
+                       players=players, totals={"weight_bytes": sum(weights.values()) + 500,
+                                                "kv_bytes_per_token": sum(kv.values()),
+                                                "prefill_seconds": {"8": 1.0}, "decode_seconds": {"32x1": 1.0}})
+
+
+def test_a_fit_plan_is_the_least_important_set_that_meets_every_target(tmp_path):
+    kv = {f"L{i}": 10 for i in range(8)}
+    kv["L3"] = 2  # the least important block holds little cache: it alone does not reach the KV target
+    decode = {f"L{i}": 0.05 for i in range(8)}
+    decode["L6"] = 0.3
+    path = synthetic_profile(kv, decode).save(tmp_path / "profile.json")
+    targets = ["kv:70%", "decode:1.25x"]
+    plan = make_plan(report_with(EIGHT), Planner(policy="fit", targets=targets, profile=str(path)))
+    profile = CostProfile.load(path)
+    need = {t.measure: t.need(profile) for t in (parse_target(text, profile) for text in targets)}
+    allowed = [n for n in EIGHT if n not in ("L0", "L7")]  # first and last blocks are kept by default
+    feasible = [set(s) for r in range(len(allowed) + 1) for s in itertools.combinations(allowed, r)
+                if all(sum(profile.cost(n, m) for n in s) >= need[m] - 1e-12 for m in need)]
+    best = min(feasible, key=lambda s: sum(EIGHT[n] for n in s))
+    assert set(plan.player_names) == best
+    for measure, cost in plan.fit["measures"].items():
+        assert cost["whole"] - cost["saved"] <= cost["limit"] + 1e-9
+    # meeting the targets costs something here: the lowest-importance blocks alone do not
+    assert set(plan.player_names) != {"L3", "L5"}
+
+
+def test_fit_refuses_what_it_cannot_meet_and_profiles_of_other_models(tmp_path):
+    path = synthetic_profile({f"L{i}": 10 for i in range(8)}, {}).save(tmp_path / "profile.json")
+    with pytest.raises(PlanError, match="kv"):
+        make_plan(report_with(EIGHT), Planner(policy="fit", targets=["kv:10%"], profile=str(path)))
+    other = synthetic_profile({f"L{i}": 10 for i in range(6)}, {}, layers=6).save(tmp_path / "other.json")
+    with pytest.raises(PlanError, match="another model"):
+        make_plan(report_with(EIGHT), Planner(policy="fit", targets=["kv:50%"], profile=str(other)))
+    with pytest.raises(ValueError, match="targets and a cost profile"):
+        Planner(policy="fit", targets=["kv:50%"])
+    with pytest.raises(ValueError, match="leave drop out"):
+        Planner(policy="fit", drop=3, targets=["kv:50%"], profile=str(path))
+    with pytest.raises(ValueError, match="policy fit"):
+        Planner(drop=3, targets=["kv:50%"])
+
+
+@pytest.mark.parametrize("text", ["kv:150%", "kv:0%", "decode:0.9x", "weights:1.3x", "kv:4MB", "decode:90MB",
+                                  "weights:4ms", "speed:2x", "kv:50"])
+def test_a_target_that_means_nothing_is_refused(text, tmp_path):
+    profile = synthetic_profile({"L1": 10}, {"L1": 0.1})
+    with pytest.raises(ConfigError, match="target"):
+        parse_target(text, profile)
+
+
+@pytest.mark.parametrize("edit", ["not json", "nan", "renamed", "negative", "extra", "missing shape"])
+def test_an_edited_profile_is_refused_in_one_line(edit, tmp_path):
+    data = json.loads(synthetic_profile({"L1": 10}, {"L1": 0.1}).model_dump_json())
+    if edit == "nan":
+        data["players"]["L1.attn"]["decode_seconds"]["32x1"] = float("nan")
+    elif edit == "renamed":
+        data["players"]["L9.attn"] = data["players"].pop("L1.attn")
+    elif edit == "negative":
+        data["players"]["L1.attn"]["kv_bytes_per_token"] = -5
+    elif edit == "extra":
+        data["players"]["L1.attn"]["free_lunch"] = 1
+    elif edit == "missing shape":
+        data["players"]["L1.attn"]["decode_seconds"] = {}
+    path = tmp_path / "profile.json"
+    path.write_text("{not json" if edit == "not json" else json.dumps(data).replace("NaN", "NaN"))
+    with pytest.raises(ReportError) as error:
+        CostProfile.load(path)
+    assert "\n" not in str(error.value) and error.value.hint
+
+
+def test_profile_and_fit_from_the_cli(tiny_llama_dir, tmp_path):
+    out = tmp_path / "profile.json"
+    result = runner.invoke(app, ["profile", str(tiny_llama_dir), "--out", str(out), "--prefill", "8",
+                                 "--decode", "16x1", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)
+    assert measured["path"] == str(out) and CostProfile.load(out).decode_shapes == ["16x1"]
+    report = report_with({"L0": 0.3, "L1": 0.01, "L2": 0.02})
+    report.model.update(measured["model"])
+    report_path = tmp_path / "report.json"
+    report_path.write_text(report.model_dump_json())
+    result = runner.invoke(app, ["plan", str(report_path), "--policy", "fit", "--target", "kv:60%",
+                                 "--profile", str(out), "--keep-first", "0", "--keep-last", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    # three blocks with equal caches: keeping at most 60% removes two, the two least important
+    assert sorted(r["name"] for r in plan["removed"]) == ["L1", "L2"]
+    for args, message in [(["--policy", "fit", "--target", "kv:60%"], "targets and a cost profile"),
+                          (["--drop", "2", "--target", "kv:60%"], "policy fit"),
+                          (["--policy", "fit", "--target", "kv:sixty", "--profile", str(out)], "not understood")]:
+        result = runner.invoke(app, ["plan", str(report_path), *args])
+        assert result.exit_code != 0 and message in result.output, result.output
+    result = runner.invoke(app, ["profile", str(tiny_llama_dir), "--decode", "16", "--out", str(tmp_path / "x.json")])
+    assert result.exit_code != 0 and "CONTEXTxBATCH" in result.output
