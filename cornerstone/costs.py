@@ -199,11 +199,10 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
     ``progress(done, total, what)`` is called after each shape."""
     import torch
 
-    from .players import enumerate_players, player_parameters, text_config, unique_parameters
+    from .players import enumerate_players, player_parameters, text_config
     from .provenance import machine, package_versions
 
     settings = settings or ProfileSettings()
-    prefill_lengths, decode_shapes, repeats = settings.prefill_lengths, settings.decode_shapes, settings.repeats
     model = loaded.model
     config = text_config(model.config)
     players = enumerate_players(model)
@@ -213,11 +212,42 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
-    shapes = [_decode_shape(s) for s in decode_shapes]
+    whole, per_player = _time_shapes(model, settings, {p.name: p.module_path for p in players}, progress)
+    costs = {}
+    for p in players:
+        sliding = window if window and layer_types and layer_types[p.layer] == "sliding_attention" else None
+        costs[p.name] = PlayerCost(
+            layer=p.layer, kind=p.kind, weight_bytes=player_parameters(model, p) * element,
+            kv_bytes_per_token=2 * kv_heads * head_dim * element if p.kind == "attn" else 0,
+            kv_window=sliding if p.kind == "attn" else None,
+            prefill_seconds=per_player[p.name]["prefill_seconds"], decode_seconds=per_player[p.name]["decode_seconds"])
+    return CostProfile(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), model=loaded.describe(),
+        device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
+        machine={**machine(), **({"gpu": torch.cuda.get_device_name(model.device)} if model.device.type == "cuda" else {})},
+        versions=package_versions(), prefill_lengths=list(settings.prefill_lengths),
+        decode_shapes=list(settings.decode_shapes), players=costs,
+        totals={**whole, "kv_bytes_per_token": sum(c.kv_bytes_per_token for c in costs.values())})
+
+
+def measure_speed(model: Any, settings: ProfileSettings | None = None) -> dict[str, Any]:
+    """What a whole model costs on its device, timed as :func:`measure_profile` times it: ``weight_bytes``,
+    ``prefill_seconds`` and ``decode_seconds`` per shape, and ``kv_cache_bytes_per_token``, read from the
+    cache the first decode shape's context filled (so a pruned model's real cache, windows included)."""
+    return _time_shapes(model, settings or ProfileSettings(), {}, None)[0]
+
+
+def _time_shapes(model: Any, settings: ProfileSettings, modules: Mapping[str, str],
+                 progress: Any) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, float]]]]:
+    """Median times of the whole forward, and of each module in ``modules`` (name -> path) inside it, per shape."""
+    import torch
+
+    from .players import unique_parameters
+
     cuda = model.device.type == "cuda"
     generator = torch.Generator().manual_seed(settings.seed)
     vocab = model.get_input_embeddings().weight.shape[0]
-
+    shapes = [_decode_shape(s) for s in settings.decode_shapes]
     spent: dict[str, float] = {}
     started: dict[str, float] = {}
 
@@ -233,14 +263,14 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
         return lambda *_: spent.__setitem__(name, spent.get(name, 0.0) + now() - started[name])
 
     handles = []
-    for p in players:
-        module = model.get_submodule(p.module_path)
-        handles += [module.register_forward_pre_hook(before(p.name)), module.register_forward_hook(after(p.name))]
-    per_player: dict[str, dict[str, list[float]]] = {p.name: {} for p in players}
+    for name, path in modules.items():
+        module = model.get_submodule(path)
+        handles += [module.register_forward_pre_hook(before(name)), module.register_forward_hook(after(name))]
+    inside: dict[str, dict[str, list[float]]] = {name: {} for name in modules}
     totals: dict[str, list[float]] = {}
 
     def timed(key: str, run: Any, prepare: Any = lambda: None) -> None:
-        for repeat in range(repeats + 1):  # the first is a warm-up
+        for repeat in range(settings.repeats + 1):  # the first is a warm-up
             state = prepare()  # untimed: e.g. a fresh copy of the decode cache
             spent.clear()
             t0 = now()
@@ -249,53 +279,66 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
             if repeat == 0:
                 continue
             totals.setdefault(key, []).append(elapsed)
-            for p in players:
-                per_player[p.name].setdefault(key, []).append(spent.get(p.name, 0.0))
+            for name in modules:
+                inside[name].setdefault(key, []).append(spent.get(name, 0.0))
 
+    steps = len(settings.prefill_lengths) + len(shapes)
+    cache_bytes = 0.0
     # transformers 5 renamed the forward's cache argument; older releases take past_key_values
     cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     try:
         with torch.inference_mode():
-            for length in prefill_lengths:
+            for length in settings.prefill_lengths:
                 ids = torch.randint(0, vocab, (1, length), generator=generator).to(model.device)
                 timed(f"prefill:{length}", lambda _, ids=ids: model(input_ids=ids, use_cache=False))
                 if progress:
-                    progress(len(totals), len(prefill_lengths) + len(shapes), f"prefill {length}")
-            for text, (context, batch) in zip(decode_shapes, shapes):
+                    progress(len(totals), steps, f"prefill {length}")
+            for index, (text, (context, batch)) in enumerate(zip(settings.decode_shapes, shapes)):
                 ids = torch.randint(0, vocab, (batch, context + 1), generator=generator).to(model.device)
-                filled = model(input_ids=ids[:, :context], use_cache=True).past_key_values
+                output = model(input_ids=ids[:, :context], use_cache=True)
+                filled = output.cache if cache_argument == "cache" else output.past_key_values
+                if index == 0:
+                    cache_bytes = _tensor_bytes(filled) / (context * batch)
                 # every timed step starts from the same CONTEXT cached tokens (a copy: a step appends to its cache)
                 timed(f"decode:{text}", lambda cache, ids=ids, context=context: model(
                     input_ids=ids[:, context:], use_cache=True, **{cache_argument: cache}),
                       prepare=lambda filled=filled: copy.deepcopy(filled))
                 if progress:
-                    progress(len(totals), len(prefill_lengths) + len(shapes), f"decode {text}")
+                    progress(len(totals), steps, f"decode {text}")
     finally:
         for handle in handles:
             handle.remove()
 
-    def median(values: list[float]) -> float:
-        return float(statistics.median(values))
+    def medians(runs: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+        return {"prefill_seconds": {str(s): statistics.median(runs[f"prefill:{s}"]) for s in settings.prefill_lengths},
+                "decode_seconds": {s: statistics.median(runs[f"decode:{s}"]) for s in settings.decode_shapes}}
 
-    costs = {}
-    for p in players:
-        sliding = window if window and layer_types and layer_types[p.layer] == "sliding_attention" else None
-        costs[p.name] = PlayerCost(
-            layer=p.layer, kind=p.kind, weight_bytes=player_parameters(model, p) * element,
-            kv_bytes_per_token=2 * kv_heads * head_dim * element if p.kind == "attn" else 0,
-            kv_window=sliding if p.kind == "attn" else None,
-            prefill_seconds={str(s): median(per_player[p.name][f"prefill:{s}"]) for s in prefill_lengths},
-            decode_seconds={s: median(per_player[p.name][f"decode:{s}"]) for s in decode_shapes})
-    return CostProfile(
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), model=loaded.describe(),
-        device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
-        machine={**machine(), **({"gpu": torch.cuda.get_device_name(model.device)} if cuda else {})},
-        versions=package_versions(), prefill_lengths=list(prefill_lengths), decode_shapes=list(decode_shapes),
-        players=costs,
-        totals={"weight_bytes": unique_parameters(model) * element,
-                "kv_bytes_per_token": sum(c.kv_bytes_per_token for c in costs.values()),
-                "prefill_seconds": {str(s): median(totals[f"prefill:{s}"]) for s in prefill_lengths},
-                "decode_seconds": {s: median(totals[f"decode:{s}"]) for s in decode_shapes}})
+    element = torch.finfo(model.dtype).bits // 8
+    whole = {"weight_bytes": unique_parameters(model) * element, "kv_cache_bytes_per_token": cache_bytes,
+             **medians(totals)}
+    return whole, {name: medians(runs) for name, runs in inside.items()}
+
+
+def _tensor_bytes(value: Any, seen: set[int] | None = None, depth: int = 4) -> int:
+    """Bytes of every tensor reachable from a cache object within ``depth`` attribute or item steps (a
+    cache's layers' keys and values), each counted once."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if depth < 0:
+        return 0
+    if isinstance(value, torch.Tensor):
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v, seen, depth - 1) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v, seen, depth - 1) for v in value.values())
+    if hasattr(value, "__dict__") and not isinstance(value, (type, torch.nn.Module)):
+        return sum(_tensor_bytes(v, seen, depth - 1) for v in vars(value).values())
+    return 0
 
 
 def _decode_shape(text: str) -> tuple[int, int]:

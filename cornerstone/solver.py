@@ -12,8 +12,12 @@ program with HiGHS (through ``scipy.optimize.milp``), as NVIDIA's Puzzle (Bercov
 https://arxiv.org/abs/2411.19146) plans against measured per-block costs, or, with ``exact=False``
 (or when HiGHS gives no optimum), greedily: repeatedly remove the candidate with the least loss per
 unit of the normalised need it still covers, ``w_i / sum_k min(c_ik, r_k) / need_k`` with r_k the
-need left, then drop any removal the others make unnecessary (most loss first). A negative loss
-(the score rose without the player) is a gain the exact solver takes whenever it is allowed.
+need left, then drop any removal the others make unnecessary (most loss first).
+
+A negative loss (the score rose without the player: noise, for a player whose interval reaches zero)
+counts as zero, and every removal carries a tie-breaking cost of 1e-5 of the largest loss, so no
+player is removed that the targets do not need: among sets of equal loss the solver takes the one
+with the fewest removals.
 """
 
 from __future__ import annotations
@@ -75,7 +79,9 @@ def _exact(items: Sequence[Item], needs: Mapping[str, float]) -> list[int] | Non
 
     if not items:
         return []
-    loss = np.array([item.loss for item in items], dtype=float)
+    clipped = np.array([max(item.loss, 0.0) for item in items], dtype=float)
+    # scaled to at most 1 (HiGHS' absolute gap is 1e-6), plus the tie-breaking cost of a removal
+    loss = clipped / (float(clipped.max()) or 1.0) + 1e-5
     constraints = []
     if needs:
         matrix = np.array([[item.savings.get(k, 0.0) for item in items] for k in needs], dtype=float)
@@ -83,15 +89,15 @@ def _exact(items: Sequence[Item], needs: Mapping[str, float]) -> list[int] | Non
         scale = np.array([max(abs(v), 1e-300) for v in needs.values()])
         constraints.append(LinearConstraint(matrix / scale[:, None], lb=np.ones(len(needs)) - 1e-9, ub=np.inf))
     result = milp(loss, integrality=np.ones(len(items)), bounds=Bounds(0, 1), constraints=constraints,
-                  options={"time_limit": 60.0})
+                  options={"time_limit": 60.0, "mip_rel_gap": 1e-9})
     if result.status != 0 or result.x is None:  # 0: optimal; a time-out or failure falls back to greedy
         return None
     return [i for i, x in enumerate(result.x) if x > 0.5]
 
 
 def _greedy(items: Sequence[Item], needs: Mapping[str, float]) -> list[int]:
-    chosen: list[int] = [i for i, item in enumerate(items) if item.loss < 0]  # gains first
-    left = {k: need - sum(items[i].savings.get(k, 0.0) for i in chosen) for k, need in needs.items()}
+    chosen: list[int] = []
+    left = dict(needs)
     while any(r > 1e-12 for r in left.values()):
         def covered(i: int) -> float:
             return sum(min(max(items[i].savings.get(k, 0.0), 0.0), r) / needs[k] for k, r in left.items() if r > 0)
@@ -102,8 +108,6 @@ def _greedy(items: Sequence[Item], needs: Mapping[str, float]) -> list[int]:
         left = {k: r - items[best].savings.get(k, 0.0) for k, r in left.items()}
     # a removal the others make unnecessary is dropped, most loss first
     for i in sorted(chosen, key=lambda i: -items[i].loss):
-        if items[i].loss <= 0:
-            continue
         rest = [j for j in chosen if j != i]
         if all(sum(items[j].savings.get(k, 0.0) for j in rest) >= need - 1e-12 for k, need in needs.items()):
             chosen = rest

@@ -47,6 +47,8 @@ def test_a_profile_holds_every_sublayers_weights_kv_cache_and_time(tiny_llama, t
     for measure in ("weights", "prefill", "decode"):
         assert sum(profile.cost(n, measure) for n in profile.players) < profile.total(measure)
     assert profile.total("kv") == sum(profile.cost(n, "kv") for n in profile.players)
+    # the KV bytes the profile counts are the bytes the model's own cache holds per token
+    assert profile.totals["kv_cache_bytes_per_token"] == profile.total("kv")
     assert CostProfile.load(profile.save(tmp_path / "p.json")) == profile
 
 
@@ -83,6 +85,9 @@ def test_sliding_window_layers_hold_at_most_their_window(tmp_path):
     assert sliding.kv_window == 4 and full.kv_window is None
     assert sliding.kv_bytes_per_token == full.kv_bytes_per_token
     assert profile.cost("L0.attn", "kv") == pytest.approx(profile.cost("L1.attn", "kv") * 4 / 16)
+    # the model's own cache holds the full layers' tokens and at most a window of the sliding layers'
+    full_only = 2 * full.kv_bytes_per_token
+    assert full_only < profile.totals["kv_cache_bytes_per_token"] <= profile.total("kv")
 
 
 def synthetic_profile(kv: dict[str, int], decode: dict[str, float], weights: dict[str, int] | None = None,

@@ -1,0 +1,176 @@
+"""Benchmark: plans made to a cost target (issue 23), measured on this machine against the target.
+
+    python bench/fit_targets.py --model smollm2-135m
+
+For each target (default ``decode:1.3x`` and ``kv:50%``):
+
+1. ``cornerstone profile``'s measurement of the model on this device (``--decode`` context x batch,
+   ``--prefill`` length), saved to ``reports/fit/MODEL-profile.json``;
+2. ``plan --policy fit`` from the committed one-pass cosine report (LLM-Drop's sublayer scores, chosen
+   on ARC-Easy, ARC-Challenge, BoolQ and PIQA): sublayers for Llama (SmolLM2, exported in the DeciLM
+   layout), blocks for Gemma 3 (its sublayer plans cannot be written as a checkpoint);
+3. the baseline the issue names: whole blocks dropped in the order of the same report's block
+   importance until the profile's summed costs meet the same target;
+4. each plan physically removed (``drop_sublayers`` / ``drop_blocks``, the export's own surgery) and
+   measured side by side with the unpruned model in the same run: decode and prefill time (the
+   profile's timing: median of ``--repeats`` after a warm-up, models taking turns over ``--rounds``
+   rounds, each keeping its median of rounds), weight bytes and the KV-cache bytes per token its own
+   cache holds;
+5. held-out quality: the seven real tasks no report saw (HellaSwag, COPA, SST-2, TruthfulQA MC1,
+   LAMBADA, OpenBookQA, Winogrande), ``--eval-limit`` documents each, scored with the engine (masks
+   equal to the removals; tests/test_engine.py), as the share of the above-chance score kept with a
+   paired bootstrap standard error (plan_quality's ``kept``).
+
+Writes ``reports/fit/MODEL.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plan_quality import UNSEEN_TASKS, kept  # noqa: E402
+
+from cornerstone import harness  # noqa: E402
+from cornerstone.costs import CostProfile, ProfileSettings, measure_profile, measure_speed, parse_target  # noqa: E402
+from cornerstone.export import drop_blocks, drop_sublayers  # noqa: E402
+from cornerstone.files import atomic_write  # noqa: E402
+from cornerstone.loading import load_model  # noqa: E402
+from cornerstone.planner import Planner, make_plan  # noqa: E402
+from cornerstone.players import parse_players  # noqa: E402
+from cornerstone.provenance import machine  # noqa: E402
+from cornerstone.scores import ScoreReport  # noqa: E402
+from cornerstone.value import ValueFunction  # noqa: E402
+
+REPORTS = {"smollm2-135m": ("reports/proxies/proxy-fidelity-smollm2-135m-cosine.json", "sublayer"),
+           "gemma3-270m": ("reports/proxies/proxy-fidelity-gemma3-270m-cosine.json", "block")}
+
+
+def block_baseline(report: ScoreReport, profile: CostProfile, target: str, loaded: Any) -> list[str]:
+    """Whole blocks in the order of the report's block importance, until the profile's costs meet ``target``."""
+    parsed = parse_target(target, profile)
+    need = parsed.need(profile)
+    for k in range(1, report.model["num_hidden_layers"] - 1):
+        names = make_plan(report, Planner(drop=k, granularity="block"), loaded=loaded).player_names
+        if sum(profile.cost(n, parsed.measure) for n in names) >= need:
+            return names
+    raise SystemExit(f"no block plan meets {target}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", choices=sorted(REPORTS))
+    parser.add_argument("--targets", default="decode:1.3x,kv:50%")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--prefill", type=int, default=128)
+    parser.add_argument("--decode", default="512x1", help="CONTEXTxBATCH of the decode targets and the KV cache.")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--eval-limit", type=int, default=40)
+    parser.add_argument("--eval-seed", type=int, default=1)
+    parser.add_argument("--bootstrap", type=int, default=500)
+    parser.add_argument("--out", default="reports/fit")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    loaded = load_model(args.model, dtype=args.dtype, device="cpu")
+    settings = ProfileSettings(prefill_lengths=[args.prefill], decode_shapes=[args.decode], repeats=args.repeats)
+    profile_path = measure_profile(loaded, settings).save(out / f"{args.model}-profile.json")
+    profile = CostProfile.load(profile_path)
+    report_path, granularity = REPORTS[args.model]
+    report = ScoreReport.load(report_path)
+    print(f"{args.model}: profiled in {time.perf_counter() - started:.0f} s; decode {args.decode} "
+          f"{profile.total('decode') * 1e3:.1f} ms, KV {profile.total('kv') / 1024:.1f} KiB/token", flush=True)
+
+    plans: dict[str, dict[str, Any]] = {}
+    for target in args.targets.split(","):
+        fit = make_plan(report, Planner(policy="fit", granularity=granularity, targets=[target],
+                                        profile=str(profile_path)), loaded=loaded)
+        plans[f"fit {target}"] = {"target": target, "method": f"fit ({granularity}s)", "players": fit.player_names}
+        plans[f"blocks {target}"] = {"target": target, "method": "blocks in report order",
+                                     "players": block_baseline(report, profile, target, loaded)}
+        for key in (f"fit {target}", f"blocks {target}"):
+            plans[key]["predicted"] = {m: profile.total(m) - sum(profile.cost(n, m) for n in plans[key]["players"])
+                                       for m in ("decode", "kv", "weights", "prefill")}
+            print(f"  {key}: {plans[key]['players']}", flush=True)
+
+    # --- measured: each plan physically removed, side by side with the unpruned model
+    def surgery(players: list[str]) -> Any:
+        parsed = parse_players(loaded.model, players)
+        if all(p.kind == "block" for p in parsed):
+            return drop_blocks(loaded.model, [p.layer for p in parsed])
+        return drop_sublayers(loaded.model, parsed)
+
+    models = {"base": loaded.model, **{key: surgery(plan["players"]) for key, plan in plans.items()}}
+    rounds: dict[str, list[dict]] = {key: [] for key in models}
+    for _ in range(args.rounds):  # turns, so a slow spell of a shared machine does not land on one model only
+        for key, model in models.items():
+            rounds[key].append(measure_speed(model, settings))
+    speed = {}
+    for key, runs in rounds.items():
+        speed[key] = {"decode_seconds": statistics.median(r["decode_seconds"][args.decode] for r in runs),
+                      "prefill_seconds": statistics.median(r["prefill_seconds"][str(args.prefill)] for r in runs),
+                      "kv_cache_bytes_per_token": runs[0]["kv_cache_bytes_per_token"],
+                      "weight_bytes": runs[0]["weight_bytes"]}
+    print(f"  measured speed: {time.perf_counter() - started:.0f} s", flush=True)
+
+    # --- held-out quality: documents and tasks the report never saw
+    used = {name: sorted(record.doc_indices) for name, record in report.documents().items()}
+    unseen = harness.load_tasks(UNSEEN_TASKS, limit=args.eval_limit, seed=args.eval_seed, exclude=used)
+    value = ValueFunction(loaded, unseen, batch_size=32)
+    evaluations = value.evaluate_many([[]] + [parse_players(loaded.model, plan["players"]) for plan in plans.values()])
+    chance = {spec.name: spec.chance for spec in unseen}
+    base_eval = evaluations[0]
+    rows = []
+    for (key, plan), evaluation in zip(plans.items(), evaluations[1:]):
+        point, error = kept(base_eval.per_doc, evaluation.per_doc, chance, args.bootstrap, seed=0)
+        s, b = speed[key], speed["base"]
+        rows.append({**plan, "key": key, "kept": point, "kept_se": error, "score": evaluation.score,
+                     "decode_speedup": b["decode_seconds"] / s["decode_seconds"],
+                     "prefill_speedup": b["prefill_seconds"] / s["prefill_seconds"],
+                     "kv_kept": s["kv_cache_bytes_per_token"] / b["kv_cache_bytes_per_token"],
+                     "weights_kept": s["weight_bytes"] / b["weight_bytes"], "measured": s})
+    document = {"model": args.model, "dtype": args.dtype, "report": report_path, "granularity": granularity,
+                "profile": str(profile_path), "shapes": {"prefill": args.prefill, "decode": args.decode},
+                "base": {**speed["base"], "score": base_eval.score}, "rows": rows,
+                "evaluation": {s.name: len(s.doc_indices) for s in unseen}, "machine": machine(),
+                "seconds": time.perf_counter() - started, "args": vars(args)}
+    atomic_write(out / f"{args.model}.json", (json.dumps(document, indent=2) + "\n").encode())
+    atomic_write(out / f"{args.model}.md", markdown(document).encode())
+    print(markdown(document))
+
+
+def markdown(document: dict) -> str:
+    base = document["base"]
+    lines = [f"# Plans to a cost target: {document['model']} ({document['dtype']}, {document['machine'].get('cpu')}, "
+             f"AMX {'yes' if document['machine'].get('amx') else 'no'}, {document['machine'].get('torch_threads')} threads)",
+             "",
+             f"Unpruned: decode {document['shapes']['decode']} {base['decode_seconds'] * 1e3:.1f} ms/token, prefill "
+             f"{document['shapes']['prefill']} tokens {base['prefill_seconds'] * 1e3:.1f} ms, KV cache "
+             f"{base['kv_cache_bytes_per_token'] / 1024:.1f} KiB/token, held-out score {base['score']:.3f}. "
+             f"Importance: `{document['report']}`; held out: {', '.join(document['evaluation'])} "
+             f"({sum(document['evaluation'].values())} documents).",
+             "",
+             "| target | plan | removed | decode speed-up | KV kept | weights kept | prefill speed-up | kept (± se) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in document["rows"]:
+        kept = "n/a" if row["kept"] is None else f"{row['kept']:.0%} ± {row['kept_se']:.0%}"
+        lines.append(f"| {row['target']} | {row['method']} | {len(row['players'])}: {', '.join(row['players'])} | "
+                     f"{row['decode_speedup']:.2f}x | {row['kv_kept']:.0%} | {row['weights_kept']:.0%} | "
+                     f"{row['prefill_speedup']:.2f}x | {kept} |")
+    lines += ["", "Measured: each plan physically removed and timed side by side with the unpruned model in the same "
+              "run; `kept` is the share of the above-chance score kept on the held-out tasks.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
