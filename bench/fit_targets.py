@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plan_quality import UNSEEN_TASKS, kept  # noqa: E402
 
 from cornerstone import harness  # noqa: E402
-from cornerstone.costs import CostProfile, ProfileSettings, measure_profile, measure_speed, parse_target  # noqa: E402
+from cornerstone.costs import CostProfile, ProfileSettings, measure_profile, measure_side_by_side, parse_target  # noqa: E402
 from cornerstone.export import drop_blocks, drop_sublayers  # noqa: E402
 from cornerstone.files import atomic_write  # noqa: E402
 from cornerstone.loading import load_model  # noqa: E402
@@ -55,7 +54,7 @@ REPORTS = {"smollm2-135m": ("reports/proxies/proxy-fidelity-smollm2-135m-cosine.
 
 def block_baseline(report: ScoreReport, profile: CostProfile, target: str, loaded: Any) -> list[str]:
     """Whole blocks in the order of the report's block importance, until the profile's costs meet ``target``."""
-    parsed = parse_target(target, profile)
+    parsed = parse_target(target)
     need = parsed.need(profile)
     for k in range(1, report.model["num_hidden_layers"] - 1):
         names = make_plan(report, Planner(drop=k, granularity="block"), loaded=loaded).player_names
@@ -111,16 +110,8 @@ def main() -> None:
         return drop_sublayers(loaded.model, parsed)
 
     models = {"base": loaded.model, **{key: surgery(plan["players"]) for key, plan in plans.items()}}
-    rounds: dict[str, list[dict]] = {key: [] for key in models}
-    for _ in range(args.rounds):  # turns, so a slow spell of a shared machine does not land on one model only
-        for key, model in models.items():
-            rounds[key].append(measure_speed(model, settings))
-    speed = {}
-    for key, runs in rounds.items():
-        speed[key] = {"decode_seconds": statistics.median(r["decode_seconds"][args.decode] for r in runs),
-                      "prefill_seconds": statistics.median(r["prefill_seconds"][str(args.prefill)] for r in runs),
-                      "kv_cache_bytes_per_token": runs[0]["kv_cache_bytes_per_token"],
-                      "weight_bytes": runs[0]["weight_bytes"]}
+    measured = measure_side_by_side(list(models.values()), settings, rounds=args.rounds)
+    speed = dict(zip(models, measured))
     print(f"  measured speed: {time.perf_counter() - started:.0f} s", flush=True)
 
     # --- held-out quality: documents and tasks the report never saw
@@ -135,8 +126,9 @@ def main() -> None:
         point, error = kept(base_eval.per_doc, evaluation.per_doc, chance, args.bootstrap, seed=0)
         s, b = speed[key], speed["base"]
         rows.append({**plan, "key": key, "kept": point, "kept_se": error, "score": evaluation.score,
-                     "decode_speedup": b["decode_seconds"] / s["decode_seconds"],
-                     "prefill_speedup": b["prefill_seconds"] / s["prefill_seconds"],
+                     "check": parse_target(plan["target"]).check(b, s),
+                     "decode_speedup": b["decode_seconds"][args.decode] / s["decode_seconds"][args.decode],
+                     "prefill_speedup": b["prefill_seconds"][str(args.prefill)] / s["prefill_seconds"][str(args.prefill)],
                      "kv_kept": s["kv_cache_bytes_per_token"] / b["kv_cache_bytes_per_token"],
                      "weights_kept": s["weight_bytes"] / b["weight_bytes"], "measured": s})
     document = {"model": args.model, "dtype": args.dtype, "report": report_path, "granularity": granularity,
@@ -154,17 +146,19 @@ def markdown(document: dict) -> str:
     lines = [f"# Plans to a cost target: {document['model']} ({document['dtype']}, {document['machine'].get('cpu')}, "
              f"AMX {'yes' if document['machine'].get('amx') else 'no'}, {document['machine'].get('torch_threads')} threads)",
              "",
-             f"Unpruned: decode {document['shapes']['decode']} {base['decode_seconds'] * 1e3:.1f} ms/token, prefill "
-             f"{document['shapes']['prefill']} tokens {base['prefill_seconds'] * 1e3:.1f} ms, KV cache "
+             f"Unpruned: decode {document['shapes']['decode']} "
+             f"{base['decode_seconds'][document['shapes']['decode']] * 1e3:.1f} ms/token, prefill "
+             f"{document['shapes']['prefill']} tokens {base['prefill_seconds'][str(document['shapes']['prefill'])] * 1e3:.1f} ms, KV cache "
              f"{base['kv_cache_bytes_per_token'] / 1024:.1f} KiB/token, held-out score {base['score']:.3f}. "
              f"Importance: `{document['report']}`; held out: {', '.join(document['evaluation'])} "
              f"({sum(document['evaluation'].values())} documents).",
              "",
-             "| target | plan | removed | decode speed-up | KV kept | weights kept | prefill speed-up | kept (± se) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| target | plan | removed | met | decode speed-up | KV kept | weights kept | prefill speed-up | kept (± se) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in document["rows"]:
         kept = "n/a" if row["kept"] is None else f"{row['kept']:.0%} ± {row['kept_se']:.0%}"
         lines.append(f"| {row['target']} | {row['method']} | {len(row['players'])}: {', '.join(row['players'])} | "
+                     f"{'yes' if row['check']['met'] else 'no'} | "
                      f"{row['decode_speedup']:.2f}x | {row['kv_kept']:.0%} | {row['weights_kept']:.0%} | "
                      f"{row['prefill_speedup']:.2f}x | {kept} |")
     lines += ["", "Measured: each plan physically removed and timed side by side with the unpruned model in the same "

@@ -127,41 +127,63 @@ _UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "ms": 1e-3, "s": 1.0}
 
 @dataclass(frozen=True)
 class Target:
-    """One cost target: ``measure`` must end at most ``limit`` (same unit as the profile's totals)."""
+    """One cost target: ``measure`` must end at most :meth:`limit` of the whole model's cost."""
 
     text: str
     measure: str
-    limit: float
+    number: float
+    unit: str  # "%", "x", or a unit of bytes (kb, mb, gb) or seconds (ms, s)
+
+    def limit(self, whole: float) -> float:
+        """The most the pruned model may cost, for a whole model that costs ``whole`` (same unit)."""
+        if self.unit == "%":
+            return whole * self.number / 100
+        if self.unit == "x":
+            return whole / self.number
+        return self.number * _UNITS[self.unit]
 
     def need(self, profile: CostProfile) -> float:
         """What the removed players must save together."""
-        return profile.total(self.measure) - self.limit
+        whole = profile.total(self.measure)
+        return whole - self.limit(whole)
+
+    def check(self, base: Mapping[str, Any], pruned: Mapping[str, Any]) -> dict[str, Any]:
+        """The target against two measured models (:func:`measure_speed`'s results, same shapes): the
+        limit is taken from the measured base, so a speed-up is checked as a ratio on this device."""
+        whole, cost = _measured(base, self.measure), _measured(pruned, self.measure)
+        limit = self.limit(whole)
+        return {"target": self.text, "measure": self.measure, "base": whole, "pruned": cost, "limit": limit,
+                "met": cost <= limit * (1 + 1e-9)}
 
 
-def parse_target(text: str, profile: CostProfile) -> Target:
+def _measured(measured: Mapping[str, Any], measure: str) -> float:
+    if measure == "weights":
+        return float(measured["weight_bytes"])
+    if measure == "kv":
+        return float(measured["kv_cache_bytes_per_token"])
+    times = measured[f"{measure}_seconds"]
+    return float(times[next(iter(times))])  # the first shape: the one targets refer to
+
+
+def parse_target(text: str) -> Target:
     """``kv:50%``, ``weights:90MB``, ``decode:1.3x``, ``prefill:30ms``: see the module docstring."""
     match = _TARGET.match(text)
     if match is None:
         raise ConfigError(f"target '{text}' is not understood",
                           hint="Write e.g. --target kv:50% (share kept), weights:90MB, decode:1.3x (speed-up) or decode:4ms.")
     measure, number, unit = match.group(1).lower(), float(match.group(2)), match.group(3).lower()
-    total = profile.total(measure)
     if unit == "%":
         if not 0 < number < 100:
             raise ConfigError(f"target '{text}': a share kept must lie between 0% and 100%")
-        limit = total * number / 100
     elif unit == "x":
         if measure not in ("prefill", "decode") or number <= 1:
             raise ConfigError(f"target '{text}': a speed-up applies to prefill or decode and must exceed 1x")
-        limit = total / number
     elif (unit in ("ms", "s")) != (measure in ("prefill", "decode")):
         raise ConfigError(f"target '{text}': {measure} is measured in "
                           f"{'seconds (ms, s)' if measure in ('prefill', 'decode') else 'bytes (KB, MB, GB)'}")
     elif measure == "kv":
         raise ConfigError(f"target '{text}': give the KV cache as a share kept (kv:50%)")
-    else:
-        limit = number * _UNITS[unit]
-    return Target(text=text, measure=measure, limit=limit)
+    return Target(text=text, measure=measure, number=number, unit=unit)
 
 
 class ProfileSettings(BaseModel):
@@ -235,6 +257,21 @@ def measure_speed(model: Any, settings: ProfileSettings | None = None) -> dict[s
     ``prefill_seconds`` and ``decode_seconds`` per shape, and ``kv_cache_bytes_per_token``, read from the
     cache the first decode shape's context filled (so a pruned model's real cache, windows included)."""
     return _time_shapes(model, settings or ProfileSettings(), {}, None)[0]
+
+
+def measure_side_by_side(models: Sequence[Any], settings: ProfileSettings, rounds: int = 3) -> list[dict[str, Any]]:
+    """:func:`measure_speed` of each model, the models taking turns for ``rounds`` rounds (so a slow spell of a
+    shared machine does not land on one model only), each time the median over its rounds."""
+    runs: list[list[dict[str, Any]]] = [[] for _ in models]
+    for _ in range(rounds):
+        for index, model in enumerate(models):
+            runs[index].append(measure_speed(model, settings))
+    out = []
+    for measured in runs:
+        first = measured[0]
+        out.append({**first, **{key: {shape: statistics.median(run[key][shape] for run in measured) for shape in first[key]}
+                                for key in ("prefill_seconds", "decode_seconds")}})
+    return out
 
 
 def _time_shapes(model: Any, settings: ProfileSettings, modules: Mapping[str, str],

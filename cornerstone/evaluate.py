@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from . import harness
 from .errors import TaskError
@@ -81,6 +81,8 @@ class Comparison(BaseModel):
     versions: dict[str, str]
     healed: ModelSummary | None = None
     healed_retention: Retention | None = None
+    costs: list[dict[str, Any]] | None = Field(None, description="A plan made to cost targets (plan --policy fit): "
+                                               "each target checked on base and pruned measured side by side here.")
 
     def to_markdown(self) -> str:
         healed = self.healed is not None and self.healed_retention is not None
@@ -109,6 +111,10 @@ class Comparison(BaseModel):
                 f"{self.pruned.bytes_on_disk / max(1, self.base.bytes_on_disk):.1%} |",
                 f"| tokens/s (forward, {self.settings['throughput']}) | {self.base.tokens_per_second:,.0f} | "
                 f"{self.pruned.tokens_per_second:,.0f} | {self.speedup:.2f}x |"]
+        if self.costs:
+            size += ["", "| target (measured here, side by side) | base | pruned | limit | met |", "|---|---|---|---|---|"]
+            size += [f"| {c['target']} | {_cost(c['measure'], c['base'])} | {_cost(c['measure'], c['pruned'])} | "
+                     f"{_cost(c['measure'], c['limit'])} | {'yes' if c['met'] else '**no**'} |" for c in self.costs]
         healed_title = f" and {self.healed.spec}" if self.healed is not None else ""
         head = [f"# {self.pruned.spec}{healed_title} vs {self.base.spec}", "",
                 f"lm-eval {self.versions.get('lm_eval')} (`--model hf`), {self.settings['dtype']}, "
@@ -119,6 +125,12 @@ class Comparison(BaseModel):
         if self.documents.get("summary"):
             head += [f"Documents: {self.documents['summary']}", ""]
         return "\n".join(head + rows + size) + "\n"
+
+
+def _cost(measure: str, value: float) -> str:
+    if measure in ("prefill", "decode"):
+        return f"{value * 1e3:.2f} ms"
+    return f"{value / 2**20:,.1f} MiB" if measure == "weights" else f"{value / 2**10:,.2f} KiB/token"
 
 
 def _share(value: float | None) -> str:
@@ -234,7 +246,8 @@ def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, leng
 
 
 def _summaries(located: Sequence[tuple[str | LoadedModel, str, bool, int]], specs: Sequence[harness.TaskSpec], *,
-               include_paths: Sequence[str | Path], batch_size: int, device: str, dtype: str) -> list[ModelSummary]:
+               include_paths: Sequence[str | Path], batch_size: int, device: str, dtype: str
+               ) -> tuple[list[ModelSummary], list[torch.nn.Module]]:
     """Evaluate and time each model of ``located``: (model, :func:`lm_eval_location`'s three answers). Each is
     loaded once, by lm-eval from its saved files (what a user's plain lm-eval run sees), and that same
     loaded model is timed."""
@@ -249,7 +262,7 @@ def _summaries(located: Sequence[tuple[str | LoadedModel, str, bool, int]], spec
                          stderr={k: v["stderr"] for k, v in scores.items()},
                          mean_score=sum(v["score"] for v in scores.values()) / len(scores),  # type: ignore[misc]
                          mean_stderr=macro_stderr([v["stderr"] for v in scores.values()]))  # type: ignore[misc]
-            for (given, pretrained, _, size, scores, lm), speed in zip(found, speeds)]
+            for (given, pretrained, _, size, scores, lm), speed in zip(found, speeds)], [lm.model for *_, lm in found]
 
 
 def evaluate_models(
@@ -305,7 +318,7 @@ def evaluate_models(
     scored, source = found if found is not None else ({}, None)
     specs = selection.load(exclude=None if settings.allow_overlap else {name: r.doc_indices for name, r in scored.items()})
     documents = _document_summary(specs, scored, source, settings.allow_overlap)
-    summaries = _summaries(located, specs, include_paths=selection.include_paths, batch_size=settings.batch_size,
+    summaries, models = _summaries(located, specs, include_paths=selection.include_paths, batch_size=settings.batch_size,
                            device=device, dtype=dtype)
     base_summary, pruned_summary = summaries[:2]
     chance = {spec.name: spec.chance for spec in specs}
@@ -325,7 +338,29 @@ def evaluate_models(
         versions=package_versions(),
         healed=summaries[2] if healed else None,
         healed_retention=Retention.of(base_summary, summaries[2], chance) if healed else None,
+        costs=_cost_targets(pruned.location if isinstance(pruned, LoadedModel) else pruned, models[0], models[1]),
     )
+
+
+def _cost_targets(pruned: str | Path, base_model: torch.nn.Module, pruned_model: torch.nn.Module
+                  ) -> list[dict[str, Any]] | None:
+    """The targets of a plan made to costs (``fit``), each checked on the two models as lm-eval loaded them,
+    measured side by side at the profile's first shapes; None for any other plan."""
+    from .costs import ProfileSettings, measure_side_by_side, parse_target
+    from .exported import PLAN_FILE
+    from .planner import Plan
+
+    plan_file = Path(pruned) / PLAN_FILE
+    if not plan_file.is_file():
+        return None
+    plan = Plan.load(plan_file)
+    if not plan.fit or not plan.planner.targets:
+        return None
+    shapes = plan.fit.get("shapes") or {}
+    settings = ProfileSettings(prefill_lengths=shapes.get("prefill_lengths") or [256],
+                               decode_shapes=shapes.get("decode_shapes") or ["512x1"])
+    base, slim = measure_side_by_side([base_model, pruned_model], settings)
+    return [parse_target(text).check(base, slim) for text in plan.planner.targets]
 
 
 def _document_summary(specs: Sequence[harness.TaskSpec], scored: dict[str, harness.DocumentRecord], source: str | None,

@@ -110,6 +110,19 @@ class Planner(BaseModel):
             raise ValueError("targets are planned with policy fit (--policy fit)")
         return self
 
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, targets: list[str]) -> list[str]:
+        from .costs import parse_target
+        from .errors import ConfigError
+
+        for text in targets:
+            try:
+                parse_target(text)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return targets
+
     @field_validator("search_until")
     @classmethod
     def _check_until(cls, until: int | str | None) -> int | str | None:
@@ -695,7 +708,7 @@ def _fit(allowed: list[_Candidate], planner: Planner, report: ScoreReport) -> tu
             and profile.model["fingerprint"] != report.model["fingerprint"]):
         raise PlanError(f"the cost profile '{planner.profile}' was measured on another model than the report's",
                         hint="Profile the report's model: cornerstone profile MODEL --out PROFILE.json.")
-    targets = [parse_target(text, profile) for text in planner.targets]
+    targets = [parse_target(text) for text in planner.targets]
     need = needs(targets, profile)
     items = [Item(c.name, c.importance, {m: profile.cost(c.name, m) for m in need}) for c in allowed]
     solution = solve(items, need)
@@ -704,7 +717,9 @@ def _fit(allowed: list[_Candidate], planner: Planner, report: ScoreReport) -> tu
     return [by_name[n] for n in solution.names], {
         "solver": solution.method, "profile": planner.profile, "device": profile.device, "dtype": profile.dtype,
         "measures": {m: {"whole": profile.total(m), "saved": sum(profile.cost(n, m) for n in solution.names),
-                         "limit": min(t.limit for t in targets if t.measure == m)} for m in sorted(measures)},
+                         "limit": min(t.limit(profile.total(m)) for t in targets if t.measure == m)}
+                     for m in sorted(measures)},
+        "shapes": {"prefill_lengths": profile.prefill_lengths[:1], "decode_shapes": profile.decode_shapes[:1]},
         "summed_importance": solution.loss}
 
 

@@ -17,6 +17,7 @@ from cornerstone.planner import Planner, make_plan
 
 from .architectures import random_model
 from .conftest import TINY_CONFIGS
+from .test_cli import scored, toy_folder  # noqa: F401 (fixtures)
 from .test_planner import EIGHT, report_with
 
 runner = CliRunner()
@@ -119,7 +120,7 @@ def test_a_fit_plan_is_the_least_important_set_that_meets_every_target(tmp_path)
     targets = ["kv:70%", "decode:1.25x"]
     plan = make_plan(report_with(EIGHT), Planner(policy="fit", targets=targets, profile=str(path)))
     profile = CostProfile.load(path)
-    need = {t.measure: t.need(profile) for t in (parse_target(text, profile) for text in targets)}
+    need = {t.measure: t.need(profile) for t in (parse_target(text) for text in targets)}
     allowed = [n for n in EIGHT if n not in ("L0", "L7")]  # first and last blocks are kept by default
     feasible = [set(s) for r in range(len(allowed) + 1) for s in itertools.combinations(allowed, r)
                 if all(sum(profile.cost(n, m) for n in s) >= need[m] - 1e-12 for m in need)]
@@ -148,10 +149,9 @@ def test_fit_refuses_what_it_cannot_meet_and_profiles_of_other_models(tmp_path):
 
 @pytest.mark.parametrize("text", ["kv:150%", "kv:0%", "decode:0.9x", "weights:1.3x", "kv:4MB", "decode:90MB",
                                   "weights:4ms", "speed:2x", "kv:50"])
-def test_a_target_that_means_nothing_is_refused(text, tmp_path):
-    profile = synthetic_profile({"L1": 10}, {"L1": 0.1})
+def test_a_target_that_means_nothing_is_refused(text):
     with pytest.raises(ConfigError, match="target"):
-        parse_target(text, profile)
+        parse_target(text)
 
 
 @pytest.mark.parametrize("edit", ["not json", "nan", "renamed", "negative", "extra", "missing shape"])
@@ -198,3 +198,25 @@ def test_profile_and_fit_from_the_cli(tiny_llama_dir, tmp_path):
         assert result.exit_code != 0 and message in result.output, result.output
     result = runner.invoke(app, ["profile", str(tiny_llama_dir), "--decode", "16", "--out", str(tmp_path / "x.json")])
     assert result.exit_code != 0 and "CONTEXTxBATCH" in result.output
+
+
+def test_a_fit_plan_is_exported_and_eval_measures_it_against_its_target(scored, tiny_llama_dir, toy_folder, tmp_path):
+    """profile -> plan --policy fit -> export -> eval: eval measures base and pruned side by side and checks
+    each target on what it measured (the KV bytes the pruned model's own cache holds)."""
+    report_path, _ = scored
+    profile = tmp_path / "profile.json"
+    assert runner.invoke(app, ["profile", str(tiny_llama_dir), "--out", str(profile), "--prefill", "8",
+                               "--decode", "16x1", "--repeats", "1"]).exit_code == 0
+    plan_path = tmp_path / "plan.yaml"
+    planned = runner.invoke(app, ["plan", str(report_path), "--policy", "fit", "--target", "kv:60%", "--profile",
+                                  str(profile), "--keep-first", "0", "--keep-last", "0", "--out", str(plan_path)])
+    assert planned.exit_code == 0, planned.output
+    assert "kv:" in planned.stdout and "target at most" in planned.stdout
+    assert runner.invoke(app, ["export", str(tiny_llama_dir), str(plan_path), "--out", str(tmp_path / "slim")]).exit_code == 0
+    evaluated = runner.invoke(app, ["eval", str(tiny_llama_dir), str(tmp_path / "slim"), "--tasks", "toy_cli",
+                                    "--include-path", str(toy_folder), "--out", str(tmp_path / "eval.json"), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    (kv,) = json.loads(evaluated.stdout)["costs"]
+    # two of three blocks removed: the pruned model's cache holds a third of the base's bytes per token
+    assert kv["target"] == "kv:60%" and kv["met"] and kv["pruned"] == pytest.approx(kv["base"] / 3)
+    assert "| kv:60% |" in (tmp_path / "eval.md").read_text()
