@@ -150,7 +150,10 @@ class _Accumulator:
     def block_done(self, index: int, output: torch.Tensor) -> None:
         h_in = self.block_inputs.pop(index).float()
         h_out = output.float()
-        c_attn = self.attn_outputs.pop(index).float()
+        # a removed attention sublayer is not computed (masking.without), so a hook inside it never fires: its
+        # contribution is zero
+        attn = self.attn_outputs.pop(index, None)
+        c_attn = attn.float() if attn is not None else torch.zeros_like(h_in)
         self.site(f"L{index}", h_in, h_out, h_out)
         after_attn = h_in + c_attn
         self.site(f"L{index}.attn", h_in, after_attn, c_attn)
