@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plan_quality import UNSEEN_TASKS, kept  # noqa: E402
 
 from cornerstone import harness  # noqa: E402
-from cornerstone.costs import CostProfile, ProfileSettings, measure_profile, measure_side_by_side, parse_target  # noqa: E402
+from cornerstone.costs import (MEASURES, CostProfile, ProfileSettings, measure_profile, measure_side_by_side,  # noqa: E402
+                              parse_target, savings)  # noqa: E402
 from cornerstone.export import drop_blocks, drop_sublayers  # noqa: E402
 from cornerstone.files import atomic_write  # noqa: E402
 from cornerstone.loading import load_model  # noqa: E402
@@ -98,8 +99,8 @@ def main() -> None:
         plans[f"blocks {target}"] = {"target": target, "method": "blocks in report order",
                                      "players": block_baseline(report, profile, target, loaded)}
         for key in (f"fit {target}", f"blocks {target}"):
-            plans[key]["predicted"] = {m: profile.total(m) - sum(profile.cost(n, m) for n in plans[key]["players"])
-                                       for m in ("decode", "kv", "weights", "prefill")}
+            saved = savings(profile, plans[key]["players"], MEASURES)
+            plans[key]["predicted"] = {m: profile.total(m) - saved[m] for m in MEASURES}
             print(f"  {key}: {plans[key]['players']}", flush=True)
 
     # --- measured: each plan physically removed, side by side with the unpruned model

@@ -693,20 +693,15 @@ def plan(
     Console().print(table)
     if made.protected:
         typer.echo("protected: " + ", ".join(f"{p.name} ({p.reason})" for p in made.protected))
+    from .costs import format_cost
+
     for measure, cost in (made.fit or {}).get("measures", {}).items():
-        typer.echo(f"{measure}: {_cost_text(measure, cost['whole'])} -> {_cost_text(measure, cost['whole'] - cost['saved'])} "
-                   f"predicted (target at most {_cost_text(measure, cost['limit'])}; from the profile's summed costs)")
+        typer.echo(f"{measure}: {format_cost(measure, cost['whole'])} -> {format_cost(measure, cost['whole'] - cost['saved'])} "
+                   f"predicted (target at most {format_cost(measure, cost['limit'])}; from the profile's summed costs)")
     if made.predicted_score is not None:
         what = "measured score" if made.predicted_measured else "estimated score (not measured)"
         typer.echo(f"{what} {made.predicted_score:.4f} (full model {made.report['base_score']:.4f}): {made.predicted_by}")
     typer.echo(f"plan: {path}")
-
-
-def _cost_text(measure: str, value: float) -> str:
-    """A cost in its unit: bytes as MiB/KiB, times as ms."""
-    if measure in ("prefill", "decode"):
-        return f"{value * 1e3:.2f} ms"
-    return f"{value / 2**20:,.2f} MiB" if measure == "weights" else f"{value / 2**10:,.2f} KiB/token"
 
 
 @app.command()
@@ -728,7 +723,7 @@ def profile(
     from pydantic import ValidationError
     from rich.console import Console
 
-    from .costs import ProfileSettings, measure_profile
+    from .costs import ProfileSettings, format_cost, measure_profile
     from .loading import load_model
 
     try:
@@ -755,9 +750,9 @@ def profile(
     rows = [(name, cost.model_dump()) for name, cost in measured.players.items()]
     rows.append(("whole model", measured.totals))
     for name, cost in rows:
-        table.add_row(name, _cost_text("weights", cost["weight_bytes"]), f"{cost['kv_bytes_per_token'] / 2**10:,.2f} KiB",
-                      _cost_text("prefill", cost["prefill_seconds"][str(settings.prefill_lengths[0])]),
-                      _cost_text("decode", cost["decode_seconds"][settings.decode_shapes[0]]))
+        table.add_row(name, format_cost("weights", cost["weight_bytes"]), f"{cost['kv_bytes_per_token'] / 2**10:,.2f} KiB",
+                      format_cost("prefill", cost["prefill_seconds"][str(settings.prefill_lengths[0])]),
+                      format_cost("decode", cost["decode_seconds"][settings.decode_shapes[0]]))
     Console().print(table)
     typer.echo(f"profile: {path}")
 

@@ -396,3 +396,10 @@ def needs(targets: Sequence[Target], profile: CostProfile) -> dict[str, float]:
 def savings(profile: CostProfile, names: Sequence[str], measures: Mapping[str, float] | Sequence[str]) -> dict[str, float]:
     """What removing ``names`` saves in each measure (savings added up)."""
     return {m: sum(profile.cost(n, m) for n in names) for m in measures}
+
+
+def format_cost(measure: str, value: float) -> str:
+    """A cost in its unit, as the CLI, the plan and eval print it: times in ms, weights in MiB, KV in KiB/token."""
+    if measure in ("prefill", "decode"):
+        return f"{value * 1e3:.2f} ms"
+    return f"{value / 2**20:,.2f} MiB" if measure == "weights" else f"{value / 2**10:,.2f} KiB/token"

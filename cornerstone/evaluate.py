@@ -112,6 +112,8 @@ class Comparison(BaseModel):
                 f"| tokens/s (forward, {self.settings['throughput']}) | {self.base.tokens_per_second:,.0f} | "
                 f"{self.pruned.tokens_per_second:,.0f} | {self.speedup:.2f}x |"]
         if self.costs:
+            from .costs import format_cost as _cost
+
             size += ["", "| target (measured here, side by side) | base | pruned | limit | met |", "|---|---|---|---|---|"]
             size += [f"| {c['target']} | {_cost(c['measure'], c['base'])} | {_cost(c['measure'], c['pruned'])} | "
                      f"{_cost(c['measure'], c['limit'])} | {'yes' if c['met'] else '**no**'} |" for c in self.costs]
@@ -125,12 +127,6 @@ class Comparison(BaseModel):
         if self.documents.get("summary"):
             head += [f"Documents: {self.documents['summary']}", ""]
         return "\n".join(head + rows + size) + "\n"
-
-
-def _cost(measure: str, value: float) -> str:
-    if measure in ("prefill", "decode"):
-        return f"{value * 1e3:.2f} ms"
-    return f"{value / 2**20:,.1f} MiB" if measure == "weights" else f"{value / 2**10:,.2f} KiB/token"
 
 
 def _share(value: float | None) -> str:

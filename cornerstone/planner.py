@@ -698,7 +698,7 @@ def make_plan(
 
 def _fit(allowed: list[_Candidate], planner: Planner, report: ScoreReport) -> tuple[list[_Candidate], dict[str, Any]]:
     """The least-importance set of ``allowed`` whose summed costs meet ``planner.targets`` (policy fit)."""
-    from .costs import CostProfile, needs, parse_target
+    from .costs import CostProfile, needs, parse_target, savings
     from .solver import Item, solve
 
     profile = CostProfile.load(planner.profile)  # type: ignore[arg-type]
@@ -713,12 +713,13 @@ def _fit(allowed: list[_Candidate], planner: Planner, report: ScoreReport) -> tu
     items = [Item(c.name, c.importance, {m: profile.cost(c.name, m) for m in need}) for c in allowed]
     solution = solve(items, need)
     by_name = {c.name: c for c in allowed}
-    measures = {t.measure for t in targets}
+    measures = sorted({t.measure for t in targets})
+    saved = savings(profile, solution.names, measures)
     return [by_name[n] for n in solution.names], {
         "solver": solution.method, "profile": planner.profile, "device": profile.device, "dtype": profile.dtype,
-        "measures": {m: {"whole": profile.total(m), "saved": sum(profile.cost(n, m) for n in solution.names),
+        "measures": {m: {"whole": profile.total(m), "saved": saved[m],
                          "limit": min(t.limit(profile.total(m)) for t in targets if t.measure == m)}
-                     for m in sorted(measures)},
+                     for m in measures},
         "shapes": {"prefill_lengths": profile.prefill_lengths[:1], "decode_shapes": profile.decode_shapes[:1]},
         "summed_importance": solution.loss}
 
