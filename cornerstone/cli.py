@@ -26,6 +26,7 @@ from .heal import Healing
 from .planner import Planner
 from .proxies import AVSS
 from .settings import CalibrationText, EvalSettings, EvalTasks, ExportSettings, ScoreSettings, TaskSelection
+from .costs import ProfileSettings
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -630,11 +631,13 @@ def plan(
     policy: Annotated[str, typer.Option(help="lowest (one shot by importance), greedy (remove one, re-measure the rest, "
                                         "repeat; loads the model), beam (greedy keeping --width paths), contiguous "
                                         "(the lowest-importance run of consecutive players) or fit (the least "
-                                        "importance meeting --target on --profile's measured costs).")] = _default(Planner, "policy"),
-    target: Annotated[Optional[list[str]], typer.Option("--target", help="fit: a cost target (repeatable): kv:50% "
+                                        "importance meeting --target on --profile's measured costs; greedy also plans "
+                                        "to --target, measuring).")] = _default(Planner, "policy"),
+    target: Annotated[Optional[list[str]], typer.Option("--target", help="fit, greedy: a cost target (repeatable), "
+                                                        "instead of --drop: kv:50% "
                                                         "(share of the KV cache kept), weights:70% or weights:90MB, "
                                                         "decode:1.3x or decode:4ms, prefill:1.2x or prefill:30ms.")] = None,
-    profile: Annotated[Optional[Path], typer.Option(help="fit: the cost profile (`cornerstone profile`'s JSON) the "
+    profile: Annotated[Optional[Path], typer.Option(help="fit, greedy: the cost profile (`cornerstone profile`'s JSON) the "
                                                     "targets are measured on.")] = None,
     granularity: Annotated[str, typer.Option(help="block or sublayer (sublayer plans need a sublayer report).")] = _default(Planner, "granularity"),
     keep_first: Annotated[int, typer.Option("--keep-first", min=0, help="Never drop the first k blocks.")] = _default(Planner, "keep_first"),
@@ -669,8 +672,8 @@ def plan(
                           profile=str(profile) if profile is not None else None)
     except ValidationError as exc:
         raise _option_error(exc, {"drop": "Write --drop 8 (a number of players) or --drop 25% (a share of the parameters).",
-                                  "": "Give --drop with a policy other than fit, or --policy fit with --target "
-                                            "and --profile (made by `cornerstone profile MODEL`).",
+                                  "": "Give --drop, or --target with --profile (made by `cornerstone profile MODEL`) "
+                                      "and --policy fit or greedy.",
                                   "search_until": "Write --search-until 12 (players) or 40% (of the parameters), at least --drop."},
                             "plan", "planning") from None
     console = Console(stderr=True)
@@ -712,7 +715,9 @@ def profile(
     prefill: Annotated[str, typer.Option(help="Prompt lengths to time, comma-separated; prefill targets use the first.")] = "256",
     decode: Annotated[str, typer.Option(help="Decode shapes CONTEXTxBATCH to time, comma-separated; decode and kv "
                                         "targets use the first.")] = "512x1",
-    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per shape (after a warm-up); the median is kept.")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per shape (after a warm-up); the median is kept.")] = _default(ProfileSettings, "repeats"),
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of the calibration (the model with and without each kind of "
+                                        "sublayer, timed in turns).")] = _default(ProfileSettings, "rounds"),
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16: the dtype you will serve in.")] = "float32",
     device: DeviceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
@@ -723,11 +728,12 @@ def profile(
     from pydantic import ValidationError
     from rich.console import Console
 
-    from .costs import ProfileSettings, format_cost, measure_profile
+    from .costs import format_cost, measure_profile
     from .loading import load_model
 
     try:
-        settings = ProfileSettings(prefill_lengths=_split(prefill), decode_shapes=_split(decode), repeats=repeats)  # type: ignore[arg-type]
+        settings = ProfileSettings(prefill_lengths=_split(prefill), decode_shapes=_split(decode), repeats=repeats,  # type: ignore[arg-type]
+                                   rounds=rounds)
     except ValidationError as exc:
         raise _option_error(exc, {"prefill_lengths": "Write e.g. --prefill 128,512.",
                                   "decode_shapes": "Write e.g. --decode 512x1,2048x8 (context x batch)."},
@@ -747,12 +753,11 @@ def profile(
     table = Table(title=f"cost profile of {model} on {measured.device} ({measured.dtype}, {measured.machine.get('cpu') or ''})")
     for column in ("player", "weights", "KV/token", f"prefill {settings.prefill_lengths[0]}", f"decode {settings.decode_shapes[0]}"):
         table.add_column(column, justify="left" if column == "player" else "right")
-    rows = [(name, cost.model_dump()) for name, cost in measured.players.items()]
-    rows.append(("whole model", measured.totals))
+    # a player's times are what its removal saves: its hooked time, calibrated (costs module docstring)
+    rows = [(name, lambda m, name=name: measured.cost(name, m)) for name in measured.players]
+    rows.append(("whole model", measured.total))
     for name, cost in rows:
-        table.add_row(name, format_cost("weights", cost["weight_bytes"]), f"{cost['kv_bytes_per_token'] / 2**10:,.2f} KiB",
-                      format_cost("prefill", cost["prefill_seconds"][str(settings.prefill_lengths[0])]),
-                      format_cost("decode", cost["decode_seconds"][settings.decode_shapes[0]]))
+        table.add_row(name, *(format_cost(m, cost(m)) for m in ("weights", "kv", "prefill", "decode")))
     Console().print(table)
     typer.echo(f"profile: {path}")
 

@@ -13,11 +13,22 @@ sublayer of a loaded model, on the device it is loaded on:
   synchronised on a GPU), median over repeats. Timing inside the real forward, caches and masks
   included, needs no per-architecture call of a sublayer alone.
 
-Per shape it also records the whole forward's median time (``totals``): what is left after the
-sublayers (embeddings, norms, LM head, Python) is not removable, and a speed-up is measured against
-the total. A block's cost is the sum of its two sublayers'. Savings add up across players: the
-assumption the planner's solver (:mod:`cornerstone.solver`) rests on, checked after export by
-measuring the pruned model itself (``evaluate``'s speed).
+The time inside a sublayer is not all that its removal changes: its own norms, the residual add and
+the module calls around it go too, and a hook's own time is inside it. So the profile also measures,
+per kind and shape, the time ``removal_seconds`` that removing every attention (or every MLP)
+sublayer but the first layer's saves (``removal_players``), cut as an export cuts it (the sublayer
+not computed, its own norms passed through), timed in turns with the whole model (``rounds``); a
+player's time cost is its hooked time scaled so that the removed players' costs add up to that
+measured saving: ``cost_i = hooked_i * removal_k / sum_{j in removal_players_k} hooked_j``. The first
+layer's stays so that the calibrated model still fills a KV cache: on SmolLM2 (CPU, decode at 512)
+removing the last attention sublayer alone saved 7 ms of 68, the causal mask over the context no
+longer being built, a saving no real plan gets.
+
+Per shape it also records the whole forward's median time (``totals``, timed without hooks): what is
+left after the sublayers (embeddings, final norm, LM head, Python) is not removable, and a speed-up
+is measured against the total. A block's cost is the sum of its two sublayers'. Savings add up
+across players: the assumption the planner's solver (:mod:`cornerstone.solver`) rests on, checked
+after export by measuring the pruned model itself (``evaluate``'s speed).
 
 Targets (:func:`parse_target`): ``weights:70%`` (keep at most 70% of the weight bytes), ``weights:90MB``,
 ``kv:50%`` (of the KV cache per token), ``decode:1.3x`` / ``prefill:1.2x`` (a speed-up at the profile's
@@ -32,18 +43,19 @@ import inspect
 import re
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ConfigError, PlanError, ReportError
 from .files import atomic_write, parse_json, read_validated
 
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2
 
 
 class PlayerCost(BaseModel):
@@ -63,7 +75,7 @@ class CostProfile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    schema_version: int = PROFILE_SCHEMA_VERSION
+    schema_version: Literal[2] = PROFILE_SCHEMA_VERSION
     created: str
     model: dict[str, Any]
     device: str
@@ -75,6 +87,11 @@ class CostProfile(BaseModel):
     players: dict[str, PlayerCost]
     totals: dict[str, Any] = Field(description="weight_bytes, kv_bytes_per_token, prefill_seconds and decode_seconds "
                                    "of the whole model")
+    removal_seconds: dict[Literal["attn", "mlp"], dict[str, dict[str, float]]] = Field(
+        description="per kind: the prefill_seconds and decode_seconds per shape that removing removal_players of that "
+        "kind saved, measured (the calibration of the players' hooked times)")
+    removal_players: dict[Literal["attn", "mlp"], list[str]] = Field(
+        description="per kind: the players removed together to measure removal_seconds (every one but the first layer's)")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -85,12 +102,24 @@ class CostProfile(BaseModel):
     def load(cls, path: str | Path) -> CostProfile:
         profile = read_validated(cls, path, parse_json, "JSON", ReportError, "cost profile",
                                  hint="Make one with `cornerstone profile MODEL --out PROFILE.json`.")
+        shaped = [("prefill_seconds", str(s)) for s in profile.prefill_lengths]
+        shaped += [("decode_seconds", s) for s in profile.decode_shapes]
         for name, cost in profile.players.items():
-            missing = [s for s in profile.prefill_lengths if str(s) not in cost.prefill_seconds]
-            missing += [s for s in profile.decode_shapes if s not in cost.decode_seconds]
+            missing = [shape for key, shape in shaped if shape not in getattr(cost, key)]
             if missing or cost.kind not in ("attn", "mlp") or name != f"L{cost.layer}.{cost.kind}":
                 raise ReportError(f"cost profile '{path}': player {name} is inconsistent (name, kind or shapes)",
                                   hint="Re-measure with `cornerstone profile`.")
+        kinds = {cost.kind for cost in profile.players.values()}
+        for kind in kinds:
+            saved = profile.removal_seconds.get(kind, {})
+            named = profile.removal_players.get(kind)
+            if not named or any(profile.players.get(n, None) is None or profile.players[n].kind != kind for n in named):
+                raise ReportError(f"cost profile '{path}': removal_players of {kind} is missing or names other players",
+                                  hint="Re-measure with `cornerstone profile`.")
+            if any(not 0 <= saved.get(key, {}).get(shape, -1) <= _seconds(profile.totals, key, shape)
+                   for key, shape in shaped):
+                raise ReportError(f"cost profile '{path}': removal_seconds of {kind} is missing a shape or is not "
+                                  "between 0 and the whole model's time", hint="Re-measure with `cornerstone profile`.")
         return profile
 
     def cost(self, name: str, measure: str) -> float:
@@ -104,6 +133,11 @@ class CostProfile(BaseModel):
         return _measure(None, measure, self)
 
 
+def _seconds(source: Mapping[str, Any], key: str, shape: str) -> float:
+    times = source.get(key)
+    return float(times[shape]) if isinstance(times, Mapping) and isinstance(times.get(shape), (int, float)) else -1.0
+
+
 def _measure(cost: PlayerCost | None, measure: str, profile: CostProfile) -> float:
     source = cost.model_dump() if cost is not None else profile.totals
     if measure == "weights":
@@ -113,10 +147,15 @@ def _measure(cost: PlayerCost | None, measure: str, profile: CostProfile) -> flo
             return sum(_measure(c, "kv", profile) for c in profile.players.values())
         context = _decode_shape(profile.decode_shapes[0])[0]
         return float(cost.kv_bytes_per_token) * (min(context, cost.kv_window) / context if cost.kv_window else 1.0)
-    if measure == "prefill":
-        return float(source["prefill_seconds"][str(profile.prefill_lengths[0])])
-    if measure == "decode":
-        return float(source["decode_seconds"][profile.decode_shapes[0]])
+    if measure in ("prefill", "decode"):
+        key = f"{measure}_seconds"
+        shape = str(profile.prefill_lengths[0]) if measure == "prefill" else profile.decode_shapes[0]
+        if cost is None:
+            return float(profile.totals[key][shape])
+        # the hooked time, scaled so that the removed players' costs add up to what removing them measurably saved
+        hooked = sum(profile.players[n].model_dump()[key][shape] for n in profile.removal_players[cost.kind])
+        saved = profile.removal_seconds[cost.kind][key][shape]
+        return float(source[key][shape]) * (saved / hooked if hooked > 0 else 0.0)
     raise ConfigError(f"unknown cost '{measure}'", hint=f"Use one of: {', '.join(MEASURES)}.")
 
 
@@ -197,6 +236,8 @@ class ProfileSettings(BaseModel):
                                      "token after CONTEXT cached ones); the first is the one decode and kv targets "
                                      "refer to.")
     repeats: int = Field(5, ge=1, description="Timed runs per shape (after one warm-up); the median is kept.")
+    rounds: int = Field(3, ge=1, description="Rounds of the calibration: the whole model and the model without each "
+                        "kind of sublayer timed in turns, each keeping the median of its rounds.")
     seed: int = 0
 
     @field_validator("prefill_lengths")
@@ -234,7 +275,18 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
-    whole, per_player = _time_shapes(model, settings, {p.name: p.module_path for p in players}, progress)
+    _, per_player = _time_shapes(model, settings, {p.name: p.module_path for p in players}, progress)
+    # calibration: the whole model, then without every attention / every MLP sublayer, timed in turns (no hooks)
+    kinds = sorted({p.kind for p in players})
+    # (all of a kind but the first layer's: a model with no attention left fills no cache, and its decode step
+    # then skips work, the causal mask over the context, that any real plan keeps)
+    cut = {kind: [p for p in players if p.kind == kind][1:] for kind in kinds}
+    timed = _in_turns([lambda kind=kind: _time_shapes(model, settings, {}, None)[0] if kind is None else
+                       _cut_timing(model, cut[kind], settings) for kind in [None, *kinds]], rounds=settings.rounds)
+    whole = timed[0]
+    removal = {kind: {key: {shape: max(0.0, whole[key][shape] - without[key][shape]) for shape in whole[key]}
+                      for key in ("prefill_seconds", "decode_seconds")} for kind, without in zip(kinds, timed[1:])}
+    calibrated = {kind: [p.name for p in cut[kind]] for kind in kinds}
     costs = {}
     for p in players:
         sliding = window if window and layer_types and layer_types[p.layer] == "sliding_attention" else None
@@ -249,7 +301,50 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
         machine={**machine(), **({"gpu": torch.cuda.get_device_name(model.device)} if model.device.type == "cuda" else {})},
         versions=package_versions(), prefill_lengths=list(settings.prefill_lengths),
         decode_shapes=list(settings.decode_shapes), players=costs,
-        totals={**whole, "kv_bytes_per_token": sum(c.kv_bytes_per_token for c in costs.values())})
+        totals={**whole, "kv_bytes_per_token": sum(c.kv_bytes_per_token for c in costs.values())},
+        removal_seconds=removal, removal_players=calibrated)
+
+
+def _cut_timing(model: Any, players: Sequence[Any], settings: ProfileSettings) -> dict[str, Any]:
+    """The whole model's times with ``players`` cut as an export cuts them: each not computed (masking's
+    ``without``) and its own norms (:func:`~cornerstone.players.owned_modules`) passing their input on."""
+    from .masking import without
+    from .players import owned_modules
+
+    norms = [model.get_submodule(path) for p in players for path in owned_modules(model, p)[1:]]
+    with without(model, players), _passing(norms):
+        return _time_shapes(model, settings, {}, None)[0]
+
+
+@contextmanager
+def _passing(modules: Sequence[Any]) -> Iterator[None]:
+    """Each module returns its (first) input for the duration: for timing only."""
+    saved = [(m, m.__dict__.get("forward")) for m in modules]
+    try:
+        for module in modules:
+            module.forward = lambda hidden, *_, **__: hidden
+        yield
+    finally:
+        for module, original in saved:
+            if original is None:
+                del module.forward
+            else:
+                module.forward = original
+
+
+def _in_turns(runs: Sequence[Any], rounds: int) -> list[dict[str, Any]]:
+    """Call each of ``runs`` (each returns :func:`measure_speed`'s dict) once per round, in turns, so a slow spell of
+    a shared machine does not land on one only; each keeps the median of its rounds' times per shape."""
+    results: list[list[dict[str, Any]]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for index, run in enumerate(runs):
+            results[index].append(run())
+    out = []
+    for measured in results:
+        first = measured[0]
+        out.append({**first, **{key: {shape: statistics.median(run[key][shape] for run in measured) for shape in first[key]}
+                                for key in ("prefill_seconds", "decode_seconds")}})
+    return out
 
 
 def measure_speed(model: Any, settings: ProfileSettings | None = None) -> dict[str, Any]:
@@ -262,16 +357,7 @@ def measure_speed(model: Any, settings: ProfileSettings | None = None) -> dict[s
 def measure_side_by_side(models: Sequence[Any], settings: ProfileSettings, rounds: int = 3) -> list[dict[str, Any]]:
     """:func:`measure_speed` of each model, the models taking turns for ``rounds`` rounds (so a slow spell of a
     shared machine does not land on one model only), each time the median over its rounds."""
-    runs: list[list[dict[str, Any]]] = [[] for _ in models]
-    for _ in range(rounds):
-        for index, model in enumerate(models):
-            runs[index].append(measure_speed(model, settings))
-    out = []
-    for measured in runs:
-        first = measured[0]
-        out.append({**first, **{key: {shape: statistics.median(run[key][shape] for run in measured) for shape in first[key]}
-                                for key in ("prefill_seconds", "decode_seconds")}})
-    return out
+    return _in_turns([lambda model=model: measure_speed(model, settings) for model in models], rounds)
 
 
 def _time_shapes(model: Any, settings: ProfileSettings, modules: Mapping[str, str],

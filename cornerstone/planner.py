@@ -77,10 +77,11 @@ class Planner(BaseModel):
     granularity: Literal["block", "sublayer"] = "block"
     drop: int | str | None = Field(None, description="Players (8) or a share of parameters (25%) to drop; every "
                                    "policy but fit needs it.")
-    targets: list[str] = Field(default_factory=list, description="fit: cost targets the pruned model must meet, "
-                               "e.g. [kv:50%, decode:1.3x, weights:90MB] (cornerstone.costs.parse_target).")
-    profile: str | None = Field(None, description="fit: the cost profile (cornerstone profile's JSON) the targets "
-                                "are measured against.")
+    targets: list[str] = Field(default_factory=list, description="fit, greedy: cost targets the pruned model must "
+                               "meet, e.g. [kv:50%, decode:1.3x, weights:90MB] (cornerstone.costs.parse_target), instead "
+                               "of drop.")
+    profile: str | None = Field(None, description="fit, greedy: the cost profile (cornerstone profile's JSON) the "
+                                "targets are measured against.")
     keep_first: int = Field(1, ge=0, description="Never drop the first k blocks.")
     keep_last: int = Field(1, ge=0, description="Never drop the last k blocks.")
     protect_cornerstones: bool = True
@@ -99,15 +100,19 @@ class Planner(BaseModel):
 
     @model_validator(mode="after")
     def _what_to_drop(self) -> "Planner":
-        if self.policy == "fit":
+        if self.policy == "fit" or self.targets:
+            if self.policy not in ("fit", "greedy"):
+                raise ValueError("targets are planned with policy fit (the report's importances) or greedy (measured)")
             if not self.targets or self.profile is None:
-                raise ValueError("policy fit needs targets and a cost profile (--target kv:50% --profile PROFILE.json)")
-            if self.drop is not None:
-                raise ValueError("policy fit chooses how much to drop from its targets; leave drop out")
+                raise ValueError(f"policy {self.policy} to a cost target needs targets and a cost profile "
+                                 "(--target kv:50% --profile PROFILE.json)")
+            if self.drop is not None or self.search_until is not None:
+                raise ValueError("a plan to cost targets chooses how much to drop from them; leave drop and search_until out")
+            if self.lazy:
+                raise ValueError("lazy greedy bounds a removal's score, not its score lost per cost saved: plan to a "
+                                 "target without lazy (shortlist cuts the candidates instead)")
         elif self.drop is None:
             raise ValueError("drop is required: a number of players (8) or a share of parameters (25%)")
-        elif self.targets:
-            raise ValueError("targets are planned with policy fit (--policy fit)")
         return self
 
     @field_validator("targets")
@@ -426,6 +431,71 @@ class _Target:
                          f"({sum(c.parameters for c in allowed):,} parameters) are not protected")
 
 
+class _CostTarget:
+    """When enough is dropped for cost targets (policy greedy with ``targets``): every measure's need saved,
+    on the profile's costs (:mod:`cornerstone.costs`)."""
+
+    def __init__(self, planner: Planner, report: ScoreReport) -> None:
+        from .costs import needs, parse_target
+
+        self.profile = _profile_for(planner, report)
+        self.targets = [parse_target(text) for text in planner.targets]
+        self.need = needs(self.targets, self.profile)
+        self.text = ", ".join(planner.targets)
+        self.players = self.parameters = None
+
+    def saved(self, chosen: Sequence[_Candidate]) -> dict[str, float]:
+        from .costs import savings
+
+        return savings(self.profile, [c.name for c in chosen], self.need)
+
+    def met(self, chosen: Sequence[_Candidate]) -> bool:
+        saved = self.saved(chosen)
+        return all(saved[m] >= need * (1 - 1e-12) for m, need in self.need.items())
+
+    def gain(self, chosen: Sequence[_Candidate], candidate: _Candidate) -> float:
+        """The share of the need still open that removing ``candidate`` after ``chosen`` covers,
+        ``sum_k min(c_k, r_k) / need_k`` (the solver's greedy rule, :mod:`cornerstone.solver`)."""
+        saved = self.saved(chosen)
+        return sum(min(max(self.profile.cost(candidate.name, m), 0.0), max(need - saved[m], 0.0)) / need
+                   for m, need in self.need.items() if need > 0)
+
+    def unreachable(self, allowed: Sequence[_Candidate]) -> PlanError:
+        from .costs import format_cost
+
+        saved = self.saved(allowed)
+        return PlanError(f"cannot meet {self.text}: removing every allowed player saves "
+                         + ", ".join(f"{format_cost(m, saved[m])} of the {format_cost(m, n)} {m} needed"
+                                     for m, n in self.need.items()),
+                         hint="Relax the target, or allow more players (--keep-first/--keep-last, --no-protect, a sublayer plan).")
+
+    def record(self, planner: Planner, names: Sequence[str], **extra: Any) -> dict[str, Any]:
+        """The plan's ``fit`` block: per measure the whole model's cost, the predicted saving and the limit."""
+        from .costs import savings
+
+        measures = sorted(self.need)
+        saved = savings(self.profile, names, measures)
+        return {**extra, "profile": planner.profile, "device": self.profile.device, "dtype": self.profile.dtype,
+                "measures": {m: {"whole": self.profile.total(m), "saved": saved[m],
+                                 "limit": min(t.limit(self.profile.total(m)) for t in self.targets if t.measure == m)}
+                             for m in measures},
+                "shapes": {"prefill_lengths": self.profile.prefill_lengths[:1],
+                           "decode_shapes": self.profile.decode_shapes[:1]}}
+
+
+def _profile_for(planner: Planner, report: ScoreReport) -> Any:
+    from .costs import CostProfile
+
+    profile = CostProfile.load(planner.profile)  # type: ignore[arg-type]
+    layers = report.model.get("num_hidden_layers")
+    if profile.model.get("num_hidden_layers") != layers or (
+            profile.model.get("fingerprint") and report.model.get("fingerprint")
+            and profile.model["fingerprint"] != report.model["fingerprint"]):
+        raise PlanError(f"the cost profile '{planner.profile}' was measured on another model than the report's",
+                        hint="Profile the report's model: cornerstone profile MODEL --out PROFILE.json.")
+    return profile
+
+
 def _lowest(allowed: list[_Candidate], target: _Target) -> list[_Candidate]:
     chosen: list[_Candidate] = []
     for candidate in sorted(allowed, key=_least_important_first):
@@ -474,8 +544,8 @@ def _contiguous(candidates: list[_Candidate], protected: dict[str, str], target:
     return best
 
 
-def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Progress | None, *, width: int = 1,
-            shortlist: int | None = None, lazy: bool = False) -> tuple[list[_Candidate], list[float]]:
+def _search(allowed: list[_Candidate], target: _Target | _CostTarget, value: Any, progress: Progress | None, *,
+            width: int = 1, shortlist: int | None = None, lazy: bool = False) -> tuple[list[_Candidate], list[float]]:
     """Measured search for the removal order that keeps the score highest (``greedy``: ``width`` 1; ``beam``).
 
     Every step extends each kept path by one more player, measures v(N minus the path) for every
@@ -488,6 +558,11 @@ def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Pr
     every unmeasured candidate's bound ``v(S) * r_c``, where ``r_c = v(S' + c) / v(S')`` is the share of
     the score c's removal kept when it was last measured (on an earlier path S'). Returns the best path that meets
     ``target`` and its score after every step.
+
+    To cost targets (a :class:`_CostTarget`, greedy only) a step takes the player with the least score lost per
+    share of the open need it covers, ``(v(S) - v(S + c)) / gain(c)`` (the solver's greedy rule on measured
+    losses, so interactions between removals count), and ``shortlist`` keeps the players with the least of it at
+    the previous step.
     """
     from .players import parse_players
 
@@ -495,13 +570,26 @@ def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Pr
     last_score: dict[str, float] = {}  # each player's most recent measured score as the next removal
     # lazy: the share of the score each player's removal kept when last measured, v(S + c) / v(S)
     last_ratio: dict[str, float] = {}
-    base = value.evaluate_many([[]])[0].score if lazy else 0.0
+    base = value.evaluate_many([[]])[0].score if lazy or isinstance(target, _CostTarget) else 0.0
+
+    costed = isinstance(target, _CostTarget)
+    last_rate: dict[str, float] = {}  # to cost targets: each player's most recent score lost per share of need
 
     def promise(c: _Candidate) -> tuple[float, float, int]:
+        if costed:
+            return (last_rate.get(c.name, float("-inf")), c.importance, c.layer)
         return (-last_score[c.name] if c.name in last_score else float("-inf"), c.importance, c.layer)
+
+    def rate(path: tuple[list[_Candidate], list[float]]) -> float:
+        chosen, scores = path
+        gain = target.gain(chosen[:-1], chosen[-1])  # type: ignore[union-attr]
+        lost = (scores[-2] if len(scores) > 1 else base) - scores[-1]
+        return lost / gain if gain > 0 else math.inf
 
     def rank(path: tuple[list[_Candidate], list[float]]) -> tuple[float, float, int]:
         chosen, scores = path
+        if costed and scores:
+            return (rate(path), sum(c.importance for c in chosen), sum(c.layer for c in chosen))
         return (-scores[-1] if scores else 0.0, sum(c.importance for c in chosen), sum(c.layer for c in chosen))
 
     paths: list[tuple[list[_Candidate], list[float]]] = [([], [])]
@@ -513,11 +601,15 @@ def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Pr
             if target.met(chosen):
                 extensions.append((chosen, scores))
                 continue
-            left = [c for c in allowed if c not in chosen]
+            left = [c for c in allowed if c not in chosen and (not costed or target.gain(chosen, c) > 0)]  # type: ignore[union-attr]
             if not left:
                 raise target.unreachable(allowed)
             if shortlist is not None and not lazy:
-                left = sorted(left, key=lambda c: promise(c) if last_score else (c.importance, -c.layer))[:shortlist]
+                def first(c: _Candidate) -> tuple[float, int]:  # the report's importance (per share of need)
+                    return (max(c.importance, 0.0) / target.gain(chosen, c) if costed else c.importance,  # type: ignore[union-attr]
+                            -c.layer)
+
+                left = sorted(left, key=lambda c: promise(c) if last_score else first(c))[:shortlist]
             for c in left:
                 key = frozenset(x.name for x in chosen) | {c.name}
                 if key not in seen:
@@ -552,6 +644,8 @@ def _search(allowed: list[_Candidate], target: _Target, value: Any, progress: Pr
                 break
         for chosen, scores in measured:
             last_score[chosen[-1].name] = scores[-1]
+            if costed:
+                last_rate[chosen[-1].name] = rate((chosen, scores))
             before = scores[-2] if len(scores) > 1 else base
             if lazy and before > 0:
                 last_ratio[chosen[-1].name] = scores[-1] / before
@@ -619,7 +713,8 @@ def make_plan(
     candidates = _candidates(report, planner.granularity, counts)
     protected = _protection(candidates, planner, num_blocks)
     allowed = [c for c in candidates if c.name not in protected]
-    target = _Target(planner.drop, total_parameters) if planner.drop is not None else None
+    target: _Target | _CostTarget | None = (_Target(planner.drop, total_parameters) if planner.drop is not None else
+                                            _CostTarget(planner, report) if planner.policy == "greedy" else None)
     step_scores: list[float] = []
     search: list[SearchStep] | None = None
     fit: dict[str, Any] | None = None
@@ -636,7 +731,7 @@ def make_plan(
         if value is None:
             value = _report_value_function(report, loaded, store)
         until = _Target(planner.search_until, total_parameters) if planner.search_until is not None else target
-        if until.players is not None and target.players is not None and until.players < target.players or (
+        if until is not target and until.players is not None and target.players is not None and until.players < target.players or (
                 until.parameters is not None and target.parameters is not None and until.parameters < target.parameters):
             raise PlanError(f"search_until {planner.search_until} is less than drop {planner.drop}",
                             hint="Give --search-until at least --drop (in the same unit), or leave it out.")
@@ -648,6 +743,8 @@ def make_plan(
                   for c, score, count in zip(order, order_scores, removed_so_far)]
         cut = next(k for k in range(1, len(order) + 1) if target.met(order[:k]))
         chosen, step_scores = order[:cut], order_scores[:cut]
+        if isinstance(target, _CostTarget):
+            fit = target.record(planner, [c.name for c in chosen], solver="measured greedy")
 
     removed_parameters = sum(c.parameters for c in chosen)
     removals = []
@@ -656,7 +753,8 @@ def make_plan(
                                                           if c.stderr is not None else "")
         why = {"lowest": f"{importance}{c.note}, rank {c.rank} of {len(candidates)}",
                "contiguous": f"{span_reason if planner.policy == 'contiguous' else ''}; {importance}{c.note}",
-               "greedy": f"greedy step {step + 1}: its removal hurt least ({step_scores[step]:.4f} after)"
+               "greedy": f"greedy step {step + 1}: its removal hurt least"
+               f"{' per share of the target it met' if planner.targets else ''} ({step_scores[step]:.4f} after)"
                if step_scores else "",
                "beam": f"beam step {step + 1} of the best path ({step_scores[step]:.4f} after)"
                if step_scores else "",
@@ -698,30 +796,14 @@ def make_plan(
 
 def _fit(allowed: list[_Candidate], planner: Planner, report: ScoreReport) -> tuple[list[_Candidate], dict[str, Any]]:
     """The least-importance set of ``allowed`` whose summed costs meet ``planner.targets`` (policy fit)."""
-    from .costs import CostProfile, needs, parse_target, savings
     from .solver import Item, solve
 
-    profile = CostProfile.load(planner.profile)  # type: ignore[arg-type]
-    layers = report.model.get("num_hidden_layers")
-    if profile.model.get("num_hidden_layers") != layers or (
-            profile.model.get("fingerprint") and report.model.get("fingerprint")
-            and profile.model["fingerprint"] != report.model["fingerprint"]):
-        raise PlanError(f"the cost profile '{planner.profile}' was measured on another model than the report's",
-                        hint="Profile the report's model: cornerstone profile MODEL --out PROFILE.json.")
-    targets = [parse_target(text) for text in planner.targets]
-    need = needs(targets, profile)
-    items = [Item(c.name, c.importance, {m: profile.cost(c.name, m) for m in need}) for c in allowed]
-    solution = solve(items, need)
+    target = _CostTarget(planner, report)
+    items = [Item(c.name, c.importance, {m: target.profile.cost(c.name, m) for m in target.need}) for c in allowed]
+    solution = solve(items, target.need)
     by_name = {c.name: c for c in allowed}
-    measures = sorted({t.measure for t in targets})
-    saved = savings(profile, solution.names, measures)
-    return [by_name[n] for n in solution.names], {
-        "solver": solution.method, "profile": planner.profile, "device": profile.device, "dtype": profile.dtype,
-        "measures": {m: {"whole": profile.total(m), "saved": saved[m],
-                         "limit": min(t.limit(profile.total(m)) for t in targets if t.measure == m)}
-                     for m in measures},
-        "shapes": {"prefill_lengths": profile.prefill_lengths[:1], "decode_shapes": profile.decode_shapes[:1]},
-        "summed_importance": solution.loss}
+    return [by_name[n] for n in solution.names], target.record(planner, solution.names, solver=solution.method,
+                                                               summed_importance=solution.loss)
 
 
 def _document_record(report: ScoreReport) -> dict[str, Any] | None:

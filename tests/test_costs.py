@@ -14,11 +14,12 @@ from cornerstone.costs import CostProfile, PlayerCost, ProfileSettings, measure_
 from cornerstone.errors import ConfigError, PlanError, ReportError
 from cornerstone.loading import load_model
 from cornerstone.planner import Planner, make_plan
+from cornerstone.players import parse_players
 
 from .architectures import random_model
 from .conftest import TINY_CONFIGS
 from .test_cli import scored, toy_folder  # noqa: F401 (fixtures)
-from .test_planner import EIGHT, report_with
+from .test_planner import EIGHT, measured_game, report_with  # noqa: F401 (fixture)
 
 runner = CliRunner()
 SMALL = ProfileSettings(prefill_lengths=[12], decode_shapes=["16x2"], repeats=2)
@@ -71,6 +72,29 @@ def test_the_time_of_a_sublayer_is_measured_inside_it(tiny_llama, monkeypatch):
         assert profile.total(measure) >= 0.03
 
 
+def test_a_removal_saves_what_the_sublayers_own_norms_cost_too(tiny_llama, monkeypatch):
+    """The norm before an MLP runs outside the MLP's hooks, but an export cuts it with the MLP: the
+    calibration (removing every MLP, timed) finds its time, and the MLPs' costs add up to it."""
+    norm = tiny_llama.model.model.layers[1].post_attention_layernorm
+    forward = norm.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.03)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(norm, "forward", slow)
+    profile = measure_profile(tiny_llama, SMALL)
+    for measure, key, shape in (("prefill", "prefill_seconds", "12"), ("decode", "decode_seconds", "16x2")):
+        hooked = sum(c.model_dump()[key][shape] for c in profile.players.values() if c.kind == "mlp")
+        assert hooked < 0.03  # the sleep is not inside any MLP
+        assert "L1.mlp" in profile.removal_players["mlp"] and "L0.mlp" not in profile.removal_players["mlp"]
+        mlps = sum(profile.cost(n, measure) for n in profile.removal_players["mlp"])
+        assert mlps >= 0.03 and mlps == pytest.approx(profile.removal_seconds["mlp"][key][shape])
+        # an attention sublayer's calibration does not take the MLP's norm with it
+        attns = sum(profile.cost(n, measure) for n, c in profile.players.items() if c.kind == "attn")
+        assert attns < 0.03
+
+
 def test_sliding_window_layers_hold_at_most_their_window(tmp_path):
     """Gemma 3: the decode cache is cropped back between timed steps, and a sliding layer's KV cost per
     token at the profiled context is its window's share of a global layer's."""
@@ -108,7 +132,11 @@ def synthetic_profile(kv: dict[str, int], decode: dict[str, float], weights: dic
                        device="cpu", dtype="float32", machine={}, versions={}, prefill_lengths=[8], decode_shapes=["32x1"],
                        players=players, totals={"weight_bytes": sum(weights.values()) + 500,
                                                 "kv_bytes_per_token": sum(kv.values()),
-                                                "prefill_seconds": {"8": 1.0}, "decode_seconds": {"32x1": 1.0}})
+                                                "prefill_seconds": {"8": 1.0}, "decode_seconds": {"32x1": 1.0}},
+                       # removing them saves what they take inside (calibration factor 1)
+                       removal_seconds={kind: {"prefill_seconds": {"8": 0.0}, "decode_seconds": {
+                           "32x1": sum(decode.values()) if kind == "attn" else 0.0}} for kind in ("attn", "mlp")},
+                       removal_players={kind: [f"L{i}.{kind}" for i in range(layers)] for kind in ("attn", "mlp")})
 
 
 def test_a_fit_plan_is_the_least_important_set_that_meets_every_target(tmp_path):
@@ -141,7 +169,7 @@ def test_fit_refuses_what_it_cannot_meet_and_profiles_of_other_models(tmp_path):
         make_plan(report_with(EIGHT), Planner(policy="fit", targets=["kv:50%"], profile=str(other)))
     with pytest.raises(ValueError, match="targets and a cost profile"):
         Planner(policy="fit", targets=["kv:50%"])
-    with pytest.raises(ValueError, match="leave drop out"):
+    with pytest.raises(ValueError, match="leave drop and search_until out"):
         Planner(policy="fit", drop=3, targets=["kv:50%"], profile=str(path))
     with pytest.raises(ValueError, match="policy fit"):
         Planner(drop=3, targets=["kv:50%"])
@@ -154,7 +182,9 @@ def test_a_target_that_means_nothing_is_refused(text):
         parse_target(text)
 
 
-@pytest.mark.parametrize("edit", ["not json", "nan", "renamed", "negative", "extra", "missing shape"])
+@pytest.mark.parametrize("edit", ["not json", "nan", "renamed", "negative", "extra", "missing shape", "older schema",
+                                  "saving above whole", "no calibration",
+                                  "calibrated on other players"])
 def test_an_edited_profile_is_refused_in_one_line(edit, tmp_path):
     data = json.loads(synthetic_profile({"L1": 10}, {"L1": 0.1}).model_dump_json())
     if edit == "nan":
@@ -167,6 +197,15 @@ def test_an_edited_profile_is_refused_in_one_line(edit, tmp_path):
         data["players"]["L1.attn"]["free_lunch"] = 1
     elif edit == "missing shape":
         data["players"]["L1.attn"]["decode_seconds"] = {}
+    elif edit == "older schema":  # profiles before the calibration: their times under-count what a removal saves
+        data["schema_version"] = 1
+        del data["removal_seconds"]
+    elif edit == "saving above whole":
+        data["removal_seconds"]["attn"]["decode_seconds"]["32x1"] = 5.0
+    elif edit == "no calibration":
+        del data["removal_seconds"]["mlp"]
+    elif edit == "calibrated on other players":
+        data["removal_players"]["attn"] = ["L1.mlp"]
     path = tmp_path / "profile.json"
     path.write_text("{not json" if edit == "not json" else json.dumps(data).replace("NaN", "NaN"))
     with pytest.raises(ReportError) as error:
@@ -220,3 +259,39 @@ def test_a_fit_plan_is_exported_and_eval_measures_it_against_its_target(scored, 
     # two of three blocks removed: the pruned model's cache holds a third of the base's bytes per token
     assert kv["target"] == "kv:60%" and kv["met"] and kv["pruned"] == pytest.approx(kv["base"] / 3)
     assert "| kv:60% |" in (tmp_path / "eval.md").read_text()
+
+
+def test_greedy_to_a_target_measures_what_removals_cost_together(measured_game, tmp_path):
+    """policy greedy with a target: each step takes the least score lost per share of the need it covers,
+    measured, so a pair of removals that is cheap apart and costly together is not taken (the report's
+    importances, which the fit solver reads, cannot see that), and players that save nothing the
+    target needs are never tried."""
+    from itertools import combinations
+
+    from .test_planner import _CountingGame
+
+    loaded, report, _ = measured_game
+    # each attention saves 0.2 s of a 1 s decode step, the MLPs nothing: decode:1.6x needs two attentions
+    profile = synthetic_profile({}, {"L0": 0.2, "L1": 0.2, "L2": 0.2}, layers=3)
+    path = profile.model_copy(update={"model": {"spec": "tiny", "num_hidden_layers": 3}}).save(tmp_path / "p.json")
+    weights = {"L0.attn": 0.01, "L1.attn": 0.02, "L2.attn": 0.10, "L0.mlp": 0.0, "L1.mlp": 0.0, "L2.mlp": 0.0}
+    game = _CountingGame(loaded, weights, ("L0.attn", "L1.attn", 0.2))  # the two cheapest hurt together
+    planner = Planner(policy="greedy", granularity="sublayer", targets=["decode:1.6x"], profile=str(path),
+                      keep_first=0, keep_last=0)
+    plan = make_plan(report, planner, loaded=loaded, value=game)
+    # the full model, 3 attentions at step 1, 2 at step 2: the MLPs, which save nothing, never measured
+    assert game.evaluations == 1 + 3 + 2
+
+    def score(names):
+        return game.evaluate_many([parse_players(loaded.model, list(names))])[0].score
+
+    attentions = ["L0.attn", "L1.attn", "L2.attn"]
+    best = max(combinations(attentions, 2), key=score)
+    assert sorted(plan.player_names) == sorted(best) == ["L0.attn", "L2.attn"]
+    assert plan.fit["solver"] == "measured greedy" and plan.predicted_measured
+    assert plan.fit["measures"]["decode"]["saved"] == pytest.approx(0.4)
+    assert [s.score_after for s in plan.search] == pytest.approx([score(["L0.attn"]), score(["L0.attn", "L2.attn"])])
+    with pytest.raises(ValueError, match="lazy"):
+        Planner(**{**planner.model_dump(), "lazy": True})
+    with pytest.raises(ValueError, match="fit .* or greedy"):
+        Planner(policy="beam", targets=["decode:1.6x"], profile=str(path))
