@@ -67,6 +67,18 @@ def block_baseline(report: ScoreReport, profile: CostProfile, target: str, loade
     raise SystemExit(f"no block plan meets {target}")
 
 
+def step_printer(label: str) -> Any:
+    """A make_plan progress callback that prints a line when a search step begins (the search runs for minutes)."""
+    last = {"what": None}
+
+    def progress(done: int, total: int, what: str) -> None:
+        if what != last["what"]:
+            last["what"] = what
+            print(f"    {label}: {what} ({done} evaluations so far)", flush=True)
+
+    return progress
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(REPORTS))
@@ -76,7 +88,9 @@ def main() -> None:
     parser.add_argument("--decode", default="512x1", help="CONTEXTxBATCH of the decode targets and the KV cache.")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--greedy-shortlist", type=int, default=8, help="0: no measured greedy plans")
+    parser.add_argument("--greedy-shortlist", type=int, default=6, help="0: no measured greedy plans")
+    parser.add_argument("--greedy-targets", default="decode:1.3x", help="targets also planned by measured greedy")
+    parser.add_argument("--greedy-docs", type=int, default=15, help="greedy: documents per task, drawn from the report's")
     parser.add_argument("--eval-limit", type=int, default=40)
     parser.add_argument("--eval-seed", type=int, default=1)
     parser.add_argument("--bootstrap", type=int, default=500)
@@ -98,18 +112,22 @@ def main() -> None:
 
     plans: dict[str, dict[str, Any]] = {}
     # the greedy plans measure on the report's own tasks and documents, by the gold answer's probability
-    chosen_on = harness.load_tasks(list(report.documents()), objective="probability", documents=report.documents())
+    import random
+
+    records = {name: record.model_copy(update={"content_sha256": None, "doc_indices": sorted(random.Random(0).sample(
+        record.doc_indices, min(args.greedy_docs, len(record.doc_indices))))}) for name, record in report.documents().items()}
+    chosen_on = harness.load_tasks(list(records), objective="probability", documents=records)
     for target in args.targets.split(","):
         fit = make_plan(report, Planner(policy="fit", granularity=granularity, targets=[target],
                                         profile=str(profile_path)), loaded=loaded)
         plans[f"fit {target}"] = {"target": target, "method": f"fit ({granularity}s)", "players": fit.player_names}
         keys = [f"fit {target}"]
-        if args.greedy_shortlist:
+        if args.greedy_shortlist and target in args.greedy_targets.split(","):
             t0 = time.perf_counter()
             value = ValueFunction(loaded, chosen_on, batch_size=32)
             greedy = make_plan(report, Planner(policy="greedy", granularity=granularity, targets=[target],
                                                profile=str(profile_path), shortlist=args.greedy_shortlist),
-                               loaded=loaded, value=value)
+                               loaded=loaded, value=value, progress=step_printer(f"greedy {target}"))
             plans[f"greedy {target}"] = {"target": target, "method": f"measured greedy ({granularity}s)",
                                          "players": greedy.player_names, "seconds": time.perf_counter() - t0,
                                          "evaluations": value.evaluations}

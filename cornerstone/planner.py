@@ -560,9 +560,9 @@ def _search(allowed: list[_Candidate], target: _Target | _CostTarget, value: Any
     ``target`` and its score after every step.
 
     To cost targets (a :class:`_CostTarget`, greedy only) a step takes the player with the least score lost per
-    share of the open need it covers, ``(v(S) - v(S + c)) / gain(c)`` (the solver's greedy rule on measured
-    losses, so interactions between removals count), and ``shortlist`` keeps the players with the least of it at
-    the previous step.
+    share of the open need it covers, ``max(0, v(S) - v(S + c)) / gain(c)`` (the solver's greedy rule on measured
+    losses, so interactions between removals count; ties to the larger gain), and ``shortlist`` keeps the players
+    with the least of it at the previous step.
     """
     from .players import parse_players
 
@@ -573,23 +573,25 @@ def _search(allowed: list[_Candidate], target: _Target | _CostTarget, value: Any
     base = value.evaluate_many([[]])[0].score if lazy or isinstance(target, _CostTarget) else 0.0
 
     costed = isinstance(target, _CostTarget)
-    last_rate: dict[str, float] = {}  # to cost targets: each player's most recent score lost per share of need
+    last_rate: dict[str, tuple[float, float]] = {}  # to cost targets: each player's last (score lost per share, -share)
 
-    def promise(c: _Candidate) -> tuple[float, float, int]:
+    def promise(c: _Candidate) -> tuple[float, ...]:
         if costed:
-            return (last_rate.get(c.name, float("-inf")), c.importance, c.layer)
+            return (*last_rate.get(c.name, (float("-inf"), 0.0)), c.importance, c.layer)
         return (-last_score[c.name] if c.name in last_score else float("-inf"), c.importance, c.layer)
 
-    def rate(path: tuple[list[_Candidate], list[float]]) -> float:
+    def rate(path: tuple[list[_Candidate], list[float]]) -> tuple[float, float]:
+        # a removal that raised the score (noise, on these documents) counts as free, as the solver clips a negative
+        # importance: dividing a gain by a small share would otherwise prefer the removals that save least
         chosen, scores = path
         gain = target.gain(chosen[:-1], chosen[-1])  # type: ignore[union-attr]
-        lost = (scores[-2] if len(scores) > 1 else base) - scores[-1]
-        return lost / gain if gain > 0 else math.inf
+        lost = max(0.0, (scores[-2] if len(scores) > 1 else base) - scores[-1])
+        return (lost / gain if gain > 0 else math.inf, -gain)
 
-    def rank(path: tuple[list[_Candidate], list[float]]) -> tuple[float, float, int]:
+    def rank(path: tuple[list[_Candidate], list[float]]) -> tuple[Any, ...]:
         chosen, scores = path
         if costed and scores:
-            return (rate(path), sum(c.importance for c in chosen), sum(c.layer for c in chosen))
+            return (*rate(path), sum(c.importance for c in chosen), sum(c.layer for c in chosen))
         return (-scores[-1] if scores else 0.0, sum(c.importance for c in chosen), sum(c.layer for c in chosen))
 
     paths: list[tuple[list[_Candidate], list[float]]] = [([], [])]
