@@ -759,6 +759,10 @@ def profile(
     for name, cost in rows:
         table.add_row(name, *(format_cost(m, cost(m)) for m in ("weights", "kv", "prefill", "decode")))
     Console().print(table)
+    if measured.uncalibrated:
+        typer.echo(f"warning: removing the sublayers saved no more than the timing noise for {', '.join(measured.uncalibrated)}: "
+                   "there the times are the hooked ones, uncalibrated (more --rounds and --repeats, or a quieter machine)",
+                   err=True)
     typer.echo(f"profile: {path}")
 
 

@@ -19,7 +19,9 @@ per kind and shape, the time ``removal_seconds`` that removing every attention (
 sublayer but the first layer's saves (``removal_players``), cut as an export cuts it (the sublayer
 not computed, its own norms passed through), timed in turns with the whole model (``rounds``); a
 player's time cost is its hooked time scaled so that the removed players' costs add up to that
-measured saving: ``cost_i = hooked_i * removal_k / sum_{j in removal_players_k} hooked_j``. The first
+measured saving: ``cost_i = hooked_i * removal_k / sum_{j in removal_players_k} hooked_j``. A saving
+no larger than its spread over the rounds (paired by round) is noise, not a measurement: there the
+hooked times stand as they are, and the profile lists the shape in ``uncalibrated``. The first
 layer's stays so that the calibrated model still fills a KV cache: on SmolLM2 (CPU, decode at 512)
 removing the last attention sublayer alone saved 7 ms of 68, the causal mask over the context no
 longer being built, a saving no real plan gets.
@@ -92,6 +94,8 @@ class CostProfile(BaseModel):
         "kind saved, measured (the calibration of the players' hooked times)")
     removal_players: dict[Literal["attn", "mlp"], list[str]] = Field(
         description="per kind: the players removed together to measure removal_seconds (every one but the first layer's)")
+    uncalibrated: list[str] = Field(default_factory=list, description="'KIND MEASURE SHAPE' whose measured saving was "
+                                    "within its spread over the rounds: there removal_seconds is the hooked times' sum")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -281,11 +285,25 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
     # (all of a kind but the first layer's: a model with no attention left fills no cache, and its decode step
     # then skips work, the causal mask over the context, that any real plan keeps)
     cut = {kind: [p for p in players if p.kind == kind][1:] for kind in kinds}
-    timed = _in_turns([lambda kind=kind: _time_shapes(model, settings, {}, None)[0] if kind is None else
-                       _cut_timing(model, cut[kind], settings) for kind in [None, *kinds]], rounds=settings.rounds)
-    whole = timed[0]
-    removal = {kind: {key: {shape: max(0.0, whole[key][shape] - without[key][shape]) for shape in whole[key]}
-                      for key in ("prefill_seconds", "decode_seconds")} for kind, without in zip(kinds, timed[1:])}
+    rounds = _turns([lambda kind=kind: _time_shapes(model, settings, {}, None)[0] if kind is None else
+                     _cut_timing(model, cut[kind], settings) for kind in [None, *kinds]], rounds=settings.rounds)
+    whole = _medians(rounds[0])
+    removal: dict[str, dict[str, dict[str, float]]] = {}
+    unresolved = []
+    for kind, without in zip(kinds, rounds[1:]):
+        removal[kind] = {}
+        for key in ("prefill_seconds", "decode_seconds"):
+            removal[kind][key] = {}
+            for shape in whole[key]:
+                # paired by round: a saving no larger than its spread over the rounds is noise (a shared machine),
+                # and then the hooked times stand uncalibrated, and say so
+                saved = [a[key][shape] - b[key][shape] for a, b in zip(rounds[0], without)]
+                hooked = sum(per_player[p.name][key][shape] for p in cut[kind])
+                if statistics.median(saved) <= max(saved) - min(saved) or statistics.median(saved) <= 0:
+                    removal[kind][key][shape] = min(hooked, whole[key][shape])
+                    unresolved.append(f"{kind} {key.removesuffix('_seconds')} {shape}")
+                else:
+                    removal[kind][key][shape] = statistics.median(saved)
     calibrated = {kind: [p.name for p in cut[kind]] for kind in kinds}
     costs = {}
     for p in players:
@@ -302,7 +320,7 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
         versions=package_versions(), prefill_lengths=list(settings.prefill_lengths),
         decode_shapes=list(settings.decode_shapes), players=costs,
         totals={**whole, "kv_bytes_per_token": sum(c.kv_bytes_per_token for c in costs.values())},
-        removal_seconds=removal, removal_players=calibrated)
+        removal_seconds=removal, removal_players=calibrated, uncalibrated=unresolved)
 
 
 def _cut_timing(model: Any, players: Sequence[Any], settings: ProfileSettings) -> dict[str, Any]:
@@ -332,19 +350,21 @@ def _passing(modules: Sequence[Any]) -> Iterator[None]:
                 module.forward = original
 
 
-def _in_turns(runs: Sequence[Any], rounds: int) -> list[dict[str, Any]]:
+def _turns(runs: Sequence[Any], rounds: int) -> list[list[dict[str, Any]]]:
     """Call each of ``runs`` (each returns :func:`measure_speed`'s dict) once per round, in turns, so a slow spell of
-    a shared machine does not land on one only; each keeps the median of its rounds' times per shape."""
+    a shared machine does not land on one only; each run's results, round by round."""
     results: list[list[dict[str, Any]]] = [[] for _ in runs]
     for _ in range(rounds):
         for index, run in enumerate(runs):
             results[index].append(run())
-    out = []
-    for measured in results:
-        first = measured[0]
-        out.append({**first, **{key: {shape: statistics.median(run[key][shape] for run in measured) for shape in first[key]}
-                                for key in ("prefill_seconds", "decode_seconds")}})
-    return out
+    return results
+
+
+def _medians(measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One run's rounds as one result: the median of its rounds' times per shape."""
+    first = measured[0]
+    return {**first, **{key: {shape: statistics.median(run[key][shape] for run in measured) for shape in first[key]}
+                        for key in ("prefill_seconds", "decode_seconds")}}
 
 
 def measure_speed(model: Any, settings: ProfileSettings | None = None) -> dict[str, Any]:
@@ -357,7 +377,8 @@ def measure_speed(model: Any, settings: ProfileSettings | None = None) -> dict[s
 def measure_side_by_side(models: Sequence[Any], settings: ProfileSettings, rounds: int = 3) -> list[dict[str, Any]]:
     """:func:`measure_speed` of each model, the models taking turns for ``rounds`` rounds (so a slow spell of a
     shared machine does not land on one model only), each time the median over its rounds."""
-    return _in_turns([lambda model=model: measure_speed(model, settings) for model in models], rounds)
+    return [_medians(measured) for measured in _turns([lambda model=model: measure_speed(model, settings)
+                                                       for model in models], rounds)]
 
 
 def _time_shapes(model: Any, settings: ProfileSettings, modules: Mapping[str, str],

@@ -295,3 +295,24 @@ def test_greedy_to_a_target_measures_what_removals_cost_together(measured_game, 
         Planner(**{**planner.model_dump(), "lazy": True})
     with pytest.raises(ValueError, match="fit .* or greedy"):
         Planner(policy="beam", targets=["decode:1.6x"], profile=str(path))
+
+
+def test_a_saving_lost_in_the_timing_noise_leaves_the_hooked_times_and_says_so(tiny_llama, monkeypatch):
+    """If cutting a kind saves nothing measurable (here: the cut model timed a millisecond slower than the
+    whole), the profile does not scale that kind's costs to zero: it keeps the hooked times and lists the
+    shapes as uncalibrated."""
+    import cornerstone.costs as costs
+
+    def slower(model, players, settings):
+        timed = costs._time_shapes(model, settings, {}, None)[0]
+        return {**timed, **{key: {shape: t + 1e-3 for shape, t in timed[key].items()}
+                            for key in ("prefill_seconds", "decode_seconds")}}
+
+    monkeypatch.setattr(costs, "_cut_timing", slower)
+    profile = measure_profile(tiny_llama, SMALL)
+    assert sorted(profile.uncalibrated) == ["attn decode 16x2", "attn prefill 12", "mlp decode 16x2", "mlp prefill 12"]
+    for kind in ("attn", "mlp"):
+        for measure, key, shape in (("prefill", "prefill_seconds", "12"), ("decode", "decode_seconds", "16x2")):
+            hooked = sum(profile.players[n].model_dump()[key][shape] for n in profile.removal_players[kind])
+            costs_of_kind = sum(profile.cost(n, measure) for n in profile.removal_players[kind])
+            assert costs_of_kind == pytest.approx(hooked) and costs_of_kind > 0
