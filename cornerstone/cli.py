@@ -627,7 +627,7 @@ def models(as_json: JsonOption = False) -> None:
 def plan(
     report: Annotated[Path, typer.Argument(help="A JSON report written by `cornerstone score`.")],
     drop: Annotated[Optional[str], typer.Option(help="How much to drop: a number of players (8) or a share of parameters "
-                                                "(25%). Every policy but fit needs it.")] = None,
+                                                "(25%). Needed unless --target is given.")] = None,
     policy: Annotated[str, typer.Option(help="lowest (one shot by importance), greedy (remove one, re-measure the rest, "
                                         "repeat; loads the model), beam (greedy keeping --width paths), contiguous "
                                         "(the lowest-importance run of consecutive players) or fit (the least "

@@ -75,8 +75,8 @@ class Planner(BaseModel):
 
     policy: Literal["lowest", "greedy", "beam", "contiguous", "fit"] = "lowest"
     granularity: Literal["block", "sublayer"] = "block"
-    drop: int | str | None = Field(None, description="Players (8) or a share of parameters (25%) to drop; every "
-                                   "policy but fit needs it.")
+    drop: int | str | None = Field(None, description="Players (8) or a share of parameters (25%) to drop; needed "
+                                   "unless targets are given.")
     targets: list[str] = Field(default_factory=list, description="fit, greedy: cost targets the pruned model must "
                                "meet, e.g. [kv:50%, decode:1.3x, weights:90MB] (cornerstone.costs.parse_target), instead "
                                "of drop.")
@@ -432,8 +432,8 @@ class _Target:
 
 
 class _CostTarget:
-    """When enough is dropped for cost targets (policy greedy with ``targets``): every measure's need saved,
-    on the profile's costs (:mod:`cornerstone.costs`)."""
+    """When enough is dropped for cost targets (policy fit or greedy with ``targets``): every measure's need
+    saved, on the profile's costs (:mod:`cornerstone.costs`)."""
 
     def __init__(self, planner: Planner, report: ScoreReport) -> None:
         from .costs import needs, parse_target
