@@ -157,7 +157,7 @@ def _measure(cost: PlayerCost | None, measure: str, profile: CostProfile) -> flo
         if cost is None:
             return float(profile.totals[key][shape])
         # the hooked time, scaled so that the removed players' costs add up to what removing them measurably saved
-        hooked = sum(profile.players[n].model_dump()[key][shape] for n in profile.removal_players[cost.kind])
+        hooked = sum(getattr(profile.players[n], key)[shape] for n in profile.removal_players[cost.kind])
         saved = profile.removal_seconds[cost.kind][key][shape]
         return float(source[key][shape]) * (saved / hooked if hooked > 0 else 0.0)
     raise ConfigError(f"unknown cost '{measure}'", hint=f"Use one of: {', '.join(MEASURES)}.")

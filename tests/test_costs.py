@@ -54,16 +54,20 @@ def test_a_profile_holds_every_sublayers_weights_kv_cache_and_time(tiny_llama, t
     assert CostProfile.load(profile.save(tmp_path / "p.json")) == profile
 
 
-def test_the_time_of_a_sublayer_is_measured_inside_it(tiny_llama, monkeypatch):
-    """A sublayer made slow (a sleep inside its forward) is the one the profile finds slow."""
-    mlp = tiny_llama.model.model.layers[1].mlp
-    forward = mlp.forward
+def slow_down(module, monkeypatch, seconds: float = 0.03) -> None:
+    """Make ``module``'s forward sleep ``seconds`` before computing, for the rest of the test."""
+    forward = module.forward
 
     def slow(*args, **kwargs):
-        time.sleep(0.03)
+        time.sleep(seconds)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(mlp, "forward", slow)
+    monkeypatch.setattr(module, "forward", slow)
+
+
+def test_the_time_of_a_sublayer_is_measured_inside_it(tiny_llama, monkeypatch):
+    """A sublayer made slow (a sleep inside its forward) is the one the profile finds slow."""
+    slow_down(tiny_llama.model.model.layers[1].mlp, monkeypatch)
     profile = measure_profile(tiny_llama, SMALL)
     for measure in ("prefill", "decode"):
         costs = {name: profile.cost(name, measure) for name in profile.players}
@@ -75,14 +79,7 @@ def test_the_time_of_a_sublayer_is_measured_inside_it(tiny_llama, monkeypatch):
 def test_a_removal_saves_what_the_sublayers_own_norms_cost_too(tiny_llama, monkeypatch):
     """The norm before an MLP runs outside the MLP's hooks, but an export cuts it with the MLP: the
     calibration (removing every MLP, timed) finds its time, and the MLPs' costs add up to it."""
-    norm = tiny_llama.model.model.layers[1].post_attention_layernorm
-    forward = norm.forward
-
-    def slow(*args, **kwargs):
-        time.sleep(0.03)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(norm, "forward", slow)
+    slow_down(tiny_llama.model.model.layers[1].post_attention_layernorm, monkeypatch)
     profile = measure_profile(tiny_llama, SMALL)
     for measure, key, shape in (("prefill", "prefill_seconds", "12"), ("decode", "decode_seconds", "16x2")):
         hooked = sum(c.model_dump()[key][shape] for c in profile.players.values() if c.kind == "mlp")
