@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="reports/plan-quality")
     parser.add_argument("--name", default=None, help="Output file name (default: the model's).")
+    parser.add_argument("--store", default=None, help="Value store folder (cornerstone.store): every evaluation is kept "
+                        "there as it is made, so a stopped run resumes where it was.")
     parser.add_argument("--orders", default=None, help="JSON {method: {\"order\": [...], \"seconds\": S}}: a measured "
                         "search's removal order and time from an earlier run of this script (its log), cut at each "
                         "budget instead of searching again.")
@@ -197,8 +199,8 @@ def main() -> None:
             made = make_plan(selection_report, planner, loaded=loaded, value=value)
             order = [step.name for step in made.search]
             plans[method] = {b: order[:k] for b, k in budgets.items()}
-        seconds[method] = given[method]["seconds"] if method in given else time.perf_counter() - tick
-        print(f"  plan {method}: {seconds[method]:.0f} s, {plans[method]}", flush=True)
+        seconds[method] = given[method].get("seconds") if method in given else time.perf_counter() - tick
+        print(f"  plan {method}: {_seconds(seconds[method])}, {plans[method]}", flush=True)
 
     # --- evaluation documents: none that any report was scored on
     used: dict[str, set[int]] = {}
@@ -217,16 +219,21 @@ def main() -> None:
     variants += [(method, budget, True) for method in repaired_methods for budget in budgets]
     masks = {(m, b): plans[m][b] for m, b, _ in variants}
 
-    def measure(model_loaded: Any, keys: list[tuple[str, float]], specs: list[harness.TaskSpec]) -> dict:
-        value = ValueFunction(model_loaded, specs, batch_size=args.batch_size)
+    def measure(model_loaded: Any, keys: list[tuple[str, float]], specs: list[harness.TaskSpec],
+                store: str | None = None) -> dict:
+        value = ValueFunction(model_loaded, specs, batch_size=args.batch_size, store=store)
         names = [masks[key] for key in keys]
-        evaluations = value.evaluate_many([[]] + [parse_players(model_loaded.model, n) for n in names])
+        total = len({frozenset(n) for n in names}) + 1
+        done = iter(range(1, total + 1))
+        evaluations = value.evaluate_many([[]] + [parse_players(model_loaded.model, n) for n in names],
+                                          on_done=lambda e: print(f"    {next(done)}/{total} masks "
+                                                                  f"({e.seconds:.0f} s)", flush=True))
         return {"base": evaluations[0], **dict(zip(keys, evaluations[1:]))}
 
     results: dict[str, dict] = {}
     for group, specs in groups.items():
         tick = time.perf_counter()
-        results[group] = measure(loaded, sorted({(m, b) for m, b, _ in variants}), specs)
+        results[group] = measure(loaded, sorted({(m, b) for m, b, _ in variants}), specs, store=args.store)
         print(f"  evaluated {group}: {time.perf_counter() - tick:.0f} s", flush=True)
     repaired: dict[tuple[str, float], dict[str, Any]] = {}
     if repaired_methods:
@@ -240,6 +247,7 @@ def main() -> None:
             copy_loaded.model = copy.deepcopy(loaded.model)
             layers = sorted(int(name[1:]) for name in plans[method][budget])
             repair(copy_loaded, layers, settings)
+            # no store: a repaired model has the base model's fingerprint but other weights
             repaired[(method, budget)] = {group: measure(copy_loaded, [(method, budget)], specs)[(method, budget)]
                                           for group, specs in groups.items()}
             print(f"  repaired {method} {budget}%", flush=True)
@@ -281,6 +289,10 @@ def main() -> None:
     print(markdown(document))
 
 
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} s"
+
+
 def _pct(value: float | None, error: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}" + (f" ± {error:.0%}" if error is not None else "")
 
@@ -300,10 +312,10 @@ def markdown(document: dict) -> str:
         first = rows[0]
         lines += [f"## {budget:g}% of blocks ({len(first['blocks'])}): {first['parameters']:,} parameters, "
                   f"{first['speed_ratio']:.2f}x the full model's tokens/s", "",
-                  "| method | kind | unseen kept | family kept | ppl | blocks dropped | plan s |", "|---|---|---|---|---|---|---|"]
+                  "| method | kind | unseen kept | family kept | ppl | blocks dropped | plan time |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {r['kind']} | {_pct(r['unseen_kept'], r['unseen_kept_se'])} | "
                   f"{_pct(r['family_kept'], r['family_kept_se'])} | {r['ppl']:.1f} | "
-                  f"{','.join(sorted(r['blocks'], key=lambda n: int(n[1:])))} | {r['plan_seconds']:.0f} |" for r in rows]
+                  f"{','.join(sorted(r['blocks'], key=lambda n: int(n[1:])))} | {_seconds(r['plan_seconds'])} |" for r in rows]
         lines.append("")
     return "\n".join(lines)
 

@@ -639,6 +639,9 @@ def plan(
                                                         "decode:1.3x or decode:4ms, prefill:1.2x or prefill:30ms.")] = None,
     profile: Annotated[Optional[Path], typer.Option(help="fit, greedy: the cost profile (`cornerstone profile`'s JSON) the "
                                                     "targets are measured on.")] = None,
+    headroom: Annotated[float, typer.Option(min=0, max=0.49, help="fit, greedy: plan prefill/decode targets this share "
+                                            "below their limit (0.03: decode:1.3x is planned as 1.34x), against "
+                                            "measurement noise.")] = _default(Planner, "headroom"),
     granularity: Annotated[str, typer.Option(help="block or sublayer (sublayer plans need a sublayer report).")] = _default(Planner, "granularity"),
     keep_first: Annotated[int, typer.Option("--keep-first", min=0, help="Never drop the first k blocks.")] = _default(Planner, "keep_first"),
     keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Never drop the last k blocks.")] = _default(Planner, "keep_last"),
@@ -669,12 +672,13 @@ def plan(
                           keep_last=keep_last, keep=_split(keep), protect_cornerstones=not no_protect,
                           harmless_only=harmless_only, width=width, shortlist=shortlist, lazy=lazy,
                           search_until=search_until, targets=[t for text in target or [] for t in _split(text)],
-                          profile=str(profile) if profile is not None else None)
+                          profile=str(profile) if profile is not None else None, headroom=headroom)
     except ValidationError as exc:
         raise _option_error(exc, {"drop": "Write --drop 8 (a number of players) or --drop 25% (a share of the parameters).",
                                   "": "Give --drop, or --target with --profile (made by `cornerstone profile MODEL`) "
                                       "and --policy fit or greedy.",
-                                  "search_until": "Write --search-until 12 (players) or 40% (of the parameters), at least --drop."},
+                                  "search_until": "Write --search-until 12 (players) or 40% (of the parameters), at least --drop.",
+                                  "headroom": "Give a time target (--target decode:1.3x or prefill:1.2x), or leave --headroom out."},
                             "plan", "planning") from None
     console = Console(stderr=True)
     with _progress_bar(console, "planning") as progress:
@@ -699,8 +703,10 @@ def plan(
     from .costs import format_cost
 
     for measure, cost in (made.fit or {}).get("measures", {}).items():
+        planned = cost.get("planned_limit", cost["limit"])
+        widened = f", planned to {format_cost(measure, planned)} with headroom" if planned < cost["limit"] * (1 - 1e-9) else ""
         typer.echo(f"{measure}: {format_cost(measure, cost['whole'])} -> {format_cost(measure, cost['whole'] - cost['saved'])} "
-                   f"predicted (target at most {format_cost(measure, cost['limit'])}; from the profile's summed costs)")
+                   f"predicted (target at most {format_cost(measure, cost['limit'])}{widened}; from the profile's summed costs)")
     if made.predicted_score is not None:
         what = "measured score" if made.predicted_measured else "estimated score (not measured)"
         typer.echo(f"{what} {made.predicted_score:.4f} (full model {made.report['base_score']:.4f}): {made.predicted_by}")

@@ -185,10 +185,13 @@ class Target:
             return whole / self.number
         return self.number * _UNITS[self.unit]
 
-    def need(self, profile: CostProfile) -> float:
-        """What the removed players must save together."""
+    def need(self, profile: CostProfile, headroom: float = 0.0) -> float:
+        """What the removed players must save together. A time target is planned to ``(1 - headroom)``
+        of its limit, so that a plan still meets it when the measurement lands a few percent off the
+        profile's prediction (run-to-run noise); bytes are counted, not timed, and take none."""
         whole = profile.total(self.measure)
-        return whole - self.limit(whole)
+        margin = headroom if self.measure in ("prefill", "decode") else 0.0
+        return whole - self.limit(whole) * (1 - margin)
 
     def check(self, base: Mapping[str, Any], pruned: Mapping[str, Any]) -> dict[str, Any]:
         """The target against two measured models (:func:`measure_speed`'s results, same shapes): the
@@ -492,11 +495,11 @@ def _decode_shape(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def needs(targets: Sequence[Target], profile: CostProfile) -> dict[str, float]:
-    """The saving each measure needs: the largest any target on it asks."""
+def needs(targets: Sequence[Target], profile: CostProfile, headroom: float = 0.0) -> dict[str, float]:
+    """The saving each measure needs: the largest any target on it asks (:meth:`Target.need`)."""
     out: dict[str, float] = {}
     for target in targets:
-        out[target.measure] = max(out.get(target.measure, 0.0), target.need(profile))
+        out[target.measure] = max(out.get(target.measure, 0.0), target.need(profile, headroom))
     return out
 
 

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .errors import PlanError, ReportError
 from .estimation import Progress
@@ -82,6 +82,9 @@ class Planner(BaseModel):
                                "of drop.")
     profile: str | None = Field(None, description="fit, greedy: the cost profile (cornerstone profile's JSON) the "
                                 "targets are measured against.")
+    headroom: float = Field(0.0, ge=0, lt=0.5, description="fit, greedy: plan prefill and decode targets to this share "
+                            "below their limit (0.03: decode:1.3x is planned as 1.3/0.97 = 1.34x), so that the export "
+                            "still meets them when its measured time lands a little off the profile's prediction.")
     keep_first: int = Field(1, ge=0, description="Never drop the first k blocks.")
     keep_last: int = Field(1, ge=0, description="Never drop the last k blocks.")
     protect_cornerstones: bool = True
@@ -114,6 +117,17 @@ class Planner(BaseModel):
         elif self.drop is None:
             raise ValueError("drop is required: a number of players (8) or a share of parameters (25%)")
         return self
+
+    @field_validator("headroom")
+    @classmethod
+    def _check_headroom(cls, headroom: float, info: ValidationInfo) -> float:
+        from .costs import parse_target
+
+        # targets is validated first (field order); when it failed it is not in info.data
+        timed = [t for t in info.data.get("targets", []) if parse_target(t).measure in ("prefill", "decode")]
+        if headroom and not timed:
+            raise ValueError("headroom widens prefill and decode targets, and none is given")
+        return headroom
 
     @field_validator("targets")
     @classmethod
@@ -440,7 +454,7 @@ class _CostTarget:
 
         self.profile = _profile_for(planner, report)
         self.targets = [parse_target(text) for text in planner.targets]
-        self.need = needs(self.targets, self.profile)
+        self.need = needs(self.targets, self.profile, planner.headroom)
         self.text = ", ".join(planner.targets)
         self.players = self.parameters = None
 
@@ -476,8 +490,10 @@ class _CostTarget:
         measures = sorted(self.need)
         saved = savings(self.profile, names, measures)
         return {**extra, "profile": planner.profile, "device": self.profile.device, "dtype": self.profile.dtype,
+                "headroom": planner.headroom,
                 "measures": {m: {"whole": self.profile.total(m), "saved": saved[m],
-                                 "limit": min(t.limit(self.profile.total(m)) for t in self.targets if t.measure == m)}
+                                 "limit": min(t.limit(self.profile.total(m)) for t in self.targets if t.measure == m),
+                                 "planned_limit": self.profile.total(m) - self.need[m]}
                              for m in measures},
                 "shapes": {"prefill_lengths": self.profile.prefill_lengths[:1],
                            "decode_shapes": self.profile.decode_shapes[:1]}}

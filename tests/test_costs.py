@@ -157,6 +157,32 @@ def test_a_fit_plan_is_the_least_important_set_that_meets_every_target(tmp_path)
     assert set(plan.player_names) != {"L3", "L5"}
 
 
+def test_headroom_plans_time_targets_below_their_limit_and_leaves_bytes_alone(tmp_path):
+    """decode:1.25x on a 1 s step allows 0.8 s; with 10% headroom the plan must reach 0.72 s, which the set
+    that only just meets 0.8 s does not."""
+    decode = {f"L{i}": 0.1 for i in range(8)}
+    decode["L3"] = 0.2  # the least important block saves exactly the 0.2 s the bare target needs
+    kv = {f"L{i}": 10 for i in range(8)}
+    path = synthetic_profile(kv, decode).save(tmp_path / "profile.json")
+    report = report_with(EIGHT)
+    bare = make_plan(report, Planner(policy="fit", targets=["decode:1.25x"], profile=str(path)))
+    assert bare.player_names == ["L3"]
+    for headroom in (0.1, 0.3):
+        wide = make_plan(report, Planner(policy="fit", targets=["decode:1.25x", "kv:80%"], profile=str(path),
+                                         headroom=headroom))
+        decode_fit, kv_fit = wide.fit["measures"]["decode"], wide.fit["measures"]["kv"]
+        assert wide.fit["headroom"] == headroom
+        assert decode_fit["limit"] == pytest.approx(0.8) and decode_fit["planned_limit"] == pytest.approx(0.8 * (1 - headroom))
+        assert decode_fit["whole"] - decode_fit["saved"] <= decode_fit["planned_limit"] + 1e-9
+        assert kv_fit["planned_limit"] == pytest.approx(kv_fit["limit"])  # bytes are counted, not timed
+        allowed = [n for n in EIGHT if n not in ("L0", "L7")]
+        feasible = [set(c) for r in range(len(allowed) + 1) for c in itertools.combinations(allowed, r)
+                    if sum(decode[n] for n in c) >= 0.2 + 0.8 * headroom - 1e-12 and sum(kv[n] for n in c) >= 16]
+        assert set(wide.player_names) == min(feasible, key=lambda c: sum(EIGHT[n] for n in c))
+    with pytest.raises(ValueError, match="headroom widens prefill and decode targets"):
+        Planner(policy="fit", targets=["kv:50%"], profile=str(path), headroom=0.05)
+
+
 def test_fit_refuses_what_it_cannot_meet_and_profiles_of_other_models(tmp_path):
     path = synthetic_profile({f"L{i}": 10 for i in range(8)}, {}).save(tmp_path / "profile.json")
     with pytest.raises(PlanError, match="kv"):
@@ -229,7 +255,9 @@ def test_profile_and_fit_from_the_cli(tiny_llama_dir, tmp_path):
     assert sorted(r["name"] for r in plan["removed"]) == ["L1", "L2"]
     for args, message in [(["--policy", "fit", "--target", "kv:60%"], "targets and a cost profile"),
                           (["--drop", "2", "--target", "kv:60%"], "policy fit"),
-                          (["--policy", "fit", "--target", "kv:sixty", "--profile", str(out)], "not understood")]:
+                          (["--policy", "fit", "--target", "kv:sixty", "--profile", str(out)], "not understood"),
+                          (["--policy", "fit", "--target", "kv:60%", "--profile", str(out), "--headroom", "0.05"],
+                           "--headroom")]:
         result = runner.invoke(app, ["plan", str(report_path), *args])
         assert result.exit_code != 0 and message in result.output, result.output
     result = runner.invoke(app, ["profile", str(tiny_llama_dir), "--decode", "16", "--out", str(tmp_path / "x.json")])
