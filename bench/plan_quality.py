@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="Output file name (default: the model's).")
     parser.add_argument("--store", default=None, help="Value store folder (cornerstone.store): every evaluation is kept "
                         "there as it is made, so a stopped run resumes where it was.")
+    parser.add_argument("--texts", default=None, help="Folder the two WikiText-2 halves are written to (default: "
+                        "the store's texts/, else a temporary folder); their path names their values in the store.")
     parser.add_argument("--orders", default=None, help="JSON {method: {\"order\": [...], \"seconds\": S}}: a measured "
                         "search's removal order and time from an earlier run of this script (its log), cut at each "
                         "budget instead of searching again.")
@@ -159,7 +161,10 @@ def main() -> None:
     budgets = {float(b): max(1, round(float(b) / 100 * blocks)) for b in args.budgets.split(",")}
     largest = max(budgets.values())
     methods = [m for m in args.methods.split(",") if m]
-    work = Path(tempfile.mkdtemp(prefix="plan-quality-"))
+    # the text tasks are named by their path, which keys their values in the store: a stable folder with one
+    work = (Path(args.texts) if args.texts else Path(args.store) / "texts" if args.store
+            else Path(tempfile.mkdtemp(prefix="plan-quality-")))
+    work.mkdir(parents=True, exist_ok=True)
     selection_text, heldout_text = wikitext_halves(work, args.ppl_paragraphs, args.selection_paragraphs)
     reports = {name: (ScoreReport.load(path), policy) for name, (path, policy) in REPORTS[args.model].items()}
     selection_report = reports["ablation"][0]
@@ -220,15 +225,15 @@ def main() -> None:
     masks = {(m, b): plans[m][b] for m, b, _ in variants}
 
     def measure(model_loaded: Any, keys: list[tuple[str, float]], specs: list[harness.TaskSpec],
-                store: str | None = None) -> dict:
+                store: str | None = None, base: bool = True) -> dict:
         value = ValueFunction(model_loaded, specs, batch_size=args.batch_size, store=store)
-        names = [masks[key] for key in keys]
-        total = len({frozenset(n) for n in names}) + 1
+        names = ([[]] if base else []) + [masks[key] for key in keys]
+        total = len({frozenset(n) for n in names})
         done = iter(range(1, total + 1))
-        evaluations = value.evaluate_many([[]] + [parse_players(model_loaded.model, n) for n in names],
+        evaluations = value.evaluate_many([parse_players(model_loaded.model, n) for n in names],
                                           on_done=lambda e: print(f"    {next(done)}/{total} masks "
                                                                   f"({e.seconds:.0f} s)", flush=True))
-        return {"base": evaluations[0], **dict(zip(keys, evaluations[1:]))}
+        return {**({"base": evaluations.pop(0)} if base else {}), **dict(zip(keys, evaluations))}
 
     results: dict[str, dict] = {}
     for group, specs in groups.items():
@@ -248,7 +253,8 @@ def main() -> None:
             layers = sorted(int(name[1:]) for name in plans[method][budget])
             repair(copy_loaded, layers, settings)
             # no store: a repaired model has the base model's fingerprint but other weights
-            repaired[(method, budget)] = {group: measure(copy_loaded, [(method, budget)], specs)[(method, budget)]
+            # and no base: a repaired model with nothing removed is not the base model (the block before each span changed)
+            repaired[(method, budget)] = {group: measure(copy_loaded, [(method, budget)], specs, base=False)[(method, budget)]
                                           for group, specs in groups.items()}
             print(f"  repaired {method} {budget}%", flush=True)
 
