@@ -121,7 +121,7 @@ def main() -> None:
         record.doc_indices, min(args.greedy_docs, len(record.doc_indices))))}) for name, record in report.documents().items()}
     chosen_on = harness.load_tasks(list(records), objective="probability", documents=records)
     for target in args.targets.split(","):
-        headroom = args.headroom if parse_target(target).measure in ("prefill", "decode") else 0.0
+        headroom = args.headroom if parse_target(target).timed else 0.0
         fit = make_plan(report, Planner(policy="fit", granularity=granularity, targets=[target],
                                         profile=str(profile_path), headroom=headroom), loaded=loaded)
         plans[f"fit {target}"] = {"target": target, "method": f"fit ({granularity}s)", "players": fit.player_names}

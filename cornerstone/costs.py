@@ -151,7 +151,7 @@ def _measure(cost: PlayerCost | None, measure: str, profile: CostProfile) -> flo
             return sum(_measure(c, "kv", profile) for c in profile.players.values())
         context = _decode_shape(profile.decode_shapes[0])[0]
         return float(cost.kv_bytes_per_token) * (min(context, cost.kv_window) / context if cost.kv_window else 1.0)
-    if measure in ("prefill", "decode"):
+    if measure in TIMED:
         key = f"{measure}_seconds"
         shape = str(profile.prefill_lengths[0]) if measure == "prefill" else profile.decode_shapes[0]
         if cost is None:
@@ -164,6 +164,7 @@ def _measure(cost: PlayerCost | None, measure: str, profile: CostProfile) -> flo
 
 
 MEASURES = ("weights", "kv", "prefill", "decode")
+TIMED = ("prefill", "decode")  # the measures that are timed (seconds), not counted (bytes)
 _TARGET = re.compile(r"^\s*(weights|kv|prefill|decode)\s*:\s*(\d+(?:\.\d+)?)\s*(%|x|mb|gb|kb|ms|s)\s*$", re.I)
 _UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "ms": 1e-3, "s": 1.0}
 
@@ -176,6 +177,10 @@ class Target:
     measure: str
     number: float
     unit: str  # "%", "x", or a unit of bytes (kb, mb, gb) or seconds (ms, s)
+
+    @property
+    def timed(self) -> bool:
+        return self.measure in TIMED
 
     def limit(self, whole: float) -> float:
         """The most the pruned model may cost, for a whole model that costs ``whole`` (same unit)."""
@@ -190,7 +195,7 @@ class Target:
         of its limit, so that a plan still meets it when the measurement lands a few percent off the
         profile's prediction (run-to-run noise); bytes are counted, not timed, and take none."""
         whole = profile.total(self.measure)
-        margin = headroom if self.measure in ("prefill", "decode") else 0.0
+        margin = headroom if self.timed else 0.0
         return whole - self.limit(whole) * (1 - margin)
 
     def check(self, base: Mapping[str, Any], pruned: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,9 +227,9 @@ def parse_target(text: str) -> Target:
         if not 0 < number < 100:
             raise ConfigError(f"target '{text}': a share kept must lie between 0% and 100%")
     elif unit == "x":
-        if measure not in ("prefill", "decode") or number <= 1:
+        if measure not in TIMED or number <= 1:
             raise ConfigError(f"target '{text}': a speed-up applies to prefill or decode and must exceed 1x")
-    elif (unit in ("ms", "s")) != (measure in ("prefill", "decode")):
+    elif (unit in ("ms", "s")) != (measure in TIMED):
         raise ConfigError(f"target '{text}': {measure} is measured in "
                           f"{'seconds (ms, s)' if measure in ('prefill', 'decode') else 'bytes (KB, MB, GB)'}")
     elif measure == "kv":
@@ -510,6 +515,6 @@ def savings(profile: CostProfile, names: Sequence[str], measures: Mapping[str, f
 
 def format_cost(measure: str, value: float) -> str:
     """A cost in its unit, as the CLI, the plan and eval print it: times in ms, weights in MiB, KV in KiB/token."""
-    if measure in ("prefill", "decode"):
+    if measure in TIMED:
         return f"{value * 1e3:.2f} ms"
     return f"{value / 2**20:,.2f} MiB" if measure == "weights" else f"{value / 2**10:,.2f} KiB/token"

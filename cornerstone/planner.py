@@ -124,7 +124,7 @@ class Planner(BaseModel):
         from .costs import parse_target
 
         # targets is validated first (field order); when it failed it is not in info.data
-        timed = [t for t in info.data.get("targets", []) if parse_target(t).measure in ("prefill", "decode")]
+        timed = [t for t in info.data.get("targets", []) if parse_target(t).timed]
         if headroom and not timed:
             raise ValueError("headroom widens prefill and decode targets, and none is given")
         return headroom
