@@ -1,10 +1,10 @@
-"""Benchmark: how noisy is each objective? Accuracy (0/1 per document) against the gold answer's probability
-(issue 20), on the same documents.
+"""Benchmark: how noisy is each objective? Accuracy (0/1 per document), the gold answer's probability and the
+divergence from the full model's choices (exp(-KL), issue 20), on the same documents.
 
     python bench/objective_noise.py --model smollm2-135m
 
 For every block of the model, its leave-one-out importance ``v(N) - v(N \\ {block})`` is measured under
-both objectives on the documents the committed block-ablation report was scored on (four real tasks,
+every objective on the documents the committed block-ablation report was scored on (four real tasks,
 40 documents each; :data:`REPORTS`). Per objective:
 
 - ``snr``: the median over blocks of |importance| / its paired standard error (documents resampled);
@@ -13,7 +13,7 @@ both objectives on the documents the committed block-ablation report was scored 
   made from half the documents (a noiseless objective gives 1);
 - ``ties``: the share of block pairs whose importances are exactly equal (a step function ties often).
 
-And across objectives: the Spearman correlation of the two full rankings. Writes
+And across objectives: the Spearman correlation of each pair's full rankings. Writes
 ``reports/plan-quality/objective-noise-MODEL.{json,md}``.
 """
 
@@ -38,7 +38,7 @@ from cornerstone.value import ValueFunction
 
 REPORTS = {"smollm2-135m": "reports/pruning/smollm2-135m-drop8-real-scores.json",
            "gemma3-270m": "reports/pruning/gemma3-270m-drop5-real-scores.json"}
-OBJECTIVES = ("accuracy", "probability")
+OBJECTIVES = harness.OBJECTIVES
 
 
 def importances(base: dict[str, list[float]], removed: dict[str, list[float]], docs: dict[str, np.ndarray]) -> float:
@@ -90,7 +90,8 @@ def main() -> None:
         print(f"{objective}: base {full.score:.4f}, snr {rows[objective]['snr']:.2f}, "
               f"split-half {rows[objective]['split_half']:.3f}, ties {rows[objective]['ties']:.1%}", flush=True)
     names = [b.name for b in blocks]
-    agreement = spearman([measured["accuracy"][n] for n in names], [measured["probability"][n] for n in names])
+    agreement = {f"{a} ~ {b}": spearman([measured[a][n] for n in names], [measured[b][n] for n in names])
+                 for i, a in enumerate(OBJECTIVES) for b in OBJECTIVES[i + 1:]}
     document = {"model": args.model, "report": REPORTS[args.model], "documents": report.settings.get("limit"),
                 "tasks": report.settings["tasks"], "objectives": rows, "spearman_between": agreement,
                 "splits": args.splits, "machine": machine(), "seconds": time.perf_counter() - started}
@@ -103,7 +104,8 @@ def main() -> None:
              "|---|---|---|---|---|"]
     lines += [f"| {name} | {row['base']:.4f} | {row['snr']:.2f} | {row['split_half']:.3f} ± {row['split_half_sd']:.3f} | "
               f"{row['ties']:.1%} |" for name, row in rows.items()]
-    lines += ["", f"Spearman between the two objectives' block rankings: {agreement:.3f}.", ""]
+    lines += ["", "Spearman between the objectives' block rankings: "
+              + ", ".join(f"{pair} {rho:.3f}" for pair, rho in agreement.items()) + ".", ""]
     atomic_write(out / f"objective-noise-{args.model}.md", "\n".join(lines).encode())
     print("\n".join(lines))
 

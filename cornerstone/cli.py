@@ -401,8 +401,10 @@ def score(
                      "evaluation, so the sweep costs (players + 1) x limit x tasks documents."),
     ] = _default(TaskSelection, "limit"),
     all_docs: Annotated[bool, typer.Option("--all-docs", help="Use every document of every task (ignores --limit).")] = False,
-    objective: Annotated[str, typer.Option(help="accuracy (lm-eval's, 0/1 per document) or probability (the gold "
-                                           "answer's, continuous: less noise per document).")] = _default(TaskSelection, "objective"),
+    objective: Annotated[str, typer.Option(help="accuracy (lm-eval's, 0/1 per document), probability (the gold "
+                                           "answer's, continuous: less noise per document) or divergence (exp(-KL) of "
+                                           "the choice distribution from the full model's: no labels needed).")
+                         ] = _default(TaskSelection, "objective"),
     until_resolved: Annotated[
         Optional[int], typer.Option("--until-resolved", min=2, metavar="MAX_DOCS",
                                     help="Ablation: start at --limit documents per task and double them while a player's "

@@ -298,7 +298,19 @@ class Engine:
         """Each task's metric and per-document values under the mask, as :func:`harness.run_tasks` returns them."""
         return self._results(self.loglikelihoods(players))
 
+    def set_references(self) -> None:
+        """Give the divergence objective's tasks the full model's log-likelihoods as their reference
+        (:func:`harness.set_reference`), from the full-model pass the prefix cache is filled by."""
+        self._fill_cache()
+        full = self.per_document(self._full)  # type: ignore[arg-type]
+        for spec in self.tasks:
+            if spec.divergence and spec.reference is None:
+                harness.set_reference(spec, {doc.doc_id: [ll for ll, _ in answers]
+                                             for doc, answers in zip(self.docs[spec.name], full[spec.name])})
+
     def _results(self, responses: list[tuple[float, bool]]) -> dict[str, harness.TaskResult]:
+        if any(spec.divergence and spec.reference is None for spec in self.tasks):
+            self.set_references()
         answers = self.per_document(responses)
         results = {}
         for spec in self.tasks:
@@ -310,7 +322,7 @@ class Engine:
                     [sum(ll for ll, _ in doc_answers) for doc_answers in answers[spec.name]],
                     [doc.tokens for doc in self.docs[spec.name]])
                 continue
-            per_doc = [harness.score_doc(spec, doc.doc, doc_answers)
+            per_doc = [harness.score_doc(spec, doc.doc, doc_answers, doc.doc_id)
                        for doc, doc_answers in zip(self.docs[spec.name], answers[spec.name])]
             results[spec.name] = harness.TaskResult(score=harness.aggregate(spec, per_doc), per_doc=per_doc)
         return results

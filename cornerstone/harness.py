@@ -33,10 +33,12 @@ from .quiet import no_tqdm
 from .textfiles import FORMATS_HINT, read_text_file
 
 PREFERRED_METRICS = ("acc_norm", "acc")
-# What a task's per-document value is (see :func:`gold_probability`): lm-eval's accuracy metric, or the
-# probability the model gives the gold answer, a continuous value from the same log-likelihoods.
-OBJECTIVES = ("accuracy", "probability")
+# What a task's per-document value is: lm-eval's accuracy metric, the probability the model gives the gold
+# answer (:func:`gold_probability`), or how close the model's choice distribution stays to the full model's
+# (:func:`divergence_value`); the last two are continuous values from the same log-likelihoods.
+OBJECTIVES = ("accuracy", "probability", "divergence")
 PROBABILITY_METRICS = {"acc": "prob", "acc_norm": "prob_norm"}
+DIVERGENCE_METRICS = {"acc": "exp_neg_kl", "acc_norm": "exp_neg_kl_norm"}
 # The value of a rolling log-likelihood task (a text:FILE task, or lm-eval's loglikelihood_rolling tasks such as
 # wikitext): 1 / perplexity per token. See :func:`rolling_result`.
 ROLLING_METRIC = "inv_perplexity"
@@ -81,11 +83,19 @@ class TaskSpec:
     output_type: str
     # How doc_indices were chosen, in words and numbers (recorded in reports; see :func:`load_tasks`).
     selection: dict[str, Any] = field(default_factory=dict)
+    # The divergence objective's reference: the full model's log-likelihoods of each document's requests, by
+    # lm-eval's doc_id, the document's position in doc_indices (:func:`set_reference`); None until the model is known.
+    reference: dict[int, list[float]] | None = field(default=None, repr=False)
 
     @property
     def probability(self) -> bool:
         """Whether the value is the gold answer's probability (:func:`gold_probability`), not lm-eval's metric."""
         return self.metric in PROBABILITY_METRICS.values()
+
+    @property
+    def divergence(self) -> bool:
+        """Whether the value is exp(-KL) from the full model's choice distribution (:func:`divergence_value`)."""
+        return self.metric in DIVERGENCE_METRICS.values()
 
     @functools.cached_property
     def content_hash(self) -> str:
@@ -212,7 +222,7 @@ def _choose_metric(name: str, task: Any, objective: str = "accuracy") -> str:
     available = set(task.aggregation())
     for metric in PREFERRED_METRICS:
         if metric in available:
-            return PROBABILITY_METRICS[metric] if objective == "probability" else metric
+            return {"probability": PROBABILITY_METRICS, "divergence": DIVERGENCE_METRICS}.get(objective, {}).get(metric, metric)
     raise TaskError(
         f"task '{name}' has no acc or acc_norm metric (it has: {', '.join(sorted(available)) or 'none'})",
         hint="cornerstone scores multiple-choice and loglikelihood tasks by accuracy.",
@@ -360,6 +370,34 @@ def text_task(name: str) -> Any:
 
 def _text_of(doc: dict) -> str:
     return doc["text"]
+
+
+def objective_of(specs: Sequence[TaskSpec]) -> str:
+    """The objective ``specs`` were loaded with (:data:`OBJECTIVES`; rolling tasks have their own value under any)."""
+    if any(spec.divergence for spec in specs):
+        return "divergence"
+    return "probability" if any(spec.probability for spec in specs) else "accuracy"
+
+
+def set_reference(spec: TaskSpec, loglikelihoods: Mapping[int, Sequence[float]]) -> None:
+    """Make the full model's ``loglikelihoods`` (one per request, by lm-eval's doc_id: the document's position in
+    ``spec.doc_indices``) ``spec``'s divergence reference, and its chance the value a uniform guess gets: the mean
+    over documents of exp(-KL(q || uniform)), ``q`` the full model's choice distribution (0 for a loglikelihood
+    task, as for its accuracy)."""
+    positions = range(len(spec.doc_indices))
+    if set(loglikelihoods) != set(positions):
+        raise EvaluationError(f"the divergence reference of task '{spec.name}' does not cover its "
+                              f"{len(spec.doc_indices)} documents")
+    spec.reference = {position: [float(ll) for ll in loglikelihoods[position]] for position in positions}
+    if spec.output_type != "multiple_choice":
+        spec.chance = 0.0
+        return
+    docs = spec.task.eval_docs
+    values = []
+    for position, index in enumerate(spec.doc_indices):
+        scores = _choice_scores(spec, docs[index], spec.reference[position])
+        values.append(_exp_neg_kl(scores, np.zeros_like(scores)))
+    spec.chance = float(np.mean(values))
 
 
 def set_vocabulary(specs: Sequence[TaskSpec], vocab_size: int) -> None:
@@ -536,12 +574,9 @@ def context_length(lm: Any) -> int:
     return int(lm.max_length)
 
 
-def run_tasks(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
-    """Run lm-eval's own evaluation loop on the fixed documents of ``tasks``.
-
-    Raises :class:`EvaluationError` when the model's log-likelihoods are NaN or infinite, since a
-    comparison of NaNs would silently count as a wrong answer.
-    """
+def _lm_eval_samples(lm: Any, tasks: Sequence[TaskSpec]) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """lm-eval's own evaluation loop on the fixed documents of ``tasks``: each task's logged samples, in
+    document order, their responses checked finite; and lm-eval's results (its aggregated metrics)."""
     from lm_eval import evaluator
 
     try:
@@ -558,23 +593,45 @@ def run_tasks(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
         raise EvaluationError(f"lm-eval refused a request: {str(exc).splitlines()[0] if str(exc) else 'an assertion failed'}",
                               hint="A continuation longer than the model's context cannot be scored; leave the "
                                    "document out (another --limit or --seed) or use a model with a longer context.") from exc
+    samples = {}
+    for spec in tasks:
+        samples[spec.name] = sorted(output["samples"][spec.name], key=lambda sample: sample["doc_id"])
+        for sample in samples[spec.name]:
+            check_finite(spec, sample["doc_id"], sample.get("resps"))
+    return samples, output["results"]
+
+
+def lm_eval_loglikelihoods(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, dict[int, list[float]]]:
+    """Each document's log-likelihoods (one per request, lm-eval's order) from lm-eval's own loop, by task and
+    position in the task's ``doc_indices`` (what :func:`set_reference` takes; lm-eval logs the dataset index)."""
+    samples, _ = _lm_eval_samples(lm, tasks)
+    return {spec.name: {position: [float(ll) for ll, _ in sample["filtered_resps"]]
+                        for position, sample in enumerate(samples[spec.name])} for spec in tasks}
+
+
+def run_tasks(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
+    """Run lm-eval's own evaluation loop on the fixed documents of ``tasks``.
+
+    Raises :class:`EvaluationError` when the model's log-likelihoods are NaN or infinite, since a
+    comparison of NaNs would silently count as a wrong answer.
+    """
+    logged, metrics = _lm_eval_samples(lm, tasks)
     results: dict[str, TaskResult] = {}
     for spec in tasks:
-        samples = sorted(output["samples"][spec.name], key=lambda sample: sample["doc_id"])
-        for sample in samples:
-            check_finite(spec, sample["doc_id"], sample.get("resps"))
+        samples = logged[spec.name]
         if spec.output_type == ROLLING:
             # lm-eval's metrics of a rolling task count words and bytes; the tokens it predicted are the target's
             results[spec.name] = rolling_result([float(sample["filtered_resps"][0]) for sample in samples],
                                                 [len(lm.tok_encode(sample["target"])) for sample in samples])
             continue
-        if spec.probability:  # not one of lm-eval's metrics: from its log-likelihoods
-            per_doc = [gold_probability(spec, sample["doc"], [float(ll) for ll, _ in sample["filtered_resps"]])
-                       for sample in samples]
+        if spec.probability or spec.divergence:  # not one of lm-eval's metrics: from its log-likelihoods
+            # the samples come in doc_indices' order; a document's position is its doc_id in the engine's requests
+            per_doc = [score_doc(spec, sample["doc"], sample["filtered_resps"], position)
+                       for position, sample in enumerate(samples)]
             results[spec.name] = TaskResult(score=aggregate(spec, per_doc), per_doc=per_doc)
             continue
         per_doc = [float(sample[spec.metric]) for sample in samples]
-        results[spec.name] = TaskResult(score=float(output["results"][spec.name][f"{spec.metric},none"]), per_doc=per_doc)
+        results[spec.name] = TaskResult(score=float(metrics[spec.name][f"{spec.metric},none"]), per_doc=per_doc)
     return results
 
 
@@ -744,12 +801,61 @@ def encode_requests(lm: Any, spec: TaskSpec) -> list[EncodedDoc]:
     return encoded
 
 
-def score_doc(spec: TaskSpec, doc: Any, responses: list[tuple[float, bool]]) -> float:
-    """The task's own metric for one document, from its (loglikelihood, is_greedy) responses (or the gold
-    answer's probability, :func:`gold_probability`)."""
+def score_doc(spec: TaskSpec, doc: Any, responses: list[tuple[float, bool]], doc_id: int) -> float:
+    """The task's own metric for document ``doc_id``, from its (loglikelihood, is_greedy) responses (or the gold
+    answer's probability, :func:`gold_probability`, or the divergence objective's :func:`divergence_value`)."""
     if spec.probability:
         return gold_probability(spec, doc, [float(ll) for ll, _ in responses])
+    if spec.divergence:
+        return divergence_value(spec, doc, [float(ll) for ll, _ in responses], doc_id)
     return float(spec.task.process_results(doc, responses)[spec.metric])
+
+
+def _choice_scores(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float]) -> np.ndarray:
+    """What a multiple-choice document's accuracy ranks its choices by: the log-likelihoods ``l_i`` (``acc``), or
+    ``l_i / len(choice_i)`` in characters (``acc_norm``); for a loglikelihood task, the one target's ``l``."""
+    scores = np.asarray(loglikelihoods, dtype=np.float64)
+    if spec.output_type != "multiple_choice":
+        return scores[:1]
+    choices = spec.task.doc_to_choice(doc)
+    scores = scores[:len(choices)]  # lm-eval's mutual-information variant appends unconditional requests
+    if spec.metric.endswith("_norm"):
+        scores = scores / np.array([float(len(choice)) for choice in choices])
+    return scores
+
+
+def _exp_neg_kl(reference: np.ndarray, scores: np.ndarray) -> float:
+    """exp(-KL(q || p)) of the softmax distributions q of ``reference`` and p of ``scores``."""
+    log_q = reference - np.logaddexp.reduce(reference)
+    log_p = scores - np.logaddexp.reduce(scores)
+    return float(np.exp(-np.sum(np.exp(log_q) * (log_q - log_p))))
+
+
+def divergence_value(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float], doc_id: int) -> float:
+    """How close the model's answer distribution on document ``doc_id`` (lm-eval's: its position in
+    ``spec.doc_indices``) stays to the full model's: exp(-KL(q || p)).
+
+    Multiple choice: ``q`` and ``p`` are the full and the pruned model's choice distributions, the softmax of the
+    scores the task's accuracy ranks by (:func:`gold_probability` takes the same distribution at the gold answer).
+    A loglikelihood task (one target): the Bernoulli distributions (target, anything else). The value is 1 for the
+    full model and falls towards 0 as the answers move, whichever way, so it needs no gold label and moves with
+    every change of the model's preferences, even where both models would pick the same answer: the
+    self-distillation signal pruning work (Puzzle, Minitron) fits to, here as a value to rank by (issue 20).
+    The reference ``q`` comes from the full model (:func:`set_reference`); chance is a uniform guess's value.
+    """
+    if spec.reference is None or doc_id not in spec.reference:
+        raise EvaluationError(f"task '{spec.name}' has no full-model reference for document {doc_id}",
+                              hint="The divergence objective is measured through a ValueFunction, which sets it.")
+    reference = _choice_scores(spec, doc, spec.reference[doc_id])
+    scores = _choice_scores(spec, doc, loglikelihoods)
+    if spec.output_type == "multiple_choice":
+        return _exp_neg_kl(reference, scores)
+    # Bernoulli (target, not target): log(1 - e^l) = log(-expm1(l)), exact for probabilities near 1
+    log_q = np.array([reference[0], np.log(-np.expm1(reference[0])) if reference[0] < 0 else -np.inf])
+    log_p = np.array([scores[0], np.log(-np.expm1(scores[0])) if scores[0] < 0 else -np.inf])
+    q = np.exp(log_q)
+    terms = np.where(q > 0, q * (log_q - log_p), 0.0)
+    return float(np.exp(-terms.sum()))
 
 
 def gold_probability(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float]) -> float:
@@ -766,14 +872,11 @@ def gold_probability(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float]) 
     the model's preference, which is what a small layer effect on tens of documents is (issue 20). A
     loglikelihood task (one target): exp(l), the target's probability.
     """
-    scores = np.asarray(loglikelihoods, dtype=np.float64)
+    scores = _choice_scores(spec, doc, loglikelihoods)
     if spec.output_type != "multiple_choice":
         return float(np.exp(scores[0]))
     task = spec.task
     choices = task.doc_to_choice(doc)
-    scores = scores[:len(choices)]  # lm-eval's mutual-information variant appends unconditional requests
-    if spec.metric == "prob_norm":
-        scores = scores / np.array([float(len(choice)) for choice in choices])
     gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
     golds = {choices.index(g) if isinstance(g, str) else int(g) for g in (gold if isinstance(gold, list) else [gold])}
     weights = np.exp(scores - scores.max())
@@ -781,7 +884,8 @@ def gold_probability(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float]) 
 
 
 def aggregate(spec: TaskSpec, values: list[float]) -> float:
-    """The task's own aggregation of per-document values (a mean for acc and acc_norm, and for probabilities)."""
-    if spec.probability:
+    """The task's own aggregation of per-document values (a mean for acc and acc_norm, and for the continuous
+    objectives' values)."""
+    if spec.probability or spec.divergence:
         return float(np.mean(values))
     return float(spec.task.aggregation()[spec.metric](values))

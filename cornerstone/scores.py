@@ -505,8 +505,7 @@ def score(
                 "include_paths": [str(p) for p in include_paths],
                 # what the task objects say, not the arguments: a caller may pass loaded tasks
                 **_common_selection(specs),
-                "objective": "probability" if any(spec.probability for spec in specs)
-                             else "accuracy",
+                "objective": harness.objective_of(specs),
                 "batch_size": batch_size,
                 "engine": engine,
                 "players": list(players) if players else None,

@@ -59,9 +59,11 @@ class TaskSelection(_Settings):
     # 25 documents x 4 bundled tasks x 61 evaluations: the README's main job takes ~3 minutes on 2 CPU cores
     limit: int | None = Field(25, ge=1, description="Documents per task (seeded random); null for all.")
     seed: int = 0
-    objective: Literal["accuracy", "probability"] = Field(
-        "accuracy", description="Each document's value: lm-eval's accuracy (0 or 1), or the probability the model gives "
-        "the gold answer (continuous, same chance level; see harness.gold_probability).")
+    objective: Literal["accuracy", "probability", "divergence"] = Field(
+        "accuracy", description="Each document's value: lm-eval's accuracy (0 or 1), the probability the model gives "
+        "the gold answer (continuous, same chance level; see harness.gold_probability), or exp(-KL) of the model's "
+        "choice distribution from the full model's (continuous, 1 for the full model, no gold label needed; see "
+        "harness.divergence_value).")
 
     @field_validator("include_paths", mode="before")
     @classmethod

@@ -9,6 +9,8 @@ full model: ``value.evaluate([L0_mlp])`` is v(N \\ {L0.mlp}).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,6 +38,10 @@ class Evaluation:
     per_task: dict[str, float]
     per_doc: dict[str, list[float]] = field(repr=False)
     seconds: float
+
+
+def _digest(reference: dict[int, list[float]]) -> str:
+    return hashlib.sha256(json.dumps(sorted(reference.items())).encode()).hexdigest()
 
 
 class ValueFunction:
@@ -87,19 +93,37 @@ class ValueFunction:
             self.numerics = {"engine": "lm-eval", "logsoftmax": str(softmax).removeprefix("torch.")}
         else:
             raise ConfigError(f"unknown engine '{engine}'", hint="Use 'fast' or 'lm-eval'.")
+        if any(spec.divergence and spec.reference is None for spec in self.tasks):
+            self._set_references()
         self.store = ValueStore(store, self.game()) if store is not None else None
         self._memo: dict[frozenset[str], Evaluation] = {}
         self.evaluations = 0  # values computed by this object
         self.reused = 0  # values read from the store instead
         self.seconds = 0.0
 
+    def _set_references(self) -> None:
+        """The divergence objective compares every coalition with the full model: its log-likelihoods become the
+        tasks' reference (:func:`harness.set_reference`) before any value, chance included, is read. A reference
+        the tasks already hold is kept: a caller comparing a changed copy (a repaired model) with the original
+        sets it from the original."""
+        if self._engine is not None:
+            self._engine.set_references()
+            return
+        full = harness.lm_eval_loglikelihoods(self._lm, self.tasks)
+        for spec in self.tasks:
+            if spec.divergence and spec.reference is None:
+                harness.set_reference(spec, full[spec.name])
+
     def game(self) -> dict:
         """The key of this value function's values in a :class:`~cornerstone.store.ValueStore`
         (what it covers: :func:`~cornerstone.store.game_key`)."""
         from .provenance import package_versions
 
+        # a divergence value is relative to its reference, which a caller may have set from another model (the
+        # unrepaired one a repaired copy is compared with): the reference is part of what the values mean
         tasks = [{"name": s.name, "metric": s.metric, "doc_indices": s.doc_indices,
-                  "version": s.describe()["version"], "content": s.content_hash} for s in self.tasks]
+                  "version": s.describe()["version"], "content": s.content_hash,
+                  **({"reference": _digest(s.reference)} if s.reference is not None else {})} for s in self.tasks]
         return game_key(self.loaded.describe(), tasks, engine=self.numerics, versions=package_versions())
 
     def footprint(self) -> tuple[int, int]:

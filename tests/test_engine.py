@@ -168,8 +168,8 @@ def test_bfloat16_engine_keeps_its_contract_with_lm_eval(toy_folder, tokenizer):
             by_doc.setdefault(instance.doc_id, []).append((instance, mine, theirs))
         for doc_id, requests in by_doc.items():
             doc = requests[0][0].doc
-            ours = harness.score_doc(spec, doc, [mine for _, mine, _ in requests])
-            reference = harness.score_doc(spec, doc, [theirs for _, _, theirs in requests])
+            ours = harness.score_doc(spec, doc, [mine for _, mine, _ in requests], doc_id)
+            reference = harness.score_doc(spec, doc, [theirs for _, _, theirs in requests], doc_id)
             if ours != reference:
                 best, second = sorted((theirs[0] for _, _, theirs in requests), reverse=True)[:2]
                 assert best - second <= bf16_tolerance(best) + bf16_tolerance(second), doc_id
