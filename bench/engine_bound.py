@@ -4,9 +4,10 @@
 
 For each task and each dtype (float32, bfloat16), in one run on this machine:
 
-1. the matmul peak *at the model's shapes*: the time of one block's weight matrices and the LM head
-   applied to a batch of as many tokens as the engine's batches hold, and of attention's two products
-   at the engine's row length (FLOP/s of each);
+1. the matmul peak *at the model's shapes*: the best FLOP/s of one block's weight matrices and the LM
+   head applied to a batch of as many tokens as the engine's batches hold, up to 16 times as many (the
+   bound is what the CPU reaches on these weights at any batch: a batch too small to fill the cores is the
+   engine's loss, not the bound's), and of attention's two products at the engine's row length;
 2. the full single-sublayer sweep (the full model and every attention and MLP removed alone) with the
    engine: seconds per mask, and the matmul bound of the same work, ``linear FLOPs / linear peak +
    attention FLOPs / attention peak``, counted by the engine over the forwards it actually ran (prefix
@@ -54,22 +55,29 @@ def _seconds(fn, repeats: int) -> float:
     return best
 
 
-def peaks(model, tokens: int, rows: int, length: int, repeats: int = 7) -> tuple[float, float]:
-    """(linear FLOP/s, attention FLOP/s) of this model's own matrices at the engine's batch shapes."""
+def peaks(model, tokens: int, rows: int, length: int, repeats: int = 7) -> dict[str, float]:
+    """FLOP/s of this model's own matrices: ``linear`` the best over batches of ``tokens`` (the engine's) up to
+    16x as many tokens, so the bound is what the CPU reaches on these weights at any batch, not only at the
+    batch the engine chose; ``linear_at_engine_batch`` at the engine's; ``attention``, the two products of
+    attention at the engine's row length."""
     _, layers = decoder_layers(model)
     weights = [w for w in layers[0].parameters() if w.dim() >= 2] + [model.get_output_embeddings().weight]
-    # one input per width, made before timing (drawing it inside the timed loop made the peak look lower)
-    inputs = {w.shape[1]: torch.randn(tokens, w.shape[1], dtype=model.dtype) for w in weights}
     config = text_config(model.config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    linear_flops = sum(2 * tokens * w.numel() for w in weights)
 
-    def linears():
-        with torch.inference_mode():
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
+    def linear_peak(count: int) -> float:
+        # one input per width, made before timing (drawing it inside the timed loop made the peak look lower)
+        inputs = {w.shape[1]: torch.randn(count, w.shape[1], dtype=model.dtype) for w in weights}
 
+        def linears():
+            with torch.inference_mode():
+                for w in weights:
+                    torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+        return sum(2 * count * w.numel() for w in weights) / _seconds(linears, repeats)
+
+    at_batch = {count: linear_peak(count) for count in (tokens, 2 * tokens, 4 * tokens, 8 * tokens, 16 * tokens)}
     q = torch.randn(rows, heads, length, head_dim, dtype=model.dtype)
 
     def attention():
@@ -77,7 +85,9 @@ def peaks(model, tokens: int, rows: int, length: int, repeats: int = 7) -> tuple
             (q @ q.transpose(-1, -2)) @ q
 
     attention_flops = 4 * rows * heads * length * length * head_dim
-    return linear_flops / _seconds(linears, repeats), attention_flops / _seconds(attention, repeats)
+    best = max(at_batch, key=at_batch.get)
+    return {"linear": at_batch[best], "linear_best_tokens": best, "linear_at_engine_batch": at_batch[tokens],
+            "attention": attention_flops / _seconds(attention, repeats)}
 
 
 def profile_split(value: ValueFunction, masks: list) -> dict[str, float]:
@@ -131,13 +141,15 @@ def main() -> None:
             tokens = int(statistics.median(b.inputs.numel() for b in batches))
             rows = int(statistics.median(b.inputs.shape[0] for b in batches))
             length = int(statistics.median(b.inputs.shape[1] for b in batches))
-            linear_peak, attention_peak = peaks(loaded.model, tokens, rows, length)
-            bound = engine.linear_flops / linear_peak + engine.attention_flops / attention_peak
+            peak = peaks(loaded.model, tokens, rows, length)
+            bound = engine.linear_flops / peak["linear"] + engine.attention_flops / peak["attention"]
             split = profile_split(value, [[p] for p in players[:args.profile_masks]])
             row = {"task": task, "dtype": dtype, "docs": len(specs[0].doc_indices), "masks": masks,
                    "seconds_per_mask": seconds / masks, "bound_seconds_per_mask": bound / masks,
-                   "share_of_bound": bound / seconds, "linear_peak_tflops": linear_peak / 1e12,
-                   "attention_peak_tflops": attention_peak / 1e12, "batch_tokens": tokens, "profile": split,
+                   "share_of_bound": bound / seconds, "linear_peak_tflops": peak["linear"] / 1e12,
+                   "linear_peak_tokens": peak["linear_best_tokens"],
+                   "linear_at_engine_batch_tflops": peak["linear_at_engine_batch"] / 1e12,
+                   "attention_peak_tflops": peak["attention"] / 1e12, "batch_tokens": tokens, "profile": split,
                    "full_score": result.full.score}
             if dtype == "float32" and args.plain_masks:
                 reference = ValueFunction(loaded, specs, engine="lm-eval")
@@ -155,8 +167,9 @@ def main() -> None:
                 row["plain_check"] = plain_docs
             rows_out.append(row)
             print(f"{task} {dtype}: {row['seconds_per_mask']:.3f} s/mask, bound {row['bound_seconds_per_mask']:.3f} s/mask "
-                  f"({row['share_of_bound']:.0%} of it; peaks {row['linear_peak_tflops']:.3f} linear, "
-                  f"{row['attention_peak_tflops']:.3f} attention TFLOP/s at {tokens} tokens/batch)"
+                  f"({row['share_of_bound']:.0%} of it; peaks {row['linear_peak_tflops']:.3f} linear at "
+                  f"{peak['linear_best_tokens']} tokens, {row['linear_at_engine_batch_tflops']:.3f} at the engine's "
+                  f"{tokens} tokens/batch, {row['attention_peak_tflops']:.3f} attention TFLOP/s)"
                   + (f", {row['speedup_over_plain']:.1f}x lm-eval's loop ({plain_seconds:.2f} s/mask, float32; "
                      f"{plain_docs['documents_differing']}/{plain_docs['documents']} documents differ)" if plain_seconds else ""),
                   flush=True)

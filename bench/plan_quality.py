@@ -20,7 +20,9 @@ code with its defaults (first and last block kept, cornerstones protected):
   the perplexity of the selection half of WikiText-2, SLEB);
 - ours: ``ablation`` and ``shapley`` (lowest), ``greedy`` and ``beam`` (measured search on the
   selection documents; ``greedy-prob`` values each document by the gold answer's probability instead of
-  its accuracy); with ``--repair METHODS``, those methods' plans also with linear repair (ReplaceMe)
+  its accuracy); ``ablation-kl`` (single-block ablation on the selection documents, lowest) and ``greedy-kl``
+  valuing each document by the divergence objective, exp(-KL) of the choice distribution from the full
+  model's (``cornerstone score --objective divergence``); with ``--repair METHODS``, those methods' plans also with linear repair (ReplaceMe)
   fitted on the selection half of WikiText-2.
 
 A greedy or beam search runs once, to the largest budget, and is cut at each budget (``search_until``).
@@ -57,7 +59,8 @@ from cornerstone.loading import load_model
 from cornerstone.planner import Planner, make_plan
 from cornerstone.players import parse_players, unique_parameters
 from cornerstone.provenance import machine
-from cornerstone.scores import ScoreReport
+from cornerstone.estimators import Ablation
+from cornerstone.scores import ScoreReport, score
 from cornerstone.value import ValueFunction
 
 SELECTION_TASKS = ["cs_real_arc_challenge", "cs_real_arc_easy", "cs_real_boolq", "cs_real_piqa"]
@@ -87,7 +90,7 @@ REPORTS = {
     },
 }
 PEERS = ("last", "bi", "angular", "angular-span", "cosine", "avss", "sleb")
-OURS = ("ablation", "shapley", "greedy", "greedy-prob", "beam")
+OURS = ("ablation", "shapley", "greedy", "greedy-prob", "beam", "ablation-kl", "greedy-kl")
 
 
 def wikitext_halves(folder: Path, ppl_paragraphs: int, selection_paragraphs: int) -> tuple[Path, Path]:
@@ -142,6 +145,11 @@ def main() -> None:
                         "(searches) and judged in this dtype, the base model too.")
     parser.add_argument("--repair", default="", help="Also measure these methods' plans with linear repair "
                         "(comma-separated, or 'all').")
+    parser.add_argument("--groups", default="unseen,family,ppl", help="Evaluation groups to measure (comma-separated "
+                        "of unseen, family, ppl); a group left out is blank in the table.")
+    parser.add_argument("--merge", default=None, help="An earlier run's JSON (this script's, same model and evaluation "
+                        "documents): its rows for methods not run now are carried into the table, after checking that "
+                        "its base model scored exactly what this run's did on every group both measured.")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="reports/plan-quality")
@@ -170,6 +178,10 @@ def main() -> None:
     selection_report = reports["ablation"][0]
     print(f"{args.model}: {blocks} blocks, budgets {budgets}, methods {methods}", flush=True)
 
+    def divergence_tasks() -> list[harness.TaskSpec]:
+        return harness.load_tasks(selection_report.settings["tasks"], documents=selection_report.documents(),
+                                  objective="divergence")
+
     # --- plans: block names per method and budget
     plans: dict[str, dict[float, list[str]]] = {}
     seconds: dict[str, float] = {}
@@ -184,6 +196,11 @@ def main() -> None:
             report, policy = reports[method]
             plans[method] = {b: make_plan(report, Planner(drop=k, policy=policy), loaded=loaded).player_names
                              for b, k in budgets.items()}
+        elif method == "ablation-kl":  # `cornerstone score --objective divergence` on the selection documents, lowest
+            report = score(loaded, divergence_tasks(), estimator=Ablation(granularity="block"), store=args.store or False,
+                           batch_size=args.batch_size)
+            plans[method] = {b: make_plan(report, Planner(drop=k), loaded=loaded).player_names
+                             for b, k in budgets.items()}
         else:  # measured searches: one run to the largest budget, cut at each
             if method == "sleb":
                 value = ValueFunction(loaded, harness.load_tasks([f"text:{selection_text}"]), batch_size=args.batch_size)
@@ -195,6 +212,9 @@ def main() -> None:
                 value = ValueFunction(loaded, harness.load_tasks(selection_report.settings["tasks"],
                                                                  documents=selection_report.documents(),
                                                                  objective="probability"), batch_size=args.batch_size)
+                planner = Planner(policy="greedy", drop=largest, shortlist=args.greedy_shortlist)
+            elif method == "greedy-kl":  # the same documents, each valued by exp(-KL) from the full model's choices
+                value = ValueFunction(loaded, divergence_tasks(), batch_size=args.batch_size, store=args.store)
                 planner = Planner(policy="greedy", drop=largest, shortlist=args.greedy_shortlist)
             elif method == "beam":
                 value = None
@@ -217,7 +237,8 @@ def main() -> None:
     unseen = harness.load_tasks(UNSEEN_TASKS, limit=args.eval_limit, seed=args.eval_seed,
                                 exclude={name: sorted(indices) for name, indices in used.items()})
     perplexity = harness.load_tasks([f"text:{heldout_text}"])
-    groups = {"unseen": unseen, "family": family, "ppl": perplexity}
+    wanted = [g for g in args.groups.split(",") if g]
+    groups = {name: specs for name, specs in (("unseen", unseen), ("family", family), ("ppl", perplexity)) if name in wanted}
 
     variants = [(method, budget, False) for method in methods for budget in budgets]
     repaired_methods = methods if args.repair == "all" else [m for m in args.repair.split(",") if m]
@@ -272,21 +293,39 @@ def main() -> None:
                                "kind": "peer" if method in PEERS else "ours", "budget": budget,
                                "blocks": plans[method][budget], "parameters": parameters[budgets[budget]],
                                "speed_ratio": speed_ratio[budgets[budget]], "plan_seconds": seconds[method]}
-        for group in ("unseen", "family"):
+        for group in [g for g in ("unseen", "family") if g in groups]:
             point, error = kept(results[group]["base"].per_doc, measured[group].per_doc, chance[group],
                                 args.bootstrap, seed=0)
             row[f"{group}_kept"], row[f"{group}_kept_se"] = point, error
             row[f"{group}_score"] = measured[group].score
-        row["ppl"] = 1 / measured["ppl"].score if measured["ppl"].score > 0 else math.inf
+        if "ppl" in groups:
+            row["ppl"] = 1 / measured["ppl"].score if measured["ppl"].score > 0 else math.inf
         rows.append(row)
-    base = {"unseen": results["unseen"]["base"].score, "family": results["family"]["base"].score,
-            "ppl": 1 / results["ppl"]["base"].score, "parameters": unique_parameters(loaded.model)}
+    base = {**{g: results[g]["base"].score for g in ("unseen", "family") if g in groups},
+            **({"ppl": 1 / results["ppl"]["base"].score} if "ppl" in groups else {}),
+            "parameters": unique_parameters(loaded.model)}
+    merged_from = None
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text(encoding="utf-8"))
+        shared = [g for g in ("unseen", "family", "ppl") if g in base and g in earlier["base"]]
+        if earlier["model"] != args.model or not shared or any(earlier["base"][g] != base[g] for g in shared):
+            raise SystemExit(f"--merge {args.merge}: its base scores differ from this run's on {shared or 'every group'}; "
+                             "the rows were measured on other documents or numbers and cannot share a table")
+        carried = [dict(row, carried=True) for row in earlier["rows"] if row["method"].split(" + ")[0] not in methods
+                   and row["budget"] in budgets]
+        for row in carried:  # the groups this run measured; the earlier run's others are not in this table
+            for group in {"unseen", "family", "ppl"} - set(groups):
+                for key in (f"{group}_kept", f"{group}_kept_se", f"{group}_score", group):
+                    row.pop(key, None)
+        rows += carried
+        merged_from = {"file": args.merge, "methods": sorted({r["method"] for r in carried}), "groups_checked": shared}
     document = {"model": args.model, "blocks": blocks, "budgets": budgets, "base": base, "rows": rows,
                 "selection": {"tasks": SELECTION_TASKS, "wikitext_paragraphs": args.selection_paragraphs},
-                "evaluation": {"unseen": {s.name: len(s.doc_indices) for s in unseen},
-                               "family": {s.name: len(s.doc_indices) for s in family},
-                               "ppl_paragraphs": len(perplexity[0].doc_indices)},
-                "machine": machine(), "seconds": time.perf_counter() - started, "args": vars(args)}
+                "evaluation": {**{g: {s.name: len(s.doc_indices) for s in groups[g]} for g in ("unseen", "family")
+                                  if g in groups},
+                               **({"ppl_paragraphs": len(perplexity[0].doc_indices)} if "ppl" in groups else {})},
+                "machine": machine(), "seconds": time.perf_counter() - started, "args": vars(args),
+                "merged": merged_from}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / f"{args.name or args.model}.json", (json.dumps(document, indent=2) + "\n").encode())
@@ -297,6 +336,10 @@ def main() -> None:
 
 def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f} s"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _pct(value: float | None, error: float | None) -> str:
@@ -310,19 +353,22 @@ def markdown(document: dict) -> str:
              f"WikiText-2; judged on {', '.join(document['evaluation']['unseen'])} (**unseen**), the four selection tasks "
              "on other documents (**family**) and perplexity on the second half of WikiText-2 (**ppl**). "
              "kept = share of the base model's above-chance score kept (macro over the group's tasks), ± bootstrap s.e.",
-             "", f"Base: unseen {base['unseen']:.4f}, family {base['family']:.4f}, ppl {base['ppl']:.2f}, "
-             f"{base['parameters']:,} parameters. Machine: {document['machine']}.", ""]
+             "", f"Base: unseen {_number(base.get('unseen'), '.4f')}, family {_number(base.get('family'), '.4f')}, "
+             f"ppl {_number(base.get('ppl'), '.2f')}, {base['parameters']:,} parameters. Machine: {document['machine']}.", ""]
     for budget in sorted({row["budget"] for row in document["rows"]}):
         rows = sorted((r for r in document["rows"] if r["budget"] == budget),
-                      key=lambda r: -(r["unseen_kept"] if r["unseen_kept"] is not None else -9))
+                      key=lambda r: -(r["unseen_kept"] if r.get("unseen_kept") is not None else -9))
         first = rows[0]
         lines += [f"## {budget:g}% of blocks ({len(first['blocks'])}): {first['parameters']:,} parameters, "
                   f"{first['speed_ratio']:.2f}x the full model's tokens/s", "",
                   "| method | kind | unseen kept | family kept | ppl | blocks dropped | plan time |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['kind']} | {_pct(r['unseen_kept'], r['unseen_kept_se'])} | "
-                  f"{_pct(r['family_kept'], r['family_kept_se'])} | {r['ppl']:.1f} | "
+        lines += [f"| {r['method']}{'*' if r.get('carried') else ''} | {r['kind']} | {_pct(r.get('unseen_kept'), r.get('unseen_kept_se'))} | "
+                  f"{_pct(r.get('family_kept'), r.get('family_kept_se'))} | {_number(r.get('ppl'), '.1f')} | "
                   f"{','.join(sorted(r['blocks'], key=lambda n: int(n[1:])))} | {_seconds(r['plan_seconds'])} |" for r in rows]
         lines.append("")
+    if document.get("merged"):
+        lines += [f"\\* measured in an earlier run of this script ({document['merged']['file']}), whose base model scored "
+                  f"exactly this run's on {', '.join(document['merged']['groups_checked'])}: the same documents and numerics.", ""]
     return "\n".join(lines)
 
 
@@ -337,8 +383,8 @@ def plot(document: dict, path: Path) -> None:
         rows = sorted((r for r in document["rows"] if r["method"] == method), key=lambda r: r["budget"])
         style = "-" if rows[0]["kind"] == "ours" else "--"
         for axis, key in zip(axes, ("unseen_kept", "family_kept")):
-            axis.errorbar([r["budget"] for r in rows], [r[key] if r[key] is not None else np.nan for r in rows],
-                          yerr=[r[f"{key}_se"] or 0 for r in rows], label=method, linestyle=style, marker="o", capsize=2)
+            axis.errorbar([r["budget"] for r in rows], [r[key] if r.get(key) is not None else np.nan for r in rows],
+                          yerr=[r.get(f"{key}_se") or 0 for r in rows], label=method, linestyle=style, marker="o", capsize=2)
     for axis, title in zip(axes, ("unseen tasks", "selection tasks, other documents")):
         axis.set_xlabel("blocks removed (%)")
         axis.set_ylabel("above-chance score kept")
