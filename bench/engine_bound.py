@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--plain-masks", type=int, default=2, help="Masks timed with lm-eval's own loop (0: skip).")
     parser.add_argument("--profile-masks", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=32, help="The engine's rows per forward (cornerstone's default 32).")
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args()
     print(f"{machine()}, {torch.get_num_threads()} threads", flush=True)
@@ -132,7 +133,7 @@ def main() -> None:
             loaded = load_model(args.model, dtype=dtype, device="cpu")
             players = enumerate_players(loaded.model)
             started = time.perf_counter()
-            value = ValueFunction(loaded, specs)
+            value = ValueFunction(loaded, specs, batch_size=args.batch_size)
             result = Ablation().estimate(value, players)
             seconds = time.perf_counter() - started
             engine = value._engine
@@ -152,7 +153,7 @@ def main() -> None:
                    "attention_peak_tflops": peak["attention"] / 1e12, "batch_tokens": tokens, "profile": split,
                    "full_score": result.full.score}
             if dtype == "float32" and args.plain_masks:
-                reference = ValueFunction(loaded, specs, engine="lm-eval")
+                reference = ValueFunction(loaded, specs, engine="lm-eval", batch_size=args.batch_size)
                 chosen = [[]] + [[p] for p in players[:args.plain_masks - 1]]
                 started = time.perf_counter()
                 plain = reference.evaluate_many(chosen)
