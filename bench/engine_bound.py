@@ -27,11 +27,13 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from cornerstone import harness
 from cornerstone.estimators import Ablation
+from cornerstone.files import atomic_write
 from cornerstone.loading import load_model
 from cornerstone.players import decoder_layers, enumerate_players, text_config
 from cornerstone.provenance import machine
@@ -175,10 +177,9 @@ def main() -> None:
                      f"{plain_docs['documents_differing']}/{plain_docs['documents']} documents differ)" if plain_seconds else ""),
                   flush=True)
             print("   profile: " + ", ".join(f"{k} {v:.0%}" for k, v in split.items() if k != "wall_seconds"), flush=True)
-    if args.json_out:
-        with open(args.json_out, "w", encoding="utf-8") as handle:
-            json.dump({"machine": machine(), "threads": torch.get_num_threads(), "rows": rows_out, "args": vars(args)},
-                      handle, indent=2)
+            if args.json_out:  # after every row: a run stopped early keeps what it measured
+                atomic_write(Path(args.json_out), (json.dumps({"machine": machine(), "threads": torch.get_num_threads(),
+                                                               "rows": rows_out, "args": vars(args)}, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":
