@@ -231,7 +231,7 @@ def parse_target(text: str) -> Target:
             raise ConfigError(f"target '{text}': a speed-up applies to prefill or decode and must exceed 1x")
     elif (unit in ("ms", "s")) != (measure in TIMED):
         raise ConfigError(f"target '{text}': {measure} is measured in "
-                          f"{'seconds (ms, s)' if measure in ('prefill', 'decode') else 'bytes (KB, MB, GB)'}")
+                          f"{'seconds (ms, s)' if measure in TIMED else 'bytes (KB, MB, GB)'}")
     elif measure == "kv":
         raise ConfigError(f"target '{text}': give the KV cache as a share kept (kv:50%)")
     return Target(text=text, measure=measure, number=number, unit=unit)

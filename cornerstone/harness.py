@@ -825,10 +825,20 @@ def _choice_scores(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float]) ->
 
 
 def _exp_neg_kl(reference: np.ndarray, scores: np.ndarray) -> float:
-    """exp(-KL(q || p)) of the softmax distributions q of ``reference`` and p of ``scores``."""
+    """exp(-KL(q || p)) of the softmax distributions q of ``reference`` and p of ``scores`` (log-weights; -inf is
+    a weight of 0, whose term q log(q / p) is 0)."""
     log_q = reference - np.logaddexp.reduce(reference)
     log_p = scores - np.logaddexp.reduce(scores)
-    return float(np.exp(-np.sum(np.exp(log_q) * (log_q - log_p))))
+    q = np.exp(log_q)
+    with np.errstate(invalid="ignore"):  # 0 x (-inf - -inf) is computed, then discarded
+        terms = np.where(q > 0, q * (log_q - log_p), 0.0)
+    return float(np.exp(-terms.sum()))
+
+
+def _target_and_rest(loglikelihood: float) -> np.ndarray:
+    """The log-probabilities of (the target, anything else) for a target of log-probability ``l``:
+    log(1 - e^l) = log(-expm1(l)), exact for probabilities near 1."""
+    return np.array([loglikelihood, np.log(-np.expm1(loglikelihood)) if loglikelihood < 0 else -np.inf])
 
 
 def divergence_value(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float], doc_id: int) -> float:
@@ -850,12 +860,7 @@ def divergence_value(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float], 
     scores = _choice_scores(spec, doc, loglikelihoods)
     if spec.output_type == "multiple_choice":
         return _exp_neg_kl(reference, scores)
-    # Bernoulli (target, not target): log(1 - e^l) = log(-expm1(l)), exact for probabilities near 1
-    log_q = np.array([reference[0], np.log(-np.expm1(reference[0])) if reference[0] < 0 else -np.inf])
-    log_p = np.array([scores[0], np.log(-np.expm1(scores[0])) if scores[0] < 0 else -np.inf])
-    q = np.exp(log_q)
-    terms = np.where(q > 0, q * (log_q - log_p), 0.0)
-    return float(np.exp(-terms.sum()))
+    return _exp_neg_kl(_target_and_rest(reference[0]), _target_and_rest(scores[0]))
 
 
 def gold_probability(spec: TaskSpec, doc: Any, loglikelihoods: Sequence[float]) -> float:

@@ -59,7 +59,8 @@ def game_key(model: dict[str, Any], tasks: Sequence[dict[str, Any]], *, engine: 
       against lm-eval's loop, which takes its log-softmax in the model's dtype. They agree to ~1e-6 in
       float32 but not in bfloat16 (see :mod:`cornerstone.engine`);
     - ``versions`` of :data:`KEYED_LIBRARIES`;
-    - ``tasks``: each task's name, version, metric, documents and the content of its prompts.
+    - ``tasks``: each task's name, version, metric, documents and the content of its prompts (and for the
+      divergence objective, a digest of the full-model reference its values are relative to).
     """
     return {
         "model": {"fingerprint": model["fingerprint"], "dtype": model["dtype"],

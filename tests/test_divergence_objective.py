@@ -1,7 +1,8 @@
 """The divergence objective (issue 20): each document's value is exp(-KL(q || p)) of the full model's choice
 distribution q and the pruned model's p. The fast engine and lm-eval's own loop give the same values, the full
 model scores exactly 1, the value agrees with the gold-probability objective where the two determine each
-other (two choices), and a report made on it plans greedily on it."""
+other (two choices). A report made on it plans greedily on it: tests/test_probability_objective.py, for both
+continuous objectives."""
 
 from __future__ import annotations
 
@@ -12,14 +13,10 @@ import torch
 
 from cornerstone import harness
 from cornerstone.errors import EvaluationError
-from cornerstone.estimators import Ablation
 from cornerstone.loading import load_model
 from cornerstone.masking import without
-from cornerstone.planner import Planner, make_plan
-from cornerstone.scores import score
 from cornerstone.value import ValueFunction
 
-from .conftest import save_six_block_llama
 from .tasks import toy_docs, write_task
 from .test_engine import masks_for
 from .test_engine import toy_folder as toy  # noqa: F401 (a fixture: the engine tests' toy tasks)
@@ -120,20 +117,3 @@ def test_without_a_reference_a_divergence_value_is_refused(toy, tiny):
     lm = harness.make_lm(model, tiny.tokenizer, batch_size=4)
     with without(model, masks_for(model)[1]), pytest.raises(EvaluationError, match="no full-model reference"):
         harness.run_tasks(lm, [spec])
-
-
-def test_a_divergence_report_plans_greedily_on_divergence(toy, tmp_path):
-    loaded = load_model(str(save_six_block_llama(tmp_path / "six", seed=3)), device="cpu")
-    specs = harness.load_tasks(["toy_engine"], include_paths=[toy], objective="divergence")
-    report = score(loaded, specs, estimator=Ablation(granularity="block"), include_paths=[toy], store=None)
-    assert report.settings["objective"] == "divergence" and report.tasks[0].metric == "exp_neg_kl_norm"
-    assert report.base_score == 1.0
-    written = tmp_path / "report.json"
-    written.write_text(report.to_json())
-    plan = make_plan(written, Planner(policy="greedy", drop=2, search_until=2, keep_first=0, keep_last=0,
-                                      protect_cornerstones=False), loaded=loaded)
-    # the plan's value function reloaded the documents with the report's objective and took its own reference
-    # from the same full model: its first step's value is the report's for that block
-    first = plan.search[0]
-    assert first.score_after == pytest.approx(report.players[first.name].score_removed, abs=1e-12)
-    assert first.score_after == pytest.approx(max(p.score_removed for p in report.players.values()), abs=1e-12)

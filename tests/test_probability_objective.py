@@ -1,6 +1,6 @@
 """The probability objective (issue 20): each document's value is the gold answer's probability under the
 choice distribution whose argmax lm-eval's accuracy takes. The fast engine and lm-eval's own loop give the
-same values, accuracy and probability agree where they must, and a plan made from such a report re-measures
+same values, accuracy and probability agree where they must, and a plan made from such a report (or a divergence report) re-measures
 the same objective."""
 
 from __future__ import annotations
@@ -49,21 +49,25 @@ def test_probability_per_document_equals_lm_eval_and_agrees_with_accuracy(toy, t
     assert moved  # removing players changes the values
 
 
-def test_a_probability_report_plans_greedily_on_probability(toy, tmp_path):
+@pytest.mark.parametrize("objective, metric", [("probability", "prob_norm"), ("divergence", "exp_neg_kl_norm")])
+def test_a_continuous_report_plans_greedily_on_its_objective(toy, tmp_path, objective, metric):
     loaded = load_model(str(save_six_block_llama(tmp_path / "six", seed=3)), device="cpu")
-    specs = harness.load_tasks(["toy_engine"], include_paths=[toy], objective="probability")
+    specs = harness.load_tasks(["toy_engine"], include_paths=[toy], objective=objective)
     report = score(loaded, specs, estimator=Ablation(granularity="block"), include_paths=[toy], store=None)
-    assert report.settings["objective"] == "probability" and report.tasks[0].metric == "prob_norm"
+    assert report.settings["objective"] == objective and report.tasks[0].metric == metric
+    if objective == "divergence":
+        assert report.base_score == 1.0  # the full model is its own reference
     written = tmp_path / "report.json"
     written.write_text(report.to_json())
     plan = make_plan(written, Planner(policy="greedy", drop=2, search_until=2, keep_first=0, keep_last=0,
                                       protect_cornerstones=False), loaded=loaded)
-    # greedy measured its first step on the report's own objective: removing that block gives the value the report
-    # holds for it, the best of all single removals (on accuracy it would be a multiple of 1/12)
+    # greedy measured its first step on the report's own objective (the documents reloaded with it; divergence's
+    # reference taken again from the same full model): removing that block gives the value the report holds for
+    # it, the best of all single removals (on accuracy it would be a multiple of 1/12)
     first = plan.search[0]
     assert first.score_after == pytest.approx(report.players[first.name].score_removed, abs=1e-12)
     assert first.score_after == pytest.approx(max(p.score_removed for p in report.players.values()), abs=1e-12)
-    assert json.loads(written.read_text())["settings"]["objective"] == "probability"
+    assert json.loads(written.read_text())["settings"]["objective"] == objective
 
 
 def test_an_unknown_objective_is_one_line_naming_the_option(tmp_path):
