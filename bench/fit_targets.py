@@ -7,11 +7,13 @@ For each target (default ``decode:1.3x`` and ``kv:50%``):
 1. ``cornerstone profile``'s measurement of the model on this device (``--decode`` context x batch,
    ``--prefill`` length), saved to ``reports/fit/MODEL-profile.json``;
 2. ``plan --policy fit`` from the committed one-pass cosine report (LLM-Drop's sublayer scores, chosen
-   on ARC-Easy, ARC-Challenge, BoolQ and PIQA): sublayers for Llama (SmolLM2, exported in the DeciLM
-   layout), blocks for Gemma 3 (its sublayer plans cannot be written as a checkpoint);
+   on ARC-Easy, ARC-Challenge, BoolQ and PIQA) at ``--granularity`` (default: the model's entry in
+   ``REPORTS``; sublayer plans export in the DeciLM layout for SmolLM2 and the pruned Gemma 3 layout for
+   Gemma 3);
 3. ``plan --policy greedy`` to the same target: measured greedy, each step the least score lost per
-   share of the need covered, on the report's own tasks and documents with the gold-probability
-   objective (``--greedy-shortlist`` candidates re-measured per step);
+   share of the need covered, on the report's own tasks and documents (``--greedy-docs`` per task) with the
+   gold-probability objective or, with ``--greedy-objective divergence``, exp(-KL) from the full model's
+   choices (``--greedy-shortlist`` candidates re-measured per step);
 4. the baseline the issue names: whole blocks dropped in the order of the same report's block
    importance until the profile's summed costs meet the same target;
 5. each plan physically removed (``drop_sublayers`` / ``drop_blocks``, the export's own surgery) and
@@ -24,7 +26,7 @@ For each target (default ``decode:1.3x`` and ``kv:50%``):
    equal to the removals; tests/test_engine.py), as the share of the above-chance score kept with a
    paired bootstrap standard error (plan_quality's ``kept``).
 
-Writes ``reports/fit/MODEL.{json,md}``.
+Writes ``reports/fit/NAME.{json,md}`` and ``NAME-profile.json`` (NAME: ``--name``, default the model).
 """
 
 from __future__ import annotations
@@ -92,12 +94,18 @@ def main() -> None:
     parser.add_argument("--greedy-shortlist", type=int, default=6, help="0: no measured greedy plans")
     parser.add_argument("--greedy-targets", default="decode:1.3x", help="targets also planned by measured greedy")
     parser.add_argument("--greedy-docs", type=int, default=15, help="greedy: documents per task, drawn from the report's")
+    parser.add_argument("--granularity", default=None, choices=["block", "sublayer"], help="Players of the fit and "
+                        "greedy plans (default: the model's entry in REPORTS).")
+    parser.add_argument("--greedy-objective", default="probability", choices=["probability", "divergence"],
+                        help="greedy: each document's value, the gold answer's probability or exp(-KL) of the choice "
+                        "distribution from the full model's (no labels; the steadier ranking, reports/plan-quality)")
     parser.add_argument("--headroom", type=float, default=0.0, help="Planner.headroom of every plan (the block "
                         "baseline's too): time targets planned this share below their limit.")
     parser.add_argument("--eval-limit", type=int, default=40)
     parser.add_argument("--eval-seed", type=int, default=1)
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--out", default="reports/fit")
+    parser.add_argument("--name", default=None, help="Output file names (default: the model's; the profile is NAME-profile.json).")
     args = parser.parse_args()
     started = time.perf_counter()
     out = Path(args.out)
@@ -106,20 +114,21 @@ def main() -> None:
     loaded = load_model(args.model, dtype=args.dtype, device="cpu")
     settings = ProfileSettings(prefill_lengths=[args.prefill], decode_shapes=[args.decode], repeats=args.repeats,
                                rounds=args.rounds)
-    profile_path = measure_profile(loaded, settings).save(out / f"{args.model}-profile.json")
+    profile_path = measure_profile(loaded, settings).save(out / f"{args.name or args.model}-profile.json")
     profile = CostProfile.load(profile_path)
     report_path, granularity = REPORTS[args.model]
+    granularity = args.granularity or granularity
     report = ScoreReport.load(report_path)
     print(f"{args.model}: profiled in {time.perf_counter() - started:.0f} s; decode {args.decode} "
           f"{profile.total('decode') * 1e3:.1f} ms, KV {profile.total('kv') / 1024:.1f} KiB/token", flush=True)
 
     plans: dict[str, dict[str, Any]] = {}
-    # the greedy plans measure on the report's own tasks and documents, by the gold answer's probability
+    # the greedy plans measure on the report's own tasks and documents, by --greedy-objective
     import random
 
     records = {name: record.model_copy(update={"content_sha256": None, "doc_indices": sorted(random.Random(0).sample(
         record.doc_indices, min(args.greedy_docs, len(record.doc_indices))))}) for name, record in report.documents().items()}
-    chosen_on = harness.load_tasks(list(records), objective="probability", documents=records)
+    chosen_on = harness.load_tasks(list(records), objective=args.greedy_objective, documents=records)
     for target in args.targets.split(","):
         headroom = args.headroom if parse_target(target).timed else 0.0
         fit = make_plan(report, Planner(policy="fit", granularity=granularity, targets=[target],
@@ -133,7 +142,8 @@ def main() -> None:
                                                profile=str(profile_path), shortlist=args.greedy_shortlist,
                                                headroom=headroom),
                                loaded=loaded, value=value, progress=step_printer(f"greedy {target}"))
-            plans[f"greedy {target}"] = {"target": target, "method": f"measured greedy ({granularity}s)",
+            plans[f"greedy {target}"] = {"target": target, "method": f"measured greedy ({granularity}s"
+                                         + (", divergence)" if args.greedy_objective == "divergence" else ")"),
                                          "players": greedy.player_names, "seconds": time.perf_counter() - t0,
                                          "evaluations": value.evaluations}
             keys.append(f"greedy {target}")
@@ -181,8 +191,8 @@ def main() -> None:
                          "predicted": {m: profile.total(m) for m in MEASURES}}, "rows": rows,
                 "evaluation": {s.name: len(s.doc_indices) for s in unseen}, "machine": machine(),
                 "seconds": time.perf_counter() - started, "args": vars(args)}
-    atomic_write(out / f"{args.model}.json", (json.dumps(document, indent=2) + "\n").encode())
-    atomic_write(out / f"{args.model}.md", markdown(document).encode())
+    atomic_write(out / f"{args.name or args.model}.json", (json.dumps(document, indent=2) + "\n").encode())
+    atomic_write(out / f"{args.name or args.model}.md", markdown(document).encode())
     print(markdown(document))
 
 

@@ -10,7 +10,13 @@
 - **decilm** (sublayer plans of Llama-family models): the DeciLM / Nemotron-NAS layout, whose
   per-layer ``block_configs`` mark an attention or FFN as ``no_op``; vLLM and llama.cpp read it, and
   the folder carries cornerstone's modeling file for ``trust_remote_code=True`` in transformers
-  (see :mod:`cornerstone.decilm`). :func:`drop_sublayers` builds it.
+  (see :mod:`cornerstone.decilm`).
+- **gemma3-pruned** (sublayer plans of Gemma 3 text models): the stock Gemma 3 config plus the layers
+  without attention or FFN; no serving engine has such a format, so the folder carries cornerstone's
+  modeling code and loads in transformers with ``trust_remote_code=True`` (see
+  :mod:`cornerstone.gemma3_pruned`).
+
+:func:`drop_sublayers` builds either, as the architecture's ``sublayer_layout`` says.
 
 Both surgeries build the slim model on the meta device from its new config and move the kept
 weights in with a strict ``load_state_dict``: a config that does not describe the weights fails
@@ -124,27 +130,39 @@ def drop_blocks(model: torch.nn.Module, layers: Collection[int]) -> torch.nn.Mod
 
 
 def drop_sublayers(model: torch.nn.Module, players: Collection[Any]) -> torch.nn.Module:
-    """The model in the DeciLM / Nemotron-NAS layout with the given attention/FFN sublayers as ``no_op``.
+    """The model in its architecture's sublayer layout with the given attention/FFN sublayers removed:
+    DeciLM / Nemotron-NAS (Llama family, ``no_op`` sublayers) or pruned Gemma 3 (:mod:`cornerstone.remote`).
 
     Each layer keeps its slot; a removed sublayer loses its weights and its own norms
-    (:func:`~cornerstone.players.owned_modules`). Only Llama-family models have this format.
+    (:func:`~cornerstone.players.owned_modules`).
     """
-    from .decilm import AUTO_MAP, DeciLMConfig, DeciLMForCausalLM
-
     kind = model_type(model)
-    if not architecture(model).decilm:
+    layout = architecture(model).sublayer_layout
+    if layout is None:
         raise ExportError(
-            f"a sublayer plan for '{kind}' cannot be written as a checkpoint: the DeciLM/Nemotron-NAS block_configs "
-            "format that serving engines read describes Llama-family models only",
+            f"a sublayer plan for '{kind}' cannot be written as a checkpoint: cornerstone writes sublayer plans of "
+            "Llama-family models (DeciLM/Nemotron-NAS block_configs, which serving engines read) and of Gemma 3 text "
+            "models (with its own modeling code) only",
             hint="Plan with --granularity block: whole-block plans export as a stock checkpoint for every architecture.",
         )
-    decilm_config = DeciLMConfig.from_llama(model.config, no_attention=[p.layer for p in players if p.kind == "attn"],
-                                            no_ffn=[p.layer for p in players if p.kind == "mlp"])
-    decilm_config.architectures = ["DeciLMForCausalLM"]
-    decilm_config.auto_map = dict(AUTO_MAP)
+    from .remote import package
+
+    no_attention = [p.layer for p in players if p.kind == "attn"]
+    no_ffn = [p.layer for p in players if p.kind == "mlp"]
+    if layout == "decilm":
+        from .decilm import DeciLMConfig, DeciLMForCausalLM
+
+        config, cls = DeciLMConfig.from_llama(model.config, no_attention=no_attention, no_ffn=no_ffn), DeciLMForCausalLM
+    else:
+        from .gemma3_pruned import Gemma3PrunedForCausalLM, Gemma3PrunedTextConfig
+
+        config = Gemma3PrunedTextConfig.from_gemma3(model.config, no_attention=no_attention, no_ffn=no_ffn)
+        cls = Gemma3PrunedForCausalLM
+    config.architectures = [cls.__name__]
+    config.auto_map = dict(package(layout).AUTO_MAP)
     gone = tuple(f"{path}." for p in players for path in owned_modules(model, p))
     state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(gone)}
-    return _slim_from_state_dict(DeciLMForCausalLM, decilm_config, state, model)
+    return _slim_from_state_dict(cls, config, state, model)
 
 
 def check_model(plan: Plan, loaded: LoadedModel, named: str = "the plan") -> None:
@@ -222,7 +240,7 @@ def _write(loaded: LoadedModel, plan: Plan, players: list[Any], blocks: set[int]
     if all(p.layer in blocks for p in players):
         slim, layout = drop_blocks(loaded.model, blocks), "stock"
     else:
-        slim, layout = drop_sublayers(loaded.model, players), "decilm"
+        slim, layout = drop_sublayers(loaded.model, players), architecture(loaded.model).sublayer_layout
     runtimes = compatibility(slim.config, layout, loaded.tokenizer)
     parameters = unique_parameters(slim)
     if parameters != plan.parameters.remaining:
@@ -234,11 +252,12 @@ def _write(loaded: LoadedModel, plan: Plan, players: list[Any], blocks: set[int]
         with no_progress_bars():
             slim.save_pretrained(staging, max_shard_size=max_shard_size)
             loaded.tokenizer.save_pretrained(staging)
-        if layout == "decilm":
-            from .decilm import MODELING_FILES, source_dir
+        if layout != "stock":
+            from .remote import package
 
-            for name in MODELING_FILES:
-                shutil.copy2(source_dir() / name, staging / name)
+            code = package(layout)
+            for name in code.MODELING_FILES:
+                shutil.copy2(code.source_dir() / name, staging / name)
         plan.save(staging / PLAN_FILE)
         if recipe is not None:
             import yaml

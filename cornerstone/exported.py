@@ -31,7 +31,7 @@ class ExportResult(BaseModel):
     """What :func:`cornerstone.export.export` wrote and what it checked."""
 
     path: str
-    format: Literal["stock", "decilm"]
+    format: Literal["stock", "decilm", "gemma3-pruned"]
     parameters: int
     planned_parameters: int
     bytes_on_disk: int
@@ -67,7 +67,7 @@ def tolerance(dtype: torch.dtype) -> float:
 
 def load_exported(folder: str | Path, dtype: torch.dtype | None = None) -> Any:
     """Load an exported folder the way a user would: stock transformers, and remote code only when the
-    config maps to cornerstone's own modeling files, unchanged (the DeciLM layout). Weights and config
+    config maps to cornerstone's own modeling files, unchanged (its sublayer layouts). Weights and config
     must agree (:func:`~cornerstone.loading.check_weights_match`): ``heal`` reads folders a person may
     have edited, and transformers would fill a missing block with random numbers."""
     from transformers import AutoModelForCausalLM
@@ -125,6 +125,12 @@ def model_card(loaded: LoadedModel, plan: Plan, result: ExportResult) -> str:
         lines += ['model = AutoModelForCausalLM.from_pretrained("PATH")', "```", "",
                   "A stock checkpoint: `lm_eval --model hf --model_args pretrained=PATH`, vLLM and llama.cpp's "
                   "converter read it as they read the base model."]
+    elif result.format == "gemma3-pruned":
+        lines += ['model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)', "```", "",
+                  "Gemma 3 with sublayers removed (`no_attention`, `no_ffn` in config.json): no serving engine has a "
+                  "format for it, so transformers loads it with `trust_remote_code=True` and the bundled "
+                  "`modeling_gemma3_pruned.py` (transformers 5; a removed attention holds no KV cache). "
+                  "`lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True`."]
     else:
         lines += ['model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)', "```", "",
                   "DeciLM / Nemotron-NAS layout (`block_configs`, `no_op` sublayers), read by vLLM "

@@ -538,7 +538,8 @@ def _deci_metadata(fields: list[tuple[str, Any, Any, Any]], sliced: list[str], s
     if values.get("llama.expert_count"):
         raise ExportError(f"'{source}' is a mixture-of-experts llama file (llama.expert_count = "
                           f"{values['llama.expert_count']}); llama.cpp's deci graph has no experts",
-                          hint="Plan at block granularity (--granularity block) to export this model as GGUF.")
+                          hint="Plan at block granularity (--granularity block) to export this model as GGUF; a Gemma 3 "
+                          "sublayer plan exports as safetensors (--format safetensors) for transformers.")
     per_layer: dict[str, list[int]] = {}
     for name in (*_PER_LAYER_HEADS, "feed_forward_length"):
         value = values.get(f"llama.{name}")
@@ -629,7 +630,8 @@ def prune_gguf_sublayers(source: str | Path, plan: "Plan | Collection[str] | str
     if arch not in DECI_SOURCES:
         raise ExportError(f"the plan removes sublayers (L{halves[0].layer}.{halves[0].kind}, ...) and '{source}' is a "
                           f"{arch} file: only llama files have a GGUF form for that (llama.cpp's deci)",
-                          hint="Plan at block granularity (--granularity block) to export this model as GGUF.")
+                          hint="Plan at block granularity (--granularity block) to export this model as GGUF; a Gemma 3 "
+                          "sublayer plan exports as safetensors (--format safetensors) for transformers.")
     _check_layers({r.layer for r in removals}, count, source)
     no_attention = {r.layer for r in halves if r.kind == "attn"}
     no_ffn = {r.layer for r in halves if r.kind == "mlp"}

@@ -262,7 +262,7 @@ def remote_code_trusted(folder: Path, trust_remote_code: bool = False) -> bool:
     """Whether loading ``folder`` may run its own Python files (``auto_map`` in its config).
 
     Yes when the user said so (``trust_remote_code``), or when every file the config maps to is
-    byte-identical to the modeling code cornerstone ships (the DeciLM layout of its sublayer exports).
+    byte-identical to the modeling code cornerstone ships in its sublayer exports (:mod:`cornerstone.remote`).
     A folder without ``auto_map`` needs no remote code (False). A folder that maps to other code is
     refused with a :class:`TrustError`.
     """
@@ -272,11 +272,11 @@ def remote_code_trusted(folder: Path, trust_remote_code: bool = False) -> bool:
         return False
     if trust_remote_code:
         return True
-    from . import decilm
+    from .remote import shipped_files
 
     modules = {str(ref).split("--")[-1].split(".")[0] + ".py"
                for value in auto_map.values() for ref in (value if isinstance(value, list) else [value]) if ref}
-    shipped = {name: sha256_file(decilm.source_dir() / name) for name in decilm.MODELING_FILES}
+    shipped = {name: sha256_file(path) for name, path in shipped_files().items()}
     if modules and all(name in shipped and (folder / name).is_file() and sha256_file(folder / name) == shipped[name]
                        for name in modules):
         return True

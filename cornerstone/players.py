@@ -41,8 +41,10 @@ class Architecture:
     # sublayer's input norm is computed for nothing; a post-norm of the zeroed output stays zero).
     attn_norms: tuple[str, ...] = ("input_layernorm",)
     mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
-    # Whether a sublayer plan can be written as DeciLM/Nemotron-NAS ``block_configs`` (a Llama format).
-    decilm: bool = False
+    # The checkpoint layout a sublayer plan is written in: "decilm" (DeciLM/Nemotron-NAS ``block_configs``,
+    # a Llama format serving engines read), "gemma3-pruned" (Gemma 3 with cornerstone's remote code), or
+    # None (no format: only whole-block plans export).
+    sublayer_layout: str | None = None
     # The module whose output the residual stream adds for attention, when it is not the attention
     # itself (a post-attention norm in Gemma 2/3 and OLMo 2); the one-pass proxies hook it.
     attn_residual: str | None = None
@@ -57,14 +59,14 @@ _GEMMA_NORMS = dict(attn_norms=("input_layernorm", "post_attention_layernorm"),
                     attn_residual="post_attention_layernorm")
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture(_DECODER, "self_attn", ("mlp",), decilm=True),
+    "llama": Architecture(_DECODER, "self_attn", ("mlp",), sublayer_layout="decilm"),
     "mistral": Architecture(_DECODER, "self_attn", ("mlp",)),
     "qwen2": Architecture(_DECODER, "self_attn", ("mlp",)),
     "qwen3": Architecture(_DECODER, "self_attn", ("mlp",)),
     "gemma": Architecture(_DECODER, "self_attn", ("mlp",)),
     "gemma2": Architecture(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
     "gemma3": Architecture(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
-    "gemma3_text": Architecture(_DECODER, "self_attn", ("mlp",), **_GEMMA_NORMS),
+    "gemma3_text": Architecture(_DECODER, "self_attn", ("mlp",), sublayer_layout="gemma3-pruned", **_GEMMA_NORMS),
     "phi3": Architecture(_DECODER, "self_attn", ("mlp",)),
     "olmo2": Architecture(_DECODER, "self_attn", ("mlp",), attn_norms=("post_attention_layernorm",),
                       mlp_norms=("post_feedforward_layernorm",), attn_residual="post_attention_layernorm"),

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Layout = Literal["stock", "decilm"]
+Layout = Literal["stock", "decilm", "gemma3-pruned"]
 Status = Literal["supported", "refused", "caveat"]
 
 TRANSFORMERS = "transformers"
@@ -62,6 +62,9 @@ TRTLLM_DECI = "NVIDIA/TensorRT-LLM@4d3653682429 tensorrt_llm/_torch/models/model
 SGLANG_DECI = "sgl-project/sglang@65cf1ed0b8b1 python/sglang/srt/models/nemotron_nas.py"
 SGLANG_KV_HEADS = "sgl-project/sglang@001adf564fd3 python/sglang/srt/configs/model_config.py"
 CORNERSTONE_DECI = "cornerstone/decilm/configuration_decilm.py (shipped in the export folder)"
+CORNERSTONE_GEMMA3 = "cornerstone/gemma3_pruned/modeling_gemma3_pruned.py (shipped in the export folder)"
+# what a runtime with no loader of its own for an architecture does: it looks ``architectures`` up in its registry
+NO_LOADER = "the runtime's registry of architectures (config.json: architectures = Gemma3PrunedForCausalLM)"
 
 # llama.cpp's converter takes this vocabulary size for a Llama 3 tokenizer and any other for Llama 2's.
 LLAMA3_VOCAB = 128256
@@ -299,6 +302,14 @@ SUPPORTED: dict[Layout, dict[str, Verdict]] = {
         SGLANG: Verdict("supported", f"{SGLANG_DECI}; {SGLANG_KV_HEADS}", "DeciLMForCausalLM reads block_configs; "
                         "needs --trust-remote-code"),
     },
+    "gemma3-pruned": {
+        TRANSFORMERS: Verdict("supported", CORNERSTONE_GEMMA3, "loads with trust_remote_code=True (the folder's "
+                              "modeling_gemma3_pruned.py, transformers 5); the export checks its logits against the "
+                              "masked model"),
+        **{runtime: Verdict("refused", NO_LOADER, "no loader for a Gemma 3 with sublayers removed (no serving format "
+                            "describes one); export a whole-block plan for this runtime")
+           for runtime in (VLLM, LLAMA_CPP, TENSORRT_LLM, SGLANG)},
+    },
     "stock": {runtime: Verdict("supported", "the base architecture's own loader (same model_type, fewer layers)",
                                "num_hidden_layers and every per-layer list describe the kept layers")
               for runtime in RUNTIMES},
@@ -311,7 +322,7 @@ def compatibility(config: Any, layout: Layout, tokenizer: Any = None) -> list[Ru
     ``supported`` row for each runtime no rule applied to. ``tokenizer`` (optional, a fast tokenizer)
     lets the rules that read ``tokenizer.json`` run."""
     if layout not in SUPPORTED:
-        raise ValueError(f"layout must be 'stock' or 'decilm', not {layout!r}")
+        raise ValueError(f"layout must be one of {', '.join(SUPPORTED)}, not {layout!r}")
     def row(runtime: str, verdict: Verdict, finding: str | None = None) -> RuntimeSupport:
         return RuntimeSupport(runtime=runtime, status=verdict.status, checked_against=verdict.checked_against,
                               reason=verdict.reason, finding=finding)

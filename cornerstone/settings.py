@@ -212,7 +212,7 @@ class ExportSettings(_Settings):
     max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
     verify: bool = Field(True, description="Reload the export and compare its logits with the masked original.")
     allow_other_model: bool = Field(False, description="Apply a plan made for another model.")
-    format: Literal["safetensors", "gguf"] = Field("safetensors", description="safetensors (a stock or DeciLM folder), or "
+    format: Literal["safetensors", "gguf"] = Field("safetensors", description="safetensors (a stock, DeciLM or pruned Gemma 3 folder), or "
                                                   "gguf: prune a .gguf model's file directly into FILE.gguf (block plans).")
     portable: bool = Field(False, description="gguf: refuse a plan that only runtimes reading an explicit per-layer "
                            "pattern key would run as planned (Gemma 3 sliding/global layers).")
