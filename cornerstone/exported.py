@@ -129,7 +129,7 @@ def model_card(loaded: LoadedModel, plan: Plan, result: ExportResult) -> str:
         lines += ['model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)', "```", "",
                   "Gemma 3 with sublayers removed (`no_attention`, `no_ffn` in config.json): no serving engine has a "
                   "format for it, so transformers loads it with `trust_remote_code=True` and the bundled "
-                  "`modeling_gemma3_pruned.py` (transformers 5; a removed attention holds no KV cache). "
+                  "`modeling_gemma3_pruned.py` (transformers 5, whose cache holds nothing for a removed attention; an older one is refused on load). "
                   "`lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True`."]
     else:
         lines += ['model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)', "```", "",

@@ -121,3 +121,15 @@ def test_invalid_pruned_configs_are_rejected(fields, message):
 
     with pytest.raises(ValueError, match=message):
         Gemma3PrunedTextConfig(num_hidden_layers=4, layer_types=PATTERN, **fields)
+
+
+def test_a_transformers_whose_cache_keeps_removed_slots_is_refused(monkeypatch):
+    """Where DynamicCache ignores kv_sharing_modes (an older transformers), a removed attention would get a slot
+    nothing fills and generation would read a length of 0 from it: loading says so instead."""
+    from cornerstone.gemma3_pruned import Gemma3PrunedForCausalLM, Gemma3PrunedTextConfig
+
+    config = Gemma3PrunedTextConfig.from_gemma3(gemma3().config, no_attention=[0])
+    assert Gemma3PrunedForCausalLM(config) is not None
+    monkeypatch.setattr(Gemma3PrunedTextConfig, "kv_sharing_modes", property(lambda self: ["none"] * 4))
+    with pytest.raises(RuntimeError, match="upgrade transformers"):
+        Gemma3PrunedForCausalLM(config)

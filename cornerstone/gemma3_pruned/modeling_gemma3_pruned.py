@@ -33,11 +33,21 @@ from transformers.models.gemma3.modeling_gemma3 import (
 
 from .configuration_gemma3_pruned import Gemma3PrunedTextConfig
 
-try:  # a removed attention's cache slot must store nothing; older transformers have no such cache layer
-    from transformers.cache_utils import DummyLayer  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the installed transformers
-    raise ImportError("this sublayer-pruned Gemma 3 needs a transformers whose DynamicCache has DummyLayer "
-                      "(transformers 5); upgrade transformers to load it") from exc
+
+def _check_cache(config: Gemma3PrunedTextConfig) -> None:
+    """Refuse a transformers whose cache would keep a slot for a removed attention: generation would then
+    read the cache's length (or a global layer's mask size) from a slot nothing ever fills. transformers 5
+    makes a ``DummyLayer`` of a layer ``kv_sharing_modes`` calls ``"reuse"``; this checks that it does."""
+    from transformers.cache_utils import DynamicCache
+
+    try:
+        layers = list(DynamicCache(config=config).layers)
+    except Exception:  # an older signature: no per-layer cache from the config at all
+        layers = []
+    if len(layers) != config.num_hidden_layers or any(type(layers[i]).__name__ != "DummyLayer"
+                                                      for i in config.no_attention):
+        raise RuntimeError("this transformers' DynamicCache would keep a KV cache slot for a removed attention "
+                           "(it needs DummyLayer and kv_sharing_modes); upgrade transformers to load this model")
 
 
 class Gemma3PrunedDecoderLayer(Gemma3DecoderLayer):
@@ -74,6 +84,7 @@ class Gemma3PrunedTextModel(Gemma3PrunedPreTrainedModel, Gemma3TextModel):
 
     def __init__(self, config: Gemma3PrunedTextConfig):
         Gemma3PrunedPreTrainedModel.__init__(self, config)  # not Gemma3TextModel.__init__: it would build full layers
+        _check_cache(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = Gemma3TextScaledWordEmbedding(config.vocab_size, config.hidden_size, self.padding_idx,
