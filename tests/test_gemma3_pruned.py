@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cornerstone.errors import TrustError
 from cornerstone.export import export
 from cornerstone.exported import load_exported
-from cornerstone.loading import load_model, remote_code_trusted
 from cornerstone.planner import Planner, make_plan
 
+from .architectures import random_model
+from .conftest import TINY_CONFIGS
 from .test_export import assert_reloaded_equals_masked, saved
-from .test_hardening import model_report
+from .test_hardening import assert_own_code_trusted_until_edited, model_report
 
 PATTERN = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 # the first attention of the model and the first global one go: the cache's length and the global mask's
@@ -26,19 +26,9 @@ PATTERN = ["sliding_attention", "full_attention", "sliding_attention", "full_att
 REMOVED = ["L0.attn", "L1.attn", "L2.mlp"]
 
 
-def gemma3(seed: int = 0):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model("gemma3_text", vocab_size=300, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=len(PATTERN), num_attention_heads=4, num_key_value_heads=2,
-                                  head_dim=8, sliding_window=4, layer_types=PATTERN, max_position_embeddings=256,
-                                  bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # norms start at exactly 0 (Gemma's 1 + w); move them so no path is trivial
-        for parameter in model.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    return model
+def gemma3():
+    return random_model("gemma3_text", **{**TINY_CONFIGS["gemma3_text"], "num_hidden_layers": len(PATTERN)},
+                        layer_types=PATTERN, vocab_size=300, bos_token_id=1, eos_token_id=2)
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +92,8 @@ def test_cornerstone_code_needs_no_flag_but_edited_code_does(exported, tmp_path)
     import shutil
 
     _, _, _, folder = exported
-    copy = Path(shutil.copytree(folder, tmp_path / "copy"))
-    assert remote_code_trusted(copy) is True
-    assert load_model(str(copy)).model.config.model_type == "gemma3_pruned_text"
-    with open(copy / "modeling_gemma3_pruned.py", "a") as handle:
-        handle.write("\n# edited\n")
-    with pytest.raises(TrustError, match="its own modeling code"):
-        load_model(str(copy))
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))  # the module's export stays unedited
+    assert_own_code_trusted_until_edited(copy, "modeling_gemma3_pruned.py", "gemma3_pruned_text")
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -152,7 +152,7 @@ def test_trusted_inputs_load_when_the_user_says_so(bad):
 def test_cornerstone_decilm_exports_need_no_flag_but_edited_code_does(tiny_llama_dir, tmp_path):
     """cornerstone's own DeciLM modeling files are recognised by content; an edited copy is foreign code."""
     from cornerstone.export import export
-    from cornerstone.loading import load_model, remote_code_trusted
+    from cornerstone.loading import load_model
     from cornerstone.planner import Planner, make_plan
 
     loaded = load_model(str(tiny_llama_dir), device="cpu")
@@ -160,9 +160,17 @@ def test_cornerstone_decilm_exports_need_no_flag_but_edited_code_does(tiny_llama
                                    "L2.mlp": 0.3})
     plan = make_plan(report, Planner(granularity="sublayer", drop=1, keep_first=0, keep_last=0), loaded=loaded)
     folder = Path(export(loaded, plan, tmp_path / "decilm").path)
+    assert_own_code_trusted_until_edited(folder, "modeling_decilm.py", "nemotron-nas")
+
+
+def assert_own_code_trusted_until_edited(folder: Path, modeling_file: str, model_type: str) -> None:
+    """``folder`` (a sublayer export) loads without --trust-remote-code as ``model_type`` while its modeling
+    code is cornerstone's; once ``modeling_file`` is edited, it is foreign code and refused."""
+    from cornerstone.loading import load_model, remote_code_trusted
+
     assert remote_code_trusted(folder) is True
-    assert load_model(str(folder)).model.config.model_type == "nemotron-nas"
-    with open(folder / "modeling_decilm.py", "a") as handle:
+    assert load_model(str(folder)).model.config.model_type == model_type
+    with open(folder / modeling_file, "a") as handle:
         handle.write("\n# edited\n")
     with pytest.raises(TrustError, match="its own modeling code"):
         load_model(str(folder))
