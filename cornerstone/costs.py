@@ -21,7 +21,9 @@ not computed, its own norms passed through), timed in turns with the whole model
 player's time cost is its hooked time scaled so that the removed players' costs add up to that
 measured saving: ``cost_i = hooked_i * removal_k / sum_{j in removal_players_k} hooked_j``. A saving
 no larger than its spread over the rounds (paired by round) is noise, not a measurement: there the
-hooked times stand as they are, and the profile lists the shape in ``uncalibrated``. The first
+hooked times stand as shares of the forward they were timed in, ``removal_k = whole * sum_j hooked_j /
+hooked_forward`` (so the players never add up to more than the whole model, however the machine's load
+moved between the hooked run and the rounds), and the profile lists the shape in ``uncalibrated``. The first
 layer's stays so that the calibrated model still fills a KV cache: on SmolLM2 (CPU, decode at 512)
 removing the last attention sublayer alone saved 7 ms of 68, the causal mask over the context no
 longer being built, a saving no real plan gets.
@@ -95,7 +97,8 @@ class CostProfile(BaseModel):
     removal_players: dict[Literal["attn", "mlp"], list[str]] = Field(
         description="per kind: the players removed together to measure removal_seconds (every one but the first layer's)")
     uncalibrated: list[str] = Field(default_factory=list, description="'KIND MEASURE SHAPE' whose measured saving was "
-                                    "within its spread over the rounds: there removal_seconds is the hooked times' sum")
+                                    "within its spread over the rounds: there removal_seconds is the hooked times' share of "
+                                    "the forward they were timed in, times the whole model's")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -287,7 +290,7 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
-    _, per_player = _time_shapes(model, settings, {p.name: p.module_path for p in players}, progress)
+    hooked_forward, per_player = _time_shapes(model, settings, {p.name: p.module_path for p in players}, progress)
     # calibration: the whole model, then without every attention / every MLP sublayer, timed in turns (no hooks)
     kinds = sorted({p.kind for p in players})
     # (all of a kind but the first layer's: a model with no attention left fills no cache, and its decode step
@@ -304,11 +307,12 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
             removal[kind][key] = {}
             for shape in whole[key]:
                 # paired by round: a saving no larger than its spread over the rounds is noise (a shared machine),
-                # and then the hooked times stand uncalibrated, and say so
+                # and then the hooked times stand uncalibrated, as their share of the forward they were timed in
+                # (not as seconds: that run may have had the machine to itself, or not), and say so
                 saved = [a[key][shape] - b[key][shape] for a, b in zip(rounds[0], without)]
                 hooked = sum(per_player[p.name][key][shape] for p in cut[kind])
                 if statistics.median(saved) <= max(saved) - min(saved) or statistics.median(saved) <= 0:
-                    removal[kind][key][shape] = min(hooked, whole[key][shape])
+                    removal[kind][key][shape] = whole[key][shape] * hooked / hooked_forward[key][shape]
                     unresolved.append(f"{kind} {key.removesuffix('_seconds')} {shape}")
                 else:
                     removal[kind][key][shape] = statistics.median(saved)
