@@ -23,7 +23,11 @@ code with its defaults (first and last block kept, cornerstones protected):
   its accuracy); ``ablation-kl`` (single-block ablation on the selection documents, lowest) and ``greedy-kl``
   valuing each document by the divergence objective, exp(-KL) of the choice distribution from the full
   model's (``cornerstone score --objective divergence``); with ``--repair METHODS``, those methods' plans also with linear repair (ReplaceMe)
-  fitted on the selection half of WikiText-2.
+  fitted on the selection half of WikiText-2; with ``--heal METHODS``, those methods' plans (and their repaired
+  plans, for methods also in ``--repair``) exported and healed with ``cornerstone heal``'s defaults
+  (distillation from the full model, early stopping, the final check that keeps the pruned weights when
+  healing scores lower) on the first half of WikiText-2. The heal's final check reads the selection tasks'
+  other documents, so a healed row's **family** column is left blank: it is judged on unseen and ppl only.
 
 A greedy or beam search runs once, to the largest budget, and is cut at each budget (``search_until``).
 Pruned models are measured as masks of the one loaded model with the fast engine, whose per-document
@@ -56,7 +60,7 @@ from cornerstone.evaluate import tokens_per_second
 from cornerstone.export import drop_blocks
 from cornerstone.files import atomic_write
 from cornerstone.loading import load_model
-from cornerstone.planner import Planner, make_plan
+from cornerstone.planner import Plan, Planner, make_plan
 from cornerstone.players import parse_players, unique_parameters
 from cornerstone.provenance import machine
 from cornerstone.estimators import Ablation
@@ -93,16 +97,17 @@ PEERS = ("last", "bi", "angular", "angular-span", "cosine", "avss", "sleb")
 OURS = ("ablation", "shapley", "greedy", "greedy-prob", "beam", "ablation-kl", "greedy-kl")
 
 
-def wikitext_halves(folder: Path, ppl_paragraphs: int, selection_paragraphs: int) -> tuple[Path, Path]:
-    """The first half of WikiText-2's test paragraphs (selection) and the second (held out), as text files
-    in ``folder`` (outside the project): the two never share a line."""
+def wikitext_halves(folder: Path, ppl_paragraphs: int, selection_paragraphs: int) -> tuple[Path, Path, Path]:
+    """Text files in ``folder`` (outside the project): the first ``selection_paragraphs`` of the first half of
+    WikiText-2's test paragraphs (selection: SLEB, repair), the first ``ppl_paragraphs`` of the second half (held
+    out), and the whole first half (healing). The held-out file never shares a line with the other two."""
     raw = WIKITEXT.read_text(encoding="utf-8")
     paragraphs = [p.strip() for p in raw.split("\n") if p.strip() and not p.strip().startswith("=")]
     half = len(paragraphs) // 2
     selection = paragraphs[:half][:selection_paragraphs]
     held_out = paragraphs[half:][:ppl_paragraphs]
-    paths = folder / "wikitext-selection.txt", folder / "wikitext-heldout.txt"
-    for path, texts in zip(paths, (selection, held_out)):
+    paths = folder / "wikitext-selection.txt", folder / "wikitext-heldout.txt", folder / "wikitext-heal.txt"
+    for path, texts in zip(paths, (selection, held_out, paragraphs[:half])):
         path.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
     return paths
 
@@ -145,6 +150,9 @@ def main() -> None:
                         "(searches) and judged in this dtype, the base model too.")
     parser.add_argument("--repair", default="", help="Also measure these methods' plans with linear repair "
                         "(comma-separated, or 'all').")
+    parser.add_argument("--heal", default="", help="Also measure these methods' plans exported and healed "
+                        "(comma-separated, or 'all'); with --repair, their repaired plans healed too.")
+    parser.add_argument("--heal-steps", type=int, default=None, help="Heal steps (default: cornerstone heal's).")
     parser.add_argument("--groups", default="unseen,family,ppl", help="Evaluation groups to measure (comma-separated "
                         "of unseen, family, ppl); a group left out is blank in the table.")
     parser.add_argument("--merge", default=None, help="An earlier run's JSON (this script's, same model and evaluation "
@@ -174,7 +182,7 @@ def main() -> None:
     work = (Path(args.texts) if args.texts else Path(args.store) / "texts" if args.store
             else Path(tempfile.mkdtemp(prefix="plan-quality-")))
     work.mkdir(parents=True, exist_ok=True)
-    selection_text, heldout_text = wikitext_halves(work, args.ppl_paragraphs, args.selection_paragraphs)
+    selection_text, heldout_text, heal_text = wikitext_halves(work, args.ppl_paragraphs, args.selection_paragraphs)
     reports = {name: (ScoreReport.load(path), policy) for name, (path, policy) in REPORTS[args.model].items()}
     selection_report = reports["ablation"][0]
     print(f"{args.model}: {blocks} blocks, budgets {budgets}, methods {methods}", flush=True)
@@ -262,23 +270,55 @@ def main() -> None:
         tick = time.perf_counter()
         results[group] = measure(loaded, sorted({(m, b) for m, b, _ in variants}), specs, store=args.store)
         print(f"  evaluated {group}: {time.perf_counter() - tick:.0f} s", flush=True)
+    from cornerstone.calibration import Calibration
+    from cornerstone.repair import LinearRepair, repair
+
+    # linear repair (ReplaceMe) fitted on the selection text, in memory here and in the healed exports alike
+    fitted = LinearRepair(calibration=Calibration(source=str(selection_text), samples=args.selection_paragraphs))
     repaired: dict[tuple[str, float], dict[str, Any]] = {}
     if repaired_methods:
-        from cornerstone.repair import LinearRepair, repair
-
-        from cornerstone.calibration import Calibration
-
-        settings = LinearRepair(calibration=Calibration(source=str(selection_text), samples=args.selection_paragraphs))
         for method, budget, _ in [v for v in variants if v[2]]:
             copy_loaded = copy.copy(loaded)
             copy_loaded.model = copy.deepcopy(loaded.model)
             layers = sorted(int(name[1:]) for name in plans[method][budget])
-            repair(copy_loaded, layers, settings)
+            repair(copy_loaded, layers, fitted)
             # no store: a repaired model has the base model's fingerprint but other weights
             # and no base: a repaired model with nothing removed is not the base model (the block before each span changed)
             repaired[(method, budget)] = {group: measure(copy_loaded, [(method, budget)], specs, base=False)[(method, budget)]
                                           for group, specs in groups.items()}
             print(f"  repaired {method} {budget}%", flush=True)
+    healed_methods = methods if args.heal == "all" else [m for m in args.heal.split(",") if m]
+    healed: dict[tuple[str, float, bool], dict[str, Any]] = {}
+    if healed_methods:
+        from cornerstone.export import export
+        from cornerstone.heal import HEAL_MANIFEST, HealResult, heal
+
+        folders = Path(args.store) / "heal" if args.store else Path(tempfile.mkdtemp(prefix="plan-quality-heal-"))
+        for method, budget, with_repair in [(m, b, r) for m in healed_methods for b in budgets
+                                            for r in ((False, True) if m in repaired_methods else (False,))]:
+            names = plans[method][budget]
+            # the plan as `cornerstone plan` writes it (the report's document record, which the heal's check avoids)
+            plan = make_plan(selection_report, Planner(drop=len(names), keep=[f"L{i}" for i in range(blocks)
+                                                                           if f"L{i}" not in names],
+                                                       keep_first=0, keep_last=0, protect_cornerstones=False),
+                             loaded=loaded)
+            assert sorted(plan.player_names) == sorted(names), (plan.player_names, names)
+            folder = folders / f"{method}-{budget:g}{'-repair' if with_repair else ''}"
+            manifest = folder / "healed" / HEAL_MANIFEST
+            if manifest.is_file() and (folder / "pruned" / "cornerstone-plan.yaml").is_file() \
+                    and sorted(Plan.load(folder / "pruned" / "cornerstone-plan.yaml").player_names) == sorted(names):
+                result = HealResult.model_validate({k: v for k, v in json.loads(manifest.read_text()).items()
+                                                    if k in HealResult.model_fields})
+            else:
+                export(loaded, plan, folder / "pruned", overwrite=True, repair=fitted if with_repair else None)
+                result = heal(folder / "pruned", folder / "healed", data=str(heal_text), overwrite=True,
+                              evaluation_tasks=UNSEEN_TASKS, **({"steps": args.heal_steps} if args.heal_steps else {}))
+            healed_model = load_model(str(folder / "healed"), dtype=args.dtype, device="cpu")
+            healed[(method, budget, with_repair)] = {
+                "result": result, **{group: measure(healed_model, [], specs)["base"]
+                                     for group, specs in groups.items() if group != "family"}}
+            print(f"  healed {method}{' + repair' if with_repair else ''} {budget}%: kept {result.kept} "
+                  f"({result.check.verdict if result.check else result.unchecked}), {result.seconds:.0f} s", flush=True)
 
     # --- throughput: k blocks physically removed, side by side with the full model
     slim = {k: drop_blocks(loaded.model, list(range(blocks - 1 - k, blocks - 1))) for k in sorted(set(budgets.values()))}
@@ -288,13 +328,18 @@ def main() -> None:
 
     chance = {group: {spec.name: spec.chance for spec in specs} for group, specs in groups.items()}
     rows = []
-    for method, budget, with_repair in variants:
-        measured = repaired[(method, budget)] if with_repair else {g: results[g][(method, budget)] for g in groups}
-        row: dict[str, Any] = {"method": method + (" + repair" if with_repair else ""),
+    for method, budget, with_repair, with_heal in [(*v, False) for v in variants] + [(m, b, r, True) for m, b, r in healed]:
+        measured = (healed[(method, budget, with_repair)] if with_heal else repaired[(method, budget)] if with_repair
+                    else {g: results[g][(method, budget)] for g in groups})
+        row: dict[str, Any] = {"method": method + (" + repair" if with_repair else "") + (" + heal" if with_heal else ""),
                                "kind": "peer" if method in PEERS else "ours", "budget": budget,
                                "blocks": plans[method][budget], "parameters": parameters[budgets[budget]],
                                "speed_ratio": speed_ratio[budgets[budget]], "plan_seconds": seconds[method]}
-        for group in [g for g in ("unseen", "family") if g in groups]:
+        if with_heal:
+            result = measured["result"]
+            row["heal"] = {"kept": result.kept, "seconds": result.seconds, "steps": result.steps,
+                           "best_step": result.best_step, "check": result.check.model_dump() if result.check else None}
+        for group in [g for g in ("unseen", "family") if g in groups and g in measured]:
             point, error = kept(results[group]["base"].per_doc, measured[group].per_doc, chance[group],
                                 args.bootstrap, seed=0)
             row[f"{group}_kept"], row[f"{group}_kept_se"] = point, error
@@ -367,6 +412,10 @@ def markdown(document: dict) -> str:
                   f"{_pct(r.get('family_kept'), r.get('family_kept_se'))} | {_number(r.get('ppl'), '.1f')} | "
                   f"{','.join(sorted(r['blocks'], key=lambda n: int(n[1:])))} | {_seconds(r['plan_seconds'])} |" for r in rows]
         lines.append("")
+    if any("heal" in r for r in document["rows"]):
+        lines += ["`+ heal`: exported and healed with `cornerstone heal`'s defaults on the first half of WikiText-2; its "
+                  "final check reads the selection tasks' other documents, so family is not measured for these rows. "
+                  "`kept pruned` in the JSON means the check kept the pruned weights.", ""]
     if document.get("merged"):
         lines += [f"\\* measured in an earlier run of this script ({document['merged']['file']}), whose base model scored "
                   f"exactly this run's on {', '.join(document['merged']['groups_checked'])}: the same documents and numerics.", ""]

@@ -41,6 +41,16 @@ def _raise_terminated(_signum: int, _frame: Any) -> None:
     raise Terminated()
 
 
+# what a stopped command keeps for its re-run: the value store (every measured value, as it is made), a heal's
+# checkpoints; a command not named here starts over
+_RESUMES = {
+    "score": "re-run the same command to resume from the value store",
+    "plan": "re-run the same command to resume from the value store (a greedy or beam search's measured values)",
+    "run": "re-run the same command to resume from the value store (and a heal from its last checkpoint)",
+    "heal": "re-run the same command to resume from its last checkpoint (written every --checkpoint-every steps)",
+}
+
+
 class _ErrorMappingGroup(TyperGroup):
     """The CLI edge: every :class:`CornerstoneError` becomes ``error: ...`` plus ``hint: ...`` on stderr."""
 
@@ -54,7 +64,7 @@ class _ErrorMappingGroup(TyperGroup):
                 raise
             terminated = isinstance(exc, Terminated)
             _report(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}",
-                    "nothing half-written was left; re-run the same command to resume from the value store.",
+                    f"nothing half-written was left; {_RESUMES.get(ctx.invoked_subcommand, 're-run the same command')}.",
                     EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
         except _USAGE_ERRORS as exc:
             _usage_error(exc)
@@ -886,6 +896,7 @@ def heal(
     seed: Annotated[int, typer.Option(help="Seed of the LoRA init, the batch order and the --samples draw.")] = _default(Healing, "seed"),
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between resumable checkpoints.")] = _default(Healing, "checkpoint_every"),
     validation: Annotated[float, typer.Option(parser=_number(0, 1), metavar="FLOAT", help="Share of the training windows held out for early stopping.")] = _default(Healing, "validation"),
+    validation_limit: Annotated[int, typer.Option("--validation-limit", min=1, help="Most held-out windows (each held-out loss reads them all).")] = _default(Healing, "validation_limit"),
     eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Steps between held-out losses.")] = _default(Healing, "eval_every"),
     patience: Annotated[int, typer.Option(min=1, help="Held-out losses without improvement before training stops.")] = _default(Healing, "patience"),
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the final check (pruned vs healed on held-out documents).")] = False,
@@ -911,7 +922,7 @@ def heal(
                           target_modules=target_modules if target_modules == "all-linear" else _split(target_modules),
                           sequence_length=sequence_length, batch_size=batch_size, samples=samples, distill=distill,
                           teacher=teacher, temperature=temperature, compute_dtype=compute_dtype, seed=seed,
-                          checkpoint_every=checkpoint_every, validation=validation, eval_every=eval_every,
+                          checkpoint_every=checkpoint_every, validation=validation, validation_limit=validation_limit, eval_every=eval_every,
                           patience=patience, check=not no_check, check_tasks=_split(check_tasks), check_limit=check_limit,
                           keep=keep)  # type: ignore[arg-type]
     except ValidationError as exc:

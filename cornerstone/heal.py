@@ -86,6 +86,9 @@ class Healing(BaseModel):
     temperature: float = Field(2.0, gt=0)
     teacher: str | None = Field(None, description="The unpruned model; default: the one the export was cut from.")
     validation: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the training windows held out for early stopping.")
+    validation_limit: int = Field(64, ge=1, description="Most held-out windows (a seeded draw of the share): each "
+                                  "validation loss costs a forward pass of teacher and student over all of them, "
+                                  "so a large training text must not make it cost more than the training.")
     eval_every: int = Field(10, ge=1, description="Steps between validation losses.")
     patience: int = Field(3, ge=1, description="Validation losses without improvement before training stops.")
     check: bool = Field(True, description="Score pruned and healed on held-out task documents; keep the better.")
@@ -352,7 +355,7 @@ def heal(
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     windows = pack(tokenizer, texts, healing.sequence_length)
-    sequences, held_out = split_windows(windows, healing.validation, healing.seed)
+    sequences, held_out = split_windows(windows, healing.validation, healing.seed, healing.validation_limit)
     layers = int(getattr(text_config(model.config), "num_hidden_layers", -1))
     teacher = None  # checked before any training: its vocabulary must be the pruned model's
     if teacher_name is not None:
@@ -475,14 +478,15 @@ def heal(
     return result
 
 
-def split_windows(windows: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(training windows, held-out windows): a seeded ``share`` of them held out for early stopping, at
-    least one of each (None held out when ``share`` is 0 or there is a single window)."""
+def split_windows(windows: torch.Tensor, share: float, seed: int,
+                  limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training windows, held-out windows): a seeded ``share`` of them, at most ``limit``, held out for early
+    stopping, at least one of each (None held out when ``share`` is 0 or there is a single window)."""
     count = round(share * len(windows))
     if share == 0 or len(windows) < 2:
         return windows, None
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
-    count = min(max(1, count), len(windows) - 1)
+    count = min(max(1, count), len(windows) - 1, limit or len(windows))
     return windows[order[count:].sort().values], windows[order[:count].sort().values]
 
 

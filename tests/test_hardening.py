@@ -356,6 +356,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_with_their_exit_codes(sent, code, word,
         _stop(process)
     assert process.returncode == code, stderr
     assert f"error: {word}" in stderr and "Traceback" not in stderr
+    assert "resume from the value store" in stderr
     assert not (tmp_path / "r.json").exists()
     assert 1 <= stored_values(store) < 2**12  # stopped mid-game, keeping what it had computed
 
@@ -412,3 +413,17 @@ def test_cli_arguments_never_crash(argv):
     assert result.exception is None or isinstance(result.exception, SystemExit), (argv, repr(result.exception))
     if result.exit_code != 0:
         assert any(line.startswith("error: ") for line in result.stderr.splitlines()), (argv, result.stderr)
+
+
+def test_a_stopped_heal_says_it_resumes_from_its_checkpoint(monkeypatch, tmp_path):
+    """The hint after Ctrl-C names what the command keeps: a heal resumes from its checkpoints, not the value store."""
+    import cornerstone.heal
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cornerstone.heal, "heal", stopped)
+    result = runner.invoke(app, ["heal", str(tmp_path), "--data", "notes.txt", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 130
+    assert "error: interrupted" in result.output and "last checkpoint" in result.output
+    assert "value store" not in result.output

@@ -117,6 +117,20 @@ def test_batches_are_a_function_of_seed_and_step_and_cover_every_window():
     assert not torch.equal(batch_indices(0, 10, 5, seed=3), batch_indices(0, 10, 5, seed=4))
 
 
+def test_the_held_out_windows_are_a_seeded_share_capped_and_never_trained_on():
+    from cornerstone.heal import split_windows
+
+    windows = torch.arange(1000).view(1000, 1)
+    train, held = split_windows(windows, 0.1, seed=3, limit=64)
+    assert len(held) == 64 and len(train) == 936  # a tenth would be 100: a validation pass costs at most 64 windows
+    assert set(train[:, 0].tolist()).isdisjoint(held[:, 0].tolist())
+    assert sorted(train[:, 0].tolist() + held[:, 0].tolist()) == list(range(1000))
+    assert torch.equal(split_windows(windows, 0.1, seed=3, limit=64)[1], held)
+    assert not torch.equal(split_windows(windows, 0.1, seed=4, limit=64)[1], held)
+    assert len(split_windows(windows[:50], 0.1, seed=3, limit=64)[1]) == 5  # below the cap: the share
+    assert split_windows(windows, 0.0, seed=3, limit=64)[1] is None
+
+
 def test_packing_opens_each_window_with_bos(tokenizer):
     windows = pack(tokenizer, ["What is 2 + 3? Answer: 5"] * 6, 8)
     assert windows.shape[1] == 8
