@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--heal", default="", help="Also measure these methods' plans exported and healed "
                         "(comma-separated, or 'all'); with --repair, their repaired plans healed too.")
     parser.add_argument("--heal-steps", type=int, default=None, help="Heal steps (default: cornerstone heal's).")
+    parser.add_argument("--heal-check-limit", type=int, default=None, help="Documents per task of the heal's final "
+                        "check (default: cornerstone heal's).")
     parser.add_argument("--groups", default="unseen,family,ppl", help="Evaluation groups to measure (comma-separated "
                         "of unseen, family, ppl); a group left out is blank in the table.")
     parser.add_argument("--merge", default=None, help="An earlier run's JSON (this script's, same model and evaluation "
@@ -311,8 +313,9 @@ def main() -> None:
                                                     if k in HealResult.model_fields})
             else:
                 export(loaded, plan, folder / "pruned", overwrite=True, repair=fitted if with_repair else None)
+                options = {"steps": args.heal_steps, "check_limit": args.heal_check_limit}
                 result = heal(folder / "pruned", folder / "healed", data=str(heal_text), overwrite=True,
-                              evaluation_tasks=UNSEEN_TASKS, **({"steps": args.heal_steps} if args.heal_steps else {}))
+                              evaluation_tasks=UNSEEN_TASKS, **{k: v for k, v in options.items() if v is not None})
             healed_model = load_model(str(folder / "healed"), dtype=args.dtype, device="cpu")
             healed[(method, budget, with_repair)] = {
                 "result": result, **{group: measure(healed_model, [], specs)["base"]
