@@ -22,7 +22,9 @@ code with its defaults (first and last block kept, cornerstones protected):
   selection documents; ``greedy-prob`` values each document by the gold answer's probability instead of
   its accuracy); ``ablation-kl`` (single-block ablation on the selection documents, lowest) and ``greedy-kl``
   valuing each document by the divergence objective, exp(-KL) of the choice distribution from the full
-  model's (``cornerstone score --objective divergence``); with ``--repair METHODS``, those methods' plans also with linear repair (ReplaceMe)
+  model's (``cornerstone score --objective divergence``); ``pick-kl`` makes every ``--pick-from`` method's plan
+  (peers' too) and keeps, at each budget, the one whose masked model scores highest on the selection documents
+  by the same divergence objective (plan selection on the selection data; the row names the plan it picked); with ``--repair METHODS``, those methods' plans also with linear repair (ReplaceMe)
   fitted on the selection half of WikiText-2; with ``--heal METHODS``, those methods' plans (and their repaired
   plans, for methods also in ``--repair``) exported and healed with ``cornerstone heal``'s defaults
   (distillation from the full model, early stopping, the final check that keeps the pruned weights when
@@ -94,7 +96,7 @@ REPORTS = {
     },
 }
 PEERS = ("last", "bi", "angular", "angular-span", "cosine", "avss", "sleb")
-OURS = ("ablation", "shapley", "greedy", "greedy-prob", "beam", "ablation-kl", "greedy-kl")
+OURS = ("ablation", "shapley", "greedy", "greedy-prob", "beam", "ablation-kl", "greedy-kl", "pick-kl")
 
 
 def wikitext_halves(folder: Path, ppl_paragraphs: int, selection_paragraphs: int) -> tuple[Path, Path, Path]:
@@ -112,25 +114,49 @@ def wikitext_halves(folder: Path, ppl_paragraphs: int, selection_paragraphs: int
     return paths
 
 
-def kept(base: dict[str, list[float]], pruned: dict[str, list[float]], chance: dict[str, float],
-         draws: int, seed: int) -> tuple[float | None, float | None]:
-    """(P - C) / (B - C) on the macro means over ``base``'s tasks, and its paired bootstrap standard error."""
+def kept_draws(base: dict[str, list[float]], pruned: list[dict[str, list[float]]], chance: dict[str, float],
+               draws: int, seed: int) -> tuple[list[float] | None, np.ndarray | None]:
+    """(P - C) / (B - C) for each of ``pruned`` on the macro means over ``base``'s tasks, and its bootstrap replicates.
+
+    Every replicate resamples each task's documents once and reads the base model and every pruned model on the
+    same draw (a paired bootstrap), so a row of the replicates (draws x len(pruned)) differences into the paired
+    spread of two plans' margin: the documents both plans find hard cancel out of it."""
     tasks = sorted(base)
     margin = np.mean([np.mean(base[t]) - chance[t] for t in tasks])
     if margin <= 0:
         return None, None
-    point = float(np.mean([np.mean(pruned[t]) - chance[t] for t in tasks]) / margin)
+    points = [float(np.mean([np.mean(p[t]) - chance[t] for t in tasks]) / margin) for p in pruned]
     rng = np.random.default_rng(seed)
-    values = []
+    replicates = []
     for _ in range(draws):
-        b = p = 0.0
+        b, p = 0.0, np.zeros(len(pruned))
         for t in tasks:
             index = rng.integers(0, len(base[t]), len(base[t]))
             b += np.mean(np.asarray(base[t])[index]) - chance[t]
-            p += np.mean(np.asarray(pruned[t])[index]) - chance[t]
+            p += [np.mean(np.asarray(one[t])[index]) - chance[t] for one in pruned]
         if b > 0:
-            values.append(p / b)
-    return point, float(np.std(values, ddof=1)) if len(values) > 1 else None
+            replicates.append(p / b)
+    return points, np.array(replicates).reshape(-1, len(pruned))
+
+
+def kept(base: dict[str, list[float]], pruned: dict[str, list[float]], chance: dict[str, float],
+         draws: int, seed: int) -> tuple[float | None, float | None]:
+    """(P - C) / (B - C) on the macro means over ``base``'s tasks, and its paired bootstrap standard error."""
+    points, replicates = kept_draws(base, [pruned], chance, draws, seed)
+    if points is None:
+        return None, None
+    return points[0], float(np.std(replicates[:, 0], ddof=1)) if len(replicates) > 1 else None
+
+
+def margin(base: dict[str, list[float]], ours: dict[str, list[float]], peer: dict[str, list[float]],
+           chance: dict[str, float], draws: int, seed: int) -> tuple[float | None, float | None]:
+    """kept(ours) - kept(peer) and the standard error of that difference over paired replicates (both plans judged
+    on the same resampled documents). Smaller than either plan's own error when they fail on the same documents."""
+    points, replicates = kept_draws(base, [ours, peer], chance, draws, seed)
+    if points is None:
+        return None, None
+    differences = replicates[:, 0] - replicates[:, 1]
+    return points[0] - points[1], float(np.std(differences, ddof=1)) if len(differences) > 1 else None
 
 
 def main() -> None:
@@ -171,6 +197,9 @@ def main() -> None:
     parser.add_argument("--orders", default=None, help="JSON {method: {\"order\": [...], \"seconds\": S}}: a measured "
                         "search's removal order and time from an earlier run of this script (its log), cut at each "
                         "budget instead of searching again.")
+    parser.add_argument("--pick-from", default="last,bi,angular,angular-span,cosine,avss,ablation,shapley,ablation-kl,"
+                        "greedy-kl", help="pick-kl's candidates: methods whose plans it measures on the selection "
+                        "documents (divergence objective), keeping the best at each budget.")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -197,8 +226,16 @@ def main() -> None:
     plans: dict[str, dict[float, list[str]]] = {}
     seconds: dict[str, float] = {}
     given = json.loads(args.orders) if args.orders else {}
-    for method in methods:
-        tick = time.perf_counter()
+    pick_from = [m for m in args.pick_from.split(",") if m]
+    if "pick-kl" in pick_from:
+        raise SystemExit("--pick-from cannot name pick-kl itself")
+    picked: dict[str, dict[float, str]] = {}  # pick-kl's choice of candidate per budget
+
+    def plan_method(method: str) -> None:
+        """Fill ``plans[method]`` (block names per budget) and ``seconds[method]``, once."""
+        if method in plans:
+            return
+        tick, candidates_seconds = time.perf_counter(), 0.0
         if method in given:
             plans[method] = {b: list(given[method]["order"][:k]) for b, k in budgets.items()}
         elif method == "last":
@@ -212,9 +249,22 @@ def main() -> None:
                            batch_size=args.batch_size)
             plans[method] = {b: make_plan(report, Planner(drop=k), loaded=loaded).player_names
                              for b, k in budgets.items()}
+        elif method == "pick-kl":  # every candidate's plan at each budget, the one the selection documents value most
+            for candidate in pick_from:
+                plan_method(candidate)
+            tick, candidates_seconds = time.perf_counter(), sum(seconds[c] or 0.0 for c in pick_from)
+            value = ValueFunction(loaded, divergence_tasks(), batch_size=args.batch_size, store=args.store)
+            keys = [(b, c) for b in budgets for c in pick_from]
+            values = dict(zip(keys, (e.score for e in value.evaluate_many(
+                [parse_players(loaded.model, plans[c][b]) for b, c in keys]))))
+            # ties go to the first candidate in --pick-from order
+            picked[method] = {b: max(pick_from, key=lambda c: values[(b, c)]) for b in budgets}
+            plans[method] = {b: plans[picked[method][b]][b] for b in budgets}
+            print(f"  pick-kl values: {[(b, c, round(v, 4)) for (b, c), v in values.items()]}", flush=True)
         else:  # measured searches: one run to the largest budget, cut at each
             if method == "sleb":
-                value = ValueFunction(loaded, harness.load_tasks([f"text:{selection_text}"]), batch_size=args.batch_size)
+                value = ValueFunction(loaded, harness.load_tasks([f"text:{selection_text}"]), batch_size=args.batch_size,
+                                      store=args.store)
                 planner = Planner(policy="greedy", drop=largest, shortlist=args.greedy_shortlist)
             elif method == "greedy":
                 value = None
@@ -222,7 +272,8 @@ def main() -> None:
             elif method == "greedy-prob":  # the same documents, each valued by the gold answer's probability
                 value = ValueFunction(loaded, harness.load_tasks(selection_report.settings["tasks"],
                                                                  documents=selection_report.documents(),
-                                                                 objective="probability"), batch_size=args.batch_size)
+                                                                 objective="probability"), batch_size=args.batch_size,
+                                      store=args.store)
                 planner = Planner(policy="greedy", drop=largest, shortlist=args.greedy_shortlist)
             elif method == "greedy-kl":  # the same documents, each valued by exp(-KL) from the full model's choices
                 value = ValueFunction(loaded, divergence_tasks(), batch_size=args.batch_size, store=args.store)
@@ -235,8 +286,12 @@ def main() -> None:
             made = make_plan(selection_report, planner, loaded=loaded, value=value)
             order = [step.name for step in made.search]
             plans[method] = {b: order[:k] for b, k in budgets.items()}
-        seconds[method] = given[method].get("seconds") if method in given else time.perf_counter() - tick
+        seconds[method] = (given[method].get("seconds") if method in given
+                           else time.perf_counter() - tick + candidates_seconds)
         print(f"  plan {method}: {_seconds(seconds[method])}, {plans[method]}", flush=True)
+
+    for method in methods:
+        plan_method(method)
 
     # --- evaluation documents: none that any report was scored on
     used: dict[str, set[int]] = {}
@@ -331,6 +386,7 @@ def main() -> None:
 
     chance = {group: {spec.name: spec.chance for spec in specs} for group, specs in groups.items()}
     rows = []
+    unseen_docs: dict[int, dict[str, list[float]]] = {}
     for method, budget, with_repair, with_heal in [(*v, False) for v in variants] + [(m, b, r, True) for m, b, r in healed]:
         measured = (healed[(method, budget, with_repair)] if with_heal else repaired[(method, budget)] if with_repair
                     else {g: results[g][(method, budget)] for g in groups})
@@ -338,6 +394,8 @@ def main() -> None:
                                "kind": "peer" if method in PEERS else "ours", "budget": budget,
                                "blocks": plans[method][budget], "parameters": parameters[budgets[budget]],
                                "speed_ratio": speed_ratio[budgets[budget]], "plan_seconds": seconds[method]}
+        if method in picked:
+            row["picked"] = picked[method][budget]
         if with_heal:
             result = measured["result"]
             row["heal"] = {"kept": result.kept, "seconds": result.seconds, "steps": result.steps,
@@ -349,6 +407,8 @@ def main() -> None:
             row[f"{group}_score"] = measured[group].score
         if "ppl" in groups:
             row["ppl"] = 1 / measured["ppl"].score if measured["ppl"].score > 0 else math.inf
+        if "unseen" in measured:
+            unseen_docs[id(row)] = measured["unseen"].per_doc
         rows.append(row)
     base = {**{g: results[g]["base"].score for g in ("unseen", "family") if g in groups},
             **({"ppl": 1 / results["ppl"]["base"].score} if "ppl" in groups else {}),
@@ -360,14 +420,29 @@ def main() -> None:
         if earlier["model"] != args.model or not shared or any(earlier["base"][g] != base[g] for g in shared):
             raise SystemExit(f"--merge {args.merge}: its base scores differ from this run's on {shared or 'every group'}; "
                              "the rows were measured on other documents or numbers and cannot share a table")
-        carried = [dict(row, carried=True) for row in earlier["rows"] if row["method"].split(" + ")[0] not in methods
-                   and row["budget"] in budgets]
+        # an earlier margin was against that run's best peer, which this table may have replaced
+        carried = [dict({k: v for k, v in row.items() if k != "unseen_vs_best_peer"}, carried=True)
+                   for row in earlier["rows"] if row["method"].split(" + ")[0] not in methods and row["budget"] in budgets]
         for row in carried:  # the groups this run measured; the earlier run's others are not in this table
             for group in {"unseen", "family", "ppl"} - set(groups):
                 for key in (f"{group}_kept", f"{group}_kept_se", f"{group}_score", group):
                     row.pop(key, None)
         rows += carried
         merged_from = {"file": args.merge, "methods": sorted({r["method"] for r in carried}), "groups_checked": shared}
+    # each of ours against the budget's best peer, on the same resampled documents (none when that peer was
+    # measured in an earlier run: its documents' values are not in the JSON)
+    for budget in budgets:
+        peers = [r for r in rows if r["budget"] == budget and r["kind"] == "peer" and r.get("unseen_kept") is not None
+                 and " + " not in r["method"]]
+        if not peers:
+            continue
+        best = max(peers, key=lambda r: r["unseen_kept"])
+        if id(best) not in unseen_docs:
+            continue
+        for row in [r for r in rows if r["budget"] == budget and r["kind"] == "ours" and id(r) in unseen_docs]:
+            point, error = margin(results["unseen"]["base"].per_doc, unseen_docs[id(row)], unseen_docs[id(best)],
+                                  chance["unseen"], args.bootstrap, seed=0)
+            row["unseen_vs_best_peer"] = {"peer": best["method"], "margin": point, "se": error}
     document = {"model": args.model, "blocks": blocks, "budgets": budgets, "base": base, "rows": rows,
                 "selection": {"tasks": SELECTION_TASKS, "wikitext_paragraphs": args.selection_paragraphs},
                 "evaluation": {**{g: {s.name: len(s.doc_indices) for s in groups[g]} for g in ("unseen", "family")
@@ -395,13 +470,24 @@ def _pct(value: float | None, error: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}" + (f" ± {error:.0%}" if error is not None else "")
 
 
+def _versus(versus: dict | None) -> str:
+    """A margin in points of above-chance score kept, with its paired s.e. and whether it is a tie (within one s.e.)."""
+    if not versus or versus["margin"] is None:
+        return ""
+    points, error = 100 * versus["margin"], 100 * (versus["se"] or 0)
+    word = "tie" if abs(points) <= error else "ahead" if points > 0 else "behind"
+    return f"{points:+.0f} ± {error:.0f} {word} ({versus['peer']})"
+
+
 def markdown(document: dict) -> str:
     base = document["base"]
     lines = [f"# Plan quality: {document['model']} ({document['blocks']} blocks)", "",
              f"Chosen on {', '.join(document['selection']['tasks'])} (the reports' documents) and the first half of "
              f"WikiText-2; judged on {', '.join(document['evaluation']['unseen'])} (**unseen**), the four selection tasks "
              "on other documents (**family**) and perplexity on the second half of WikiText-2 (**ppl**). "
-             "kept = share of the base model's above-chance score kept (macro over the group's tasks), ± bootstrap s.e.",
+             "kept = share of the base model's above-chance score kept (macro over the group's tasks), ± bootstrap s.e.; "
+             "vs best peer = points of unseen kept above the budget's best peer, ± the paired bootstrap s.e. of that "
+             "difference (both plans on the same resampled documents; a tie is within one s.e.).",
              "", f"Base: unseen {_number(base.get('unseen'), '.4f')}, family {_number(base.get('family'), '.4f')}, "
              f"ppl {_number(base.get('ppl'), '.2f')}, {base['parameters']:,} parameters. Machine: {document['machine']}.", ""]
     for budget in sorted({row["budget"] for row in document["rows"]}):
@@ -410,8 +496,10 @@ def markdown(document: dict) -> str:
         first = rows[0]
         lines += [f"## {budget:g}% of blocks ({len(first['blocks'])}): {first['parameters']:,} parameters, "
                   f"{first['speed_ratio']:.2f}x the full model's tokens/s", "",
-                  "| method | kind | unseen kept | family kept | ppl | blocks dropped | plan time |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['method']}{'*' if r.get('carried') else ''} | {r['kind']} | {_pct(r.get('unseen_kept'), r.get('unseen_kept_se'))} | "
+                  "| method | kind | unseen kept | vs best peer | family kept | ppl | blocks dropped | plan time |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']}{' → ' + r['picked'] if r.get('picked') else ''}{'*' if r.get('carried') else ''} | {r['kind']} | {_pct(r.get('unseen_kept'), r.get('unseen_kept_se'))} | "
+                  f"{_versus(r.get('unseen_vs_best_peer'))} | "
                   f"{_pct(r.get('family_kept'), r.get('family_kept_se'))} | {_number(r.get('ppl'), '.1f')} | "
                   f"{','.join(sorted(r['blocks'], key=lambda n: int(n[1:])))} | {_seconds(r['plan_seconds'])} |" for r in rows]
         lines.append("")
