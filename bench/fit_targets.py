@@ -15,7 +15,8 @@ For each target (default ``decode:1.3x`` and ``kv:50%``):
    gold-probability objective or, with ``--greedy-objective divergence``, exp(-KL) from the full model's
    choices (``--greedy-shortlist`` candidates re-measured per step);
 4. the baseline the issue names: whole blocks dropped in the order of the same report's block
-   importance until the profile's summed costs meet the same target;
+   importance until the profile's summed costs meet the same target (every block a plan may drop, when even
+   they are predicted to fall short: the measured columns then say whether they meet it);
 5. each plan physically removed (``drop_sublayers`` / ``drop_blocks``, the export's own surgery) and
    measured side by side with the unpruned model in the same run: decode and prefill time (the
    profile's timing: median of ``--repeats`` after a warm-up, models taking turns over ``--rounds``
