@@ -158,9 +158,11 @@ def main() -> None:
             plans[f"greedy {target}"] = {"target": target, "method": f"measured greedy ({granularity}s"
                                          + (", divergence)" if args.greedy_objective == "divergence" else ")"),
                                          "players": greedy.player_names, "seconds": time.perf_counter() - t0,
-                                         "evaluations": value.evaluations}
+                                         # the search's evaluations, whether measured now or replayed from --store
+                                         "evaluations": value.evaluations + value.reused, "replayed": value.reused}
             keys.append(f"greedy {target}")
-            print(f"  greedy {target}: {value.evaluations} evaluations, {time.perf_counter() - t0:.0f} s, "
+            print(f"  greedy {target}: {value.evaluations + value.reused} evaluations ({value.reused} replayed), "
+                  f"{time.perf_counter() - t0:.0f} s, "
                   f"{greedy.player_names}", flush=True)
         plans[f"blocks {target}"] = {"target": target, "method": "blocks in report order",
                                      "players": block_baseline(report, profile, target, loaded, headroom)}
