@@ -223,8 +223,13 @@ def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, leng
     """Forward-pass throughput (prefill, no cache) of each model on the same fixed token ids.
 
     The models take turns for ``rounds`` rounds and each keeps its best round, so a slow spell of a
-    shared machine does not land on one model only.
+    shared machine does not land on one model only. Only the last position's logits are computed, as a
+    serving engine's prefill does: the logits of every position of a 262k-token vocabulary (Gemma 3) are a
+    gigabyte per batch, whose writing dominated the time and swung the measured ratio of two models by
+    +-15% between three runs on one idle CPU.
     """
+    import inspect
+
     from .exported import probe_ids
 
     best = [0.0] * len(models)
@@ -232,10 +237,11 @@ def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, leng
         for _ in range(rounds):
             for index, model in enumerate(models):
                 ids = probe_ids(text_config(model.config).vocab_size, batch=batch, length=length).to(model.device)
-                model(ids, use_cache=False)  # warm-up
+                last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+                model(ids, use_cache=False, **last)  # warm-up
                 runs, started = 0, time.perf_counter()
                 while runs < 1 or time.perf_counter() - started < min_seconds:
-                    model(ids, use_cache=False)
+                    model(ids, use_cache=False, **last)
                     runs += 1
                 best[index] = max(best[index], runs * batch * length / (time.perf_counter() - started))
     return best
@@ -326,7 +332,7 @@ def evaluate_models(
         documents=documents,
         settings={"tasks": list(selection.names), "include_paths": list(selection.include_paths), "limit": selection.limit,
                   "seed": selection.seed, "batch_size": settings.batch_size, "device": device, "dtype": dtype,
-                  "throughput": "batch 4 x 256 tokens", "torch_threads": torch.get_num_threads(), "machine": machine()},
+                  "throughput": "batch 4 x 256 tokens, last logits", "torch_threads": torch.get_num_threads(), "machine": machine()},
         base=base_summary,
         pruned=pruned_summary,
         **pruned_retention.model_dump(),
