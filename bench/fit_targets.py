@@ -9,11 +9,12 @@ For each target (default ``decode:1.3x`` and ``kv:50%``):
 2. ``plan --policy fit`` from the committed one-pass cosine report (LLM-Drop's sublayer scores, chosen
    on ARC-Easy, ARC-Challenge, BoolQ and PIQA) at ``--granularity`` (default: the model's entry in
    ``REPORTS``; sublayer plans export in the DeciLM layout for SmolLM2 and the pruned Gemma 3 layout for
-   Gemma 3);
+   Gemma 3; ``mixed`` plans the fit at sublayers);
 3. ``plan --policy greedy`` to the same target: measured greedy, each step the least score lost per
    share of the need covered, on the report's own tasks and documents (``--greedy-docs`` per task) with the
    gold-probability objective or, with ``--greedy-objective divergence``, exp(-KL) from the full model's
-   choices (``--greedy-shortlist`` candidates re-measured per step);
+   choices (``--greedy-shortlist`` candidates re-measured per step); with ``--granularity mixed`` it weighs
+   every whole block beside its two sublayers;
 4. the baseline the issue names: whole blocks dropped in the order of the same report's block
    importance until the profile's summed costs meet the same target (every block a plan may drop, when even
    they are predicted to fall short: the measured columns then say whether they meet it);
@@ -41,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plan_quality import UNSEEN_TASKS, kept  # noqa: E402
+from plan_quality import UNSEEN_TASKS, _versus, kept, margin  # noqa: E402
 
 from cornerstone import harness  # noqa: E402
 from cornerstone.costs import (MEASURES, CostProfile, ProfileSettings, measure_profile, measure_side_by_side,  # noqa: E402
@@ -105,8 +106,9 @@ def main() -> None:
     parser.add_argument("--greedy-shortlist", type=int, default=6, help="0: no measured greedy plans")
     parser.add_argument("--greedy-targets", default="decode:1.3x", help="targets also planned by measured greedy")
     parser.add_argument("--greedy-docs", type=int, default=15, help="greedy: documents per task, drawn from the report's")
-    parser.add_argument("--granularity", default=None, choices=["block", "sublayer"], help="Players of the fit and "
-                        "greedy plans (default: the model's entry in REPORTS).")
+    parser.add_argument("--granularity", default=None, choices=["block", "sublayer", "mixed"], help="Players of the fit "
+                        "and greedy plans (default: the model's entry in REPORTS); mixed: the greedy plan weighs every "
+                        "sublayer and every whole block, and the fit plan (which cannot) is made at sublayers.")
     parser.add_argument("--greedy-objective", default="probability", choices=["probability", "divergence"],
                         help="greedy: each document's value, the gold answer's probability or exp(-KL) of the choice "
                         "distribution from the full model's (no labels; the steadier ranking, reports/plan-quality)")
@@ -144,9 +146,10 @@ def main() -> None:
     chosen_on = harness.load_tasks(list(records), objective=args.greedy_objective, documents=records)
     for target in args.targets.split(","):
         headroom = args.headroom if parse_target(target).timed else 0.0
-        fit = make_plan(report, Planner(policy="fit", granularity=granularity, targets=[target],
+        fitted = "sublayer" if granularity == "mixed" else granularity  # a report sums a block from its halves
+        fit = make_plan(report, Planner(policy="fit", granularity=fitted, targets=[target],
                                         profile=str(profile_path), headroom=headroom), loaded=loaded)
-        plans[f"fit {target}"] = {"target": target, "method": f"fit ({granularity}s)", "players": fit.player_names}
+        plans[f"fit {target}"] = {"target": target, "method": f"fit ({fitted}s)", "players": fit.player_names}
         keys = [f"fit {target}"]
         if args.greedy_shortlist and target in args.greedy_targets.split(","):
             t0 = time.perf_counter()
@@ -155,7 +158,8 @@ def main() -> None:
                                                profile=str(profile_path), shortlist=args.greedy_shortlist,
                                                headroom=headroom),
                                loaded=loaded, value=value, progress=step_printer(f"greedy {target}"))
-            plans[f"greedy {target}"] = {"target": target, "method": f"measured greedy ({granularity}s"
+            plans[f"greedy {target}"] = {"target": target, "method": f"measured greedy ({granularity}"
+                                         + ("" if granularity == "mixed" else "s")
                                          + (", divergence)" if args.greedy_objective == "divergence" else ")"),
                                          "players": greedy.player_names, "seconds": time.perf_counter() - t0,
                                          # the search's evaluations, whether measured now or replayed from --store
@@ -192,10 +196,16 @@ def main() -> None:
     chance = {spec.name: spec.chance for spec in unseen}
     base_eval = evaluations[0]
     rows = []
+    per_doc = {key: evaluation.per_doc for key, evaluation in zip(plans, evaluations[1:])}
     for (key, plan), evaluation in zip(plans.items(), evaluations[1:]):
         point, error = kept(base_eval.per_doc, evaluation.per_doc, chance, args.bootstrap, seed=0)
+        blocks = f"blocks {plan['target']}"
+        # the done-means of issue 23: more than whole blocks at the same cost, with the paired s.e. of the difference
+        difference, difference_se = (margin(base_eval.per_doc, evaluation.per_doc, per_doc[blocks], chance,
+                                            args.bootstrap, seed=0) if key != blocks else (None, None))
         s, b = speed[key], speed["base"]
         rows.append({**plan, "key": key, "kept": point, "kept_se": error, "score": evaluation.score,
+                     "vs_blocks": {"peer": "blocks", "margin": difference, "se": difference_se} if difference is not None else None,
                      "check": parse_target(plan["target"]).check(b, s),
                      "decode_speedup": b["decode_seconds"][args.decode] / s["decode_seconds"][args.decode],
                      "prefill_speedup": b["prefill_seconds"][str(args.prefill)] / s["prefill_seconds"][str(args.prefill)],
@@ -225,8 +235,8 @@ def markdown(document: dict) -> str:
              f"({sum(document['evaluation'].values())} documents).",
              "",
              "| target | plan | removed | met | decode speed-up (predicted) | KV kept | weights kept | prefill speed-up "
-             "(predicted) | kept (± se) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(predicted) | kept (± se) | vs blocks |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in document["rows"]:
         kept = "n/a" if row["kept"] is None else f"{row['kept']:.0%} ± {row['kept_se']:.0%}"
         lines.append(f"| {row['target']} | {row['method']} | {len(row['players'])}: {', '.join(row['players'])} | "
@@ -234,10 +244,11 @@ def markdown(document: dict) -> str:
                      f"{row['decode_speedup']:.2f}x ({base['predicted']['decode'] / row['predicted']['decode']:.2f}x) | "
                      f"{row['kv_kept']:.0%} | {row['weights_kept']:.0%} | "
                      f"{row['prefill_speedup']:.2f}x ({base['predicted']['prefill'] / row['predicted']['prefill']:.2f}x) | "
-                     f"{kept} |")
+                     f"{kept} | {_versus(row.get('vs_blocks'))} |")
     lines += ["", "Measured: each plan physically removed and timed side by side with the unpruned model in the same "
               "run; (predicted): the profile's calibrated costs summed, what the planner planned with; `kept` is the "
-              "share of the above-chance score kept on the held-out tasks.", ""]
+              "share of the above-chance score kept on the held-out tasks; `vs blocks`: kept minus the same target's "
+              "block plan's, in points, with the paired bootstrap s.e. of the difference (a tie is within one s.e.).", ""]
     return "\n".join(lines)
 
 

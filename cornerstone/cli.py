@@ -654,7 +654,9 @@ def plan(
     headroom: Annotated[float, typer.Option(min=0, max=0.49, help="fit, greedy: plan prefill/decode targets this share "
                                             "below their limit (0.03: decode:1.3x is planned as 1.34x), against "
                                             "measurement noise.")] = _default(Planner, "headroom"),
-    granularity: Annotated[str, typer.Option(help="block or sublayer (sublayer plans need a sublayer report).")] = _default(Planner, "granularity"),
+    granularity: Annotated[str, typer.Option(help="block, sublayer or mixed (sublayers and whole blocks "
+                                             "both, for greedy and beam); sublayer and mixed plans need a sublayer "
+                                             "report.")] = _default(Planner, "granularity"),
     keep_first: Annotated[int, typer.Option("--keep-first", min=0, help="Never drop the first k blocks.")] = _default(Planner, "keep_first"),
     keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="Never drop the last k blocks.")] = _default(Planner, "keep_last"),
     keep: Annotated[Optional[str], typer.Option(help="Players never dropped, comma-separated (L5,L7.attn).")] = None,
@@ -690,7 +692,8 @@ def plan(
                                   "": "Give --drop, or --target with --profile (made by `cornerstone profile MODEL`) "
                                       "and --policy fit or greedy.",
                                   "search_until": "Write --search-until 12 (players) or 40% (of the parameters), at least --drop.",
-                                  "headroom": "Give a time target (--target decode:1.3x or prefill:1.2x), or leave --headroom out."},
+                                  "headroom": "Give a time target (--target decode:1.3x or prefill:1.2x), or leave --headroom out.",
+                                  "granularity": "Plan mixed with --policy greedy or beam, or use --granularity sublayer."},
                             "plan", "planning") from None
     console = Console(stderr=True)
     with _progress_bar(console, "planning") as progress:

@@ -130,7 +130,7 @@ def drop_blocks(model: torch.nn.Module, layers: Collection[int]) -> torch.nn.Mod
 
 
 def drop_sublayers(model: torch.nn.Module, players: Collection[Any]) -> torch.nn.Module:
-    """The model in its architecture's sublayer layout with the given attention/FFN sublayers removed:
+    """The model in its architecture's sublayer layout with the given attention/FFN sublayers (and blocks) removed:
     DeciLM / Nemotron-NAS (Llama family, ``no_op`` sublayers) or pruned Gemma 3 (:mod:`cornerstone.remote`).
 
     Each layer keeps its slot; a removed sublayer loses its weights and its own norms
@@ -147,8 +147,9 @@ def drop_sublayers(model: torch.nn.Module, players: Collection[Any]) -> torch.nn
         )
     from .remote import package
 
-    no_attention = [p.layer for p in players if p.kind == "attn"]
-    no_ffn = [p.layer for p in players if p.kind == "mlp"]
+    # a whole block among sublayers (a mixed plan) keeps its slot with both halves gone
+    no_attention = [p.layer for p in players if p.kind in ("attn", "block")]
+    no_ffn = [p.layer for p in players if p.kind in ("mlp", "block")]
     if layout == "decilm":
         from .decilm import DeciLMConfig, DeciLMForCausalLM
 

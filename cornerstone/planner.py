@@ -21,6 +21,10 @@ Policies
   score reaches every unmeasured candidate's bound. It picks what full greedy picks whenever the
   bounds hold (a noisy objective can break one: the step then takes the best it measured), often at
   a handful of evaluations a step.
+- ``mixed`` granularity (greedy and beam): every sublayer and every whole block is a candidate, a block
+  excluding its own sublayers. Removing a layer's attention and keeping its FFN can hurt more than removing
+  the whole block (the FFN then reads a hidden state it never saw: measured on Gemma 3, reports/fit), which
+  a summed sublayer report cannot show, so only a measured search can choose between them.
 - ``beam``: greedy that keeps the ``width`` best partial removal sets at every step instead of one,
   so a removal that looks worse alone but combines better survives; about ``width x candidates x
   steps`` evaluations (sets reached by two orders are measured once).
@@ -74,7 +78,10 @@ class Planner(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: Literal["lowest", "greedy", "beam", "contiguous", "fit"] = "lowest"
-    granularity: Literal["block", "sublayer"] = "block"
+    granularity: Literal["block", "sublayer", "mixed"] = Field(
+        "block", description="The players a plan may remove: whole blocks, attention/FFN sublayers, or mixed (greedy "
+        "and beam from a sublayer report: every sublayer and every whole block, a block excluding its own sublayers, "
+        "so the search measures whether removing a block hurts less than removing only its attention).")
     drop: int | str | None = Field(None, description="Players (8) or a share of parameters (25%) to drop; needed "
                                    "unless targets are given.")
     targets: list[str] = Field(default_factory=list, description="fit, greedy: cost targets the pruned model must "
@@ -162,6 +169,23 @@ class Planner(BaseModel):
         if match is None or not 0 < float(match.group(1)) < 100:
             raise ValueError(f"drop '{drop}' is neither a number of players (8) nor a share of parameters (25%)")
         return f"{float(match.group(1)):g}%"
+
+    @field_validator("granularity")
+    @classmethod
+    def _check_granularity(cls, granularity: str, info: ValidationInfo) -> str:
+        if granularity == "mixed" and info.data.get("policy") not in ("greedy", "beam"):
+            raise ValueError("mixed granularity is planned by measuring (policy greedy or beam): a report holds no "
+                             "score of a whole block beside its sublayers', and summing them makes a block no "
+                             "different from its two halves")
+        return granularity
+
+    @field_validator("drop", "search_until")
+    @classmethod
+    def _check_counted(cls, drop: int | str | None, info: ValidationInfo) -> int | str | None:
+        if isinstance(drop, int) and info.data.get("granularity") == "mixed":
+            raise ValueError("a mixed plan counts a block and a sublayer alike, so a number of players means nothing; "
+                             "give a share of parameters (25%) or cost targets")
+        return drop
 
     def parameter_share(self) -> float | None:
         """The share of parameters to remove, or None when ``drop`` counts players."""
@@ -263,7 +287,7 @@ class Plan(BaseModel):
     model: Annotated[dict[str, Any], as_checked_mapping(PlanModel)]
     report: Annotated[dict[str, Any], as_checked_mapping(PlanSource)]
     planner: Planner
-    granularity: Literal["block", "sublayer"]
+    granularity: Literal["block", "sublayer", "mixed"]
     removed: list[PlannedRemoval]
     protected: list[ProtectedPlayer]
     parameters: ParameterCount
@@ -292,7 +316,7 @@ class Plan(BaseModel):
         non_finite = first_non_finite(self.model_dump())  # the free-form document selections too
         if non_finite:
             return f"{non_finite}: Input should be a finite number"
-        kinds = {"block"} if self.granularity == "block" else {"attn", "mlp"}
+        kinds = {"block": {"block"}, "sublayer": {"attn", "mlp"}, "mixed": {"block", "attn", "mlp"}}[self.granularity]
         layers = self.model["num_hidden_layers"]
         if self.planner.granularity != self.granularity:
             return f"planner.granularity: {self.planner.granularity}, but the plan is at {self.granularity} granularity"
@@ -303,12 +327,16 @@ class Plan(BaseModel):
             if problem:
                 return f"{where} {problem}"
             if removal.kind not in kinds:
-                return f"{where}.kind: a {self.granularity} plan removes {' or '.join(sorted(kinds))} players"
+                return f"{where}.kind: a {self.granularity} plan removes {', '.join(sorted(kinds))} players"
             if layers is not None and removal.layer >= layers:
                 return f"{where}.layer: {removal.layer} is past the model's {layers} blocks (model.num_hidden_layers)"
             if removal.name in seen:
                 return f"removed: lists {removal.name} twice"
             seen.add(removal.name)
+        whole = {r.layer for r in self.removed if r.kind == "block"}
+        overlap = next((r.name for r in self.removed if r.kind != "block" and r.layer in whole), None)
+        if overlap:
+            return f"removed: lists both {overlap} and its whole block L{overlap[1:].split('.')[0]}"
         for index, kept in enumerate(self.protected):
             if not _PLAYER_ID.match(kept.name):
                 return f"protected.{index}.name: '{kept.name}' is not a player id (L5, L5.attn or L5.mlp)"
@@ -345,10 +373,14 @@ class Plan(BaseModel):
 
     @property
     def what(self) -> str:
-        """``8 blocks`` or ``16 sublayers``: what the plan removes, in words."""
-        count = len(self.removed)
-        unit = "block" if self.granularity == "block" else "sublayer"
-        return f"{count} {unit}{'s' if count != 1 else ''}"
+        """``8 blocks``, ``16 sublayers`` or ``5 blocks and 6 sublayers``: what the plan removes, in words."""
+        def counted(count: int, unit: str) -> str:
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+
+        blocks = sum(r.kind == "block" for r in self.removed)
+        if self.granularity == "mixed":
+            return f"{counted(blocks, 'block')} and {counted(len(self.removed) - blocks, 'sublayer')}"
+        return counted(len(self.removed), "block" if self.granularity == "block" else "sublayer")
 
     def to_yaml(self) -> str:
         header = (f"# cornerstone plan: drop {self.what} of {self.model.get('spec')}"
@@ -379,22 +411,29 @@ class _Candidate:
     rank: int = 0
     stderr: float | None = None
     effect: str | None = None
+    # the sublayers its removal takes away (a block's are its two halves at mixed granularity, where two
+    # candidates that share one cannot both be removed); None: itself
+    parts: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.parts = self.parts or frozenset({self.name})
 
 
 def _candidates(report: ScoreReport, granularity: str, counts: dict[str, int]) -> list[_Candidate]:
     """The report's players at ``granularity``, in forward order. A block's importance from a sublayer
-    report is the sum of its two sublayers' (additive approximation), and it is a cornerstone when either is."""
-    if granularity == report.granularity:
-        found = [_Candidate(name, p.layer, p.kind, p.importance, counts[name], p.cornerstone, stderr=p.stderr,
-                            effect=p.effect)
-                 for name, p in report.players.items()]
-    elif granularity == "block" and report.granularity == "sublayer":
-        found = [_Candidate(name, block.layer, "block", block.importance, sum(counts[n] for n in block.members),
-                            block.cornerstone, note=f" (sum of {' + '.join(block.members)})")
-                 for name, block in report.as_blocks().items()]
-    else:
-        raise PlanError("a block report cannot be planned at sublayer granularity",
+    report is the sum of its two sublayers' (additive approximation), and it is a cornerstone when either is.
+    ``mixed``: the sublayers and the blocks both."""
+    if report.granularity == "block" and granularity != "block":
+        raise PlanError(f"a block report cannot be planned at {granularity} granularity",
                         hint="Score with --granularity sublayer, or plan with --granularity block.")
+    found = [_Candidate(name, p.layer, p.kind, p.importance, counts[name], p.cornerstone, stderr=p.stderr,
+                        effect=p.effect)
+             for name, p in report.players.items()] if granularity != "block" or report.granularity == "block" else []
+    if report.granularity == "sublayer" and granularity != "sublayer":
+        found += [_Candidate(name, block.layer, "block", block.importance, sum(counts[n] for n in block.members),
+                             block.cornerstone, note=f" (sum of {' + '.join(block.members)})",
+                             parts=frozenset(block.members) if granularity == "mixed" else None)
+                  for name, block in report.as_blocks().items()]
     found.sort(key=forward_order)
     for rank, candidate in enumerate(sorted(found, key=_least_important_first), start=1):
         candidate.rank = rank
@@ -418,7 +457,7 @@ def _protection(candidates: list[_Candidate], planner: Planner, num_blocks: int)
             reasons[c.name] = f"keep_first {planner.keep_first}"
         elif c.layer >= num_blocks - planner.keep_last:
             reasons[c.name] = f"keep_last {planner.keep_last}"
-        elif c.name in planner.keep or f"L{c.layer}" in planner.keep:
+        elif c.name in planner.keep or f"L{c.layer}" in planner.keep or c.parts & set(planner.keep):
             reasons[c.name] = "kept by the user"
         elif c.cornerstone and planner.protect_cornerstones:
             reasons[c.name] = "cornerstone"
@@ -441,6 +480,7 @@ class _Target:
         return sum(c.parameters for c in chosen) >= self.parameters  # type: ignore[operator]
 
     def unreachable(self, allowed: Sequence[_Candidate]) -> PlanError:
+        allowed = _disjoint(allowed)
         return PlanError(f"cannot drop {self.text}: only {len(allowed)} players "
                          f"({sum(c.parameters for c in allowed):,} parameters) are not protected")
 
@@ -477,7 +517,7 @@ class _CostTarget:
     def unreachable(self, allowed: Sequence[_Candidate]) -> PlanError:
         from .costs import format_cost
 
-        saved = self.saved(allowed)
+        saved = self.saved(_disjoint(allowed))
         return PlanError(f"cannot meet {self.text}: removing every allowed player saves "
                          + ", ".join(f"{format_cost(m, saved[m])} of the {format_cost(m, n)} {m} needed"
                                      for m, n in self.need.items()),
@@ -497,6 +537,12 @@ class _CostTarget:
                              for m in measures},
                 "shapes": {"prefill_lengths": self.profile.prefill_lengths[:1],
                            "decode_shapes": self.profile.decode_shapes[:1]}}
+
+
+def _disjoint(allowed: Sequence[_Candidate]) -> list[_Candidate]:
+    """``allowed`` without the candidates that others make up (at mixed granularity, a block whose halves are
+    both allowed): removing all of them removes each sublayer once."""
+    return [c for c in allowed if not any(o is not c and o.parts < c.parts for o in allowed)]  # type: ignore[operator]
 
 
 def _profile_for(planner: Planner, report: ScoreReport) -> Any:
@@ -575,6 +621,9 @@ def _search(allowed: list[_Candidate], target: _Target | _CostTarget, value: Any
     the score c's removal kept when it was last measured (on an earlier path S'). Returns the best path that meets
     ``target`` and its score after every step.
 
+    At mixed granularity a block and its own sublayers exclude each other (a path holds each sublayer once), and
+    within a step a block and the path that removes both its halves are one set, measured once.
+
     To cost targets (a :class:`_CostTarget`, greedy only) a step takes the player with the least score lost per
     share of the open need it covers, ``max(0, v(S) - v(S + c)) / gain(c)`` (the solver's greedy rule on measured
     losses, so interactions between removals count; ties to the larger gain), and ``shortlist`` keeps the players
@@ -619,7 +668,9 @@ def _search(allowed: list[_Candidate], target: _Target | _CostTarget, value: Any
             if target.met(chosen):
                 extensions.append((chosen, scores))
                 continue
-            left = [c for c in allowed if c not in chosen and (not costed or target.gain(chosen, c) > 0)]  # type: ignore[union-attr]
+            taken = frozenset().union(*(x.parts for x in chosen))  # type: ignore[arg-type]
+            # at mixed granularity a block and its own sublayers exclude each other
+            left = [c for c in allowed if not (c.parts & taken) and (not costed or target.gain(chosen, c) > 0)]  # type: ignore[operator,union-attr]
             if not left:
                 raise target.unreachable(allowed)
             if shortlist is not None and not lazy:
@@ -629,7 +680,7 @@ def _search(allowed: list[_Candidate], target: _Target | _CostTarget, value: Any
 
                 left = sorted(left, key=lambda c: promise(c) if last_score else first(c))[:shortlist]
             for c in left:
-                key = frozenset(x.name for x in chosen) | {c.name}
+                key = taken | c.parts  # type: ignore[operator]  # a block and both its halves are one set
                 if key not in seen:
                     seen.add(key)
                     extensions.append((chosen + [c], scores))

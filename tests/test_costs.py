@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cornerstone.cli import app
@@ -285,7 +287,9 @@ def test_profile_and_fit_from_the_cli(tiny_llama_dir, tmp_path):
                           (["--drop", "2", "--target", "kv:60%"], "policy fit"),
                           (["--policy", "fit", "--target", "kv:sixty", "--profile", str(out)], "not understood"),
                           (["--policy", "fit", "--target", "kv:60%", "--profile", str(out), "--headroom", "0.05"],
-                           "--headroom")]:
+                           "--headroom"),
+                          (["--policy", "fit", "--granularity", "mixed", "--target", "kv:60%", "--profile", str(out)],
+                           "option --granularity: mixed granularity is planned by measuring")]:
         result = runner.invoke(app, ["plan", str(report_path), *args])
         assert result.exit_code != 0 and message in result.output, result.output
     result = runner.invoke(app, ["profile", str(tiny_llama_dir), "--decode", "16", "--out", str(tmp_path / "x.json")])
@@ -348,6 +352,83 @@ def test_greedy_to_a_target_measures_what_removals_cost_together(measured_game, 
         Planner(**{**planner.model_dump(), "lazy": True})
     with pytest.raises(ValueError, match="fit .* or greedy"):
         Planner(policy="beam", targets=["decode:1.6x"], profile=str(path))
+
+
+class _HalvesGame:
+    """A value function on a real model's players whose rule is per layer, on which halves are gone: removing a
+    layer's attention alone costs ``alone[l]`` of the score, removing its whole block ``whole[l]`` (a block
+    named as one player and a block removed as its two halves are the same removal)."""
+
+    def __init__(self, loaded, alone: dict[int, float], whole: dict[int, float]) -> None:
+        self.loaded, self.alone, self.whole, self.evaluations = loaded, alone, whole, 0
+
+    def evaluate_many(self, masks, on_done=None):
+        from types import SimpleNamespace
+
+        out = []
+        for mask in masks:
+            gone: dict[int, set[str]] = {}
+            for p in mask:
+                gone.setdefault(p.layer, set()).update({"attn", "mlp"} if p.kind == "block" else {p.kind})
+            cost = {layer: self.whole[layer] if kinds == {"attn", "mlp"} else self.alone[layer] if kinds == {"attn"}
+                    else 0.01 for layer, kinds in gone.items()}
+            self.evaluations += 1
+            out.append(SimpleNamespace(score=math.prod(1 - c for c in cost.values())))
+            if on_done is not None:
+                on_done(out[-1])
+        return out
+
+
+def test_a_mixed_plan_removes_a_whole_block_where_that_hurts_less_than_its_attention_alone(measured_game, tmp_path):
+    """Half the KV cache takes two of three attentions. L2's attention alone costs 30% of the score but its whole
+    block 3% (its MLP, left, reads a hidden state it never saw: what Gemma 3 measured, reports/fit). A sublayer
+    greedy can only remove attentions (an MLP holds no cache); a mixed one weighs the blocks too and finds the
+    best plan brute force finds; the plan exports as a checkpoint equal to the masked model."""
+    from itertools import combinations
+
+    from cornerstone.export import export
+    from cornerstone.exported import load_exported
+    from cornerstone.planner import Plan
+
+    from .test_export import assert_reloaded_equals_masked
+
+    loaded, report, _ = measured_game
+    profile = synthetic_profile({"L0": 10, "L1": 10, "L2": 10}, {}, layers=3)
+    path = profile.model_copy(update={"model": {"spec": "tiny", "num_hidden_layers": 3}}).save(tmp_path / "p.json")
+    game = _HalvesGame(loaded, alone={0: 0.20, 1: 0.02, 2: 0.30}, whole={0: 0.25, 1: 0.15, 2: 0.03})
+    planner = Planner(policy="greedy", granularity="sublayer", targets=["kv:50%"], profile=str(path),
+                      keep_first=0, keep_last=0)
+    sublayers = make_plan(report, planner, loaded=loaded, value=game)
+    mixed = make_plan(report, planner.model_copy(update={"granularity": "mixed"}), loaded=loaded, value=game)
+
+    def score(names):
+        return game.evaluate_many([parse_players(loaded.model, list(names))])[0].score
+
+    candidates = ["L0", "L1", "L2", "L0.attn", "L1.attn", "L2.attn"]
+    feasible = [s for s in combinations(candidates, 2) if len({name.split(".")[0] for name in s}) == 2]
+    assert sorted(mixed.player_names) == sorted(max(feasible, key=score)) == ["L1.attn", "L2"]
+    assert sorted(sublayers.player_names) == ["L0.attn", "L1.attn"]
+    assert mixed.predicted_score == pytest.approx(score(mixed.player_names))
+    assert score(mixed.player_names) > score(sublayers.player_names)
+    assert mixed.granularity == "mixed" and mixed.blocks["remaining"] == 2 and mixed.what == "1 block and 1 sublayer"
+    assert mixed.fit["measures"]["kv"]["saved"] == pytest.approx(20)
+    # a kept sublayer keeps its block too
+    kept = make_plan(report, planner.model_copy(update={"granularity": "mixed", "keep": ["L2.attn"]}), loaded=loaded,
+                     value=game)
+    assert sorted(kept.player_names) == ["L0.attn", "L1.attn"]
+
+    result = export(loaded, mixed, tmp_path / "slim")
+    assert result.format == "decilm" and result.parameters == mixed.parameters.remaining
+    assert_reloaded_equals_masked(loaded.model, mixed.player_names, load_exported(tmp_path / "slim", dtype=torch.float32))
+    # an edited plan that removes a block and one of its own halves contradicts itself
+    edited = mixed.model_dump()
+    edited["removed"].append({**edited["removed"][-1], "name": "L2.mlp", "kind": "mlp"})
+    with pytest.raises(ValueError, match="both L2.mlp and its whole block L2"):
+        Plan.model_validate(edited)
+    with pytest.raises(ValueError, match="measuring"):
+        Planner(policy="fit", granularity="mixed", targets=["kv:50%"], profile=str(path))
+    with pytest.raises(ValueError, match="number of players"):
+        Planner(policy="greedy", granularity="mixed", drop=2)
 
 
 @pytest.mark.parametrize("busy", [1.0, 2.0])
