@@ -233,15 +233,16 @@ def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, leng
     from .exported import probe_ids
 
     best = [0.0] * len(models)
+    last = [{"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+            for model in models]
     with torch.no_grad():
         for _ in range(rounds):
             for index, model in enumerate(models):
                 ids = probe_ids(text_config(model.config).vocab_size, batch=batch, length=length).to(model.device)
-                last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-                model(ids, use_cache=False, **last)  # warm-up
+                model(ids, use_cache=False, **last[index])  # warm-up
                 runs, started = 0, time.perf_counter()
                 while runs < 1 or time.perf_counter() - started < min_seconds:
-                    model(ids, use_cache=False, **last)
+                    model(ids, use_cache=False, **last[index])
                     runs += 1
                 best[index] = max(best[index], runs * batch * length / (time.perf_counter() - started))
     return best

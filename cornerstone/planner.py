@@ -334,9 +334,9 @@ class Plan(BaseModel):
                 return f"removed: lists {removal.name} twice"
             seen.add(removal.name)
         whole = {r.layer for r in self.removed if r.kind == "block"}
-        overlap = next((r.name for r in self.removed if r.kind != "block" and r.layer in whole), None)
+        overlap = next((r for r in self.removed if r.kind != "block" and r.layer in whole), None)
         if overlap:
-            return f"removed: lists both {overlap} and its whole block L{overlap[1:].split('.')[0]}"
+            return f"removed: lists both {overlap.name} and its whole block L{overlap.layer}"
         for index, kept in enumerate(self.protected):
             if not _PLAYER_ID.match(kept.name):
                 return f"protected.{index}.name: '{kept.name}' is not a player id (L5, L5.attn or L5.mlp)"
@@ -412,8 +412,8 @@ class _Candidate:
     stderr: float | None = None
     effect: str | None = None
     # the sublayers its removal takes away (a block's are its two halves at mixed granularity, where two
-    # candidates that share one cannot both be removed); None: itself
-    parts: frozenset[str] | None = None
+    # candidates that share one cannot both be removed); empty: itself
+    parts: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.parts = self.parts or frozenset({self.name})
@@ -426,13 +426,14 @@ def _candidates(report: ScoreReport, granularity: str, counts: dict[str, int]) -
     if report.granularity == "block" and granularity != "block":
         raise PlanError(f"a block report cannot be planned at {granularity} granularity",
                         hint="Score with --granularity sublayer, or plan with --granularity block.")
-    found = [_Candidate(name, p.layer, p.kind, p.importance, counts[name], p.cornerstone, stderr=p.stderr,
-                        effect=p.effect)
-             for name, p in report.players.items()] if granularity != "block" or report.granularity == "block" else []
-    if report.granularity == "sublayer" and granularity != "sublayer":
+    found: list[_Candidate] = []
+    if granularity in (report.granularity, "mixed"):  # the report's own players
+        found += [_Candidate(name, p.layer, p.kind, p.importance, counts[name], p.cornerstone, stderr=p.stderr,
+                             effect=p.effect) for name, p in report.players.items()]
+    if granularity != report.granularity:  # blocks summed from the report's sublayers
         found += [_Candidate(name, block.layer, "block", block.importance, sum(counts[n] for n in block.members),
                              block.cornerstone, note=f" (sum of {' + '.join(block.members)})",
-                             parts=frozenset(block.members) if granularity == "mixed" else None)
+                             parts=frozenset(block.members) if granularity == "mixed" else frozenset())
                   for name, block in report.as_blocks().items()]
     found.sort(key=forward_order)
     for rank, candidate in enumerate(sorted(found, key=_least_important_first), start=1):
@@ -542,7 +543,7 @@ class _CostTarget:
 def _disjoint(allowed: Sequence[_Candidate]) -> list[_Candidate]:
     """``allowed`` without the candidates that others make up (at mixed granularity, a block whose halves are
     both allowed): removing all of them removes each sublayer once."""
-    return [c for c in allowed if not any(o is not c and o.parts < c.parts for o in allowed)]  # type: ignore[operator]
+    return [c for c in allowed if not any(o is not c and o.parts < c.parts for o in allowed)]
 
 
 def _profile_for(planner: Planner, report: ScoreReport) -> Any:
@@ -668,9 +669,9 @@ def _search(allowed: list[_Candidate], target: _Target | _CostTarget, value: Any
             if target.met(chosen):
                 extensions.append((chosen, scores))
                 continue
-            taken = frozenset().union(*(x.parts for x in chosen))  # type: ignore[arg-type]
+            taken = frozenset().union(*(x.parts for x in chosen))
             # at mixed granularity a block and its own sublayers exclude each other
-            left = [c for c in allowed if not (c.parts & taken) and (not costed or target.gain(chosen, c) > 0)]  # type: ignore[operator,union-attr]
+            left = [c for c in allowed if not (c.parts & taken) and (not costed or target.gain(chosen, c) > 0)]  # type: ignore[union-attr]
             if not left:
                 raise target.unreachable(allowed)
             if shortlist is not None and not lazy:
@@ -680,7 +681,7 @@ def _search(allowed: list[_Candidate], target: _Target | _CostTarget, value: Any
 
                 left = sorted(left, key=lambda c: promise(c) if last_score else first(c))[:shortlist]
             for c in left:
-                key = taken | c.parts  # type: ignore[operator]  # a block and both its halves are one set
+                key = taken | c.parts  # a block and both its halves are one set
                 if key not in seen:
                     seen.add(key)
                     extensions.append((chosen + [c], scores))
