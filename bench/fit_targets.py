@@ -20,8 +20,10 @@ For each target (default ``decode:1.3x`` and ``kv:50%``):
    they are predicted to fall short: the measured columns then say whether they meet it);
 5. each plan physically removed (``drop_sublayers`` / ``drop_blocks``, the export's own surgery) and
    measured side by side with the unpruned model in the same run: decode and prefill time (the
-   profile's timing: median of ``--repeats`` after a warm-up, models taking turns over ``--rounds``
-   rounds, each keeping its median of rounds), weight bytes and the KV-cache bytes per token its own
+   profile's timing: the models taking turns at every timed step, ``--repeats`` steps after a warm-up per
+   round, each keeping the median of its ``--rounds`` rounds' medians; the unpruned model is timed twice, the
+   second time as an A/A control whose ratio to the first is the measurement's own error), weight bytes and
+   the KV-cache bytes per token its own
    cache holds;
 6. held-out quality: the seven real tasks no report saw (HellaSwag, COPA, SST-2, TruthfulQA MC1,
    LAMBADA, OpenBookQA, Winogrande), ``--eval-limit`` documents each, scored with the engine (masks
@@ -183,9 +185,14 @@ def main() -> None:
             return drop_blocks(loaded.model, [p.layer for p in parsed])
         return drop_sublayers(loaded.model, parsed)
 
-    models = {"base": loaded.model, **{key: surgery(plan["players"]) for key, plan in plans.items()}}
+    # the unpruned model twice: its second timing is the A/A control, whose ratio to the first should be 1.00x
+    models = {"base": loaded.model, "control": loaded.model,
+              **{key: surgery(plan["players"]) for key, plan in plans.items()}}
     measured = measure_side_by_side(list(models.values()), settings, rounds=args.rounds)
     speed = dict(zip(models, measured))
+    control = {"decode_ratio": speed["base"]["decode_seconds"][args.decode] / speed["control"]["decode_seconds"][args.decode],
+               "prefill_ratio": speed["base"]["prefill_seconds"][str(args.prefill)]
+               / speed["control"]["prefill_seconds"][str(args.prefill)]}
     print(f"  measured speed: {time.perf_counter() - started:.0f} s", flush=True)
 
     # --- held-out quality: documents and tasks the report never saw
@@ -214,7 +221,7 @@ def main() -> None:
     document = {"model": args.model, "dtype": args.dtype, "report": report_path, "granularity": granularity,
                 "profile": str(profile_path), "shapes": {"prefill": args.prefill, "decode": args.decode},
                 "base": {**speed["base"], "score": base_eval.score,
-                         "predicted": {m: profile.total(m) for m in MEASURES}}, "rows": rows,
+                         "predicted": {m: profile.total(m) for m in MEASURES}}, "control": control, "rows": rows,
                 "evaluation": {s.name: len(s.doc_indices) for s in unseen}, "machine": machine(),
                 "seconds": time.perf_counter() - started, "args": vars(args)}
     atomic_write(out / f"{args.name or args.model}.json", (json.dumps(document, indent=2) + "\n").encode())
@@ -232,7 +239,10 @@ def markdown(document: dict) -> str:
              f"{document['shapes']['prefill']} tokens {base['prefill_seconds'][str(document['shapes']['prefill'])] * 1e3:.1f} ms, KV cache "
              f"{base['kv_cache_bytes_per_token'] / 1024:.1f} KiB/token, held-out score {base['score']:.3f}. "
              f"Importance: `{document['report']}`; held out: {', '.join(document['evaluation'])} "
-             f"({sum(document['evaluation'].values())} documents).",
+             f"({sum(document['evaluation'].values())} documents)."
+             + (f" A/A control (the unpruned model timed again in the same turns): decode "
+                f"{document['control']['decode_ratio']:.2f}x, prefill {document['control']['prefill_ratio']:.2f}x."
+                if document.get("control") else ""),
              "",
              "| target | plan | removed | met | decode speed-up (predicted) | KV kept | weights kept | prefill speed-up "
              "(predicted) | kept (± se) | vs blocks |",

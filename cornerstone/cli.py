@@ -738,7 +738,7 @@ def profile(
                                         "targets use the first.")] = "512x1",
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per shape (after a warm-up); the median is kept.")] = _default(ProfileSettings, "repeats"),
     rounds: Annotated[int, typer.Option(min=1, help="Rounds of the calibration (the model with and without each kind of "
-                                        "sublayer, timed in turns).")] = _default(ProfileSettings, "rounds"),
+                                        "sublayer, taking turns at every timed step).")] = _default(ProfileSettings, "rounds"),
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16: the dtype you will serve in.")] = "float32",
     device: DeviceOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,

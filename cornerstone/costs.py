@@ -17,7 +17,7 @@ The time inside a sublayer is not all that its removal changes: its own norms, t
 the module calls around it go too, and a hook's own time is inside it. So the profile also measures,
 per kind and shape, the time ``removal_seconds`` that removing every attention (or every MLP)
 sublayer but the first layer's saves (``removal_players``), cut as an export cuts it (the sublayer
-not computed, its own norms passed through), timed in turns with the whole model (``rounds``); a
+not computed, its own norms passed through), taking turns with the whole model at every timed step (``rounds``); a
 player's time cost is its hooked time scaled so that the removed players' costs add up to that
 measured saving: ``cost_i = hooked_i * removal_k / sum_{j in removal_players_k} hooked_j``. A saving
 no larger than its spread over the rounds (paired by round) is noise, not a measurement: there the
@@ -47,12 +47,12 @@ import inspect
 import re
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -60,6 +60,7 @@ from .errors import ConfigError, PlanError, ReportError
 from .files import atomic_write, parse_json, read_validated
 
 PROFILE_SCHEMA_VERSION = 2
+T = TypeVar("T")
 
 
 class PlayerCost(BaseModel):
@@ -252,7 +253,7 @@ class ProfileSettings(BaseModel):
                                      "refer to.")
     repeats: int = Field(5, ge=1, description="Timed runs per shape (after one warm-up); the median is kept.")
     rounds: int = Field(3, ge=1, description="Rounds of the calibration: the whole model and the model without each "
-                        "kind of sublayer timed in turns, each keeping the median of its rounds.")
+                        "kind of sublayer taking turns at every timed step, each keeping the median of its rounds.")
     seed: int = 0
 
     @field_validator("prefill_lengths")
@@ -290,14 +291,16 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
-    hooked_forward, per_player = _time_shapes(model, settings, {p.name: p.module_path for p in players}, progress)
+    (hooked_rounds,), per_player = _time_shapes([(model, nullcontext)], settings,
+                                                {p.name: p.module_path for p in players}, progress)
+    hooked_forward = hooked_rounds[0]
     # calibration: the whole model, then without every attention / every MLP sublayer, timed in turns (no hooks)
     kinds = sorted({p.kind for p in players})
     # (all of a kind but the first layer's: a model with no attention left fills no cache, and its decode step
     # then skips work, the causal mask over the context, that any real plan keeps)
     cut = {kind: [p for p in players if p.kind == kind][1:] for kind in kinds}
-    rounds = _turns([lambda kind=kind: _time_shapes(model, settings, {}, None)[0] if kind is None else
-                     _cut_timing(model, cut[kind], settings) for kind in [None, *kinds]], rounds=settings.rounds)
+    variants = [(model, nullcontext)] + [(model, lambda kind=kind: _cut(model, cut[kind])) for kind in kinds]
+    rounds = _time_shapes(variants, settings, rounds=settings.rounds)[0]
     whole = _medians(rounds[0])
     removal: dict[str, dict[str, dict[str, float]]] = {}
     unresolved = []
@@ -335,15 +338,16 @@ def measure_profile(loaded: Any, settings: ProfileSettings | None = None, progre
         removal_seconds=removal, removal_players=calibrated, uncalibrated=unresolved)
 
 
-def _cut_timing(model: Any, players: Sequence[Any], settings: ProfileSettings) -> dict[str, Any]:
-    """The whole model's times with ``players`` cut as an export cuts them: each not computed (masking's
-    ``without``) and its own norms (:func:`~cornerstone.players.owned_modules`) passing their input on."""
+@contextmanager
+def _cut(model: Any, players: Sequence[Any]) -> Iterator[None]:
+    """``players`` cut as an export cuts them, for the duration: each not computed (masking's ``without``) and its
+    own norms (:func:`~cornerstone.players.owned_modules`) passing their input on."""
     from .masking import without
     from .players import owned_modules
 
     norms = [model.get_submodule(path) for p in players for path in owned_modules(model, p)[1:]]
     with without(model, players), _passing(norms):
-        return _time_shapes(model, settings, {}, None)[0]
+        yield
 
 
 @contextmanager
@@ -362,13 +366,21 @@ def _passing(modules: Sequence[Any]) -> Iterator[None]:
                 module.forward = original
 
 
-def _turns(runs: Sequence[Any], rounds: int) -> list[list[dict[str, Any]]]:
-    """Call each of ``runs`` (each returns :func:`measure_speed`'s dict) once per round, in turns, so a slow spell of
-    a shared machine does not land on one only; each run's results, round by round."""
-    results: list[list[dict[str, Any]]] = [[] for _ in runs]
-    for _ in range(rounds):
-        for index, run in enumerate(runs):
-            results[index].append(run())
+def take_turns(count: int, repeats: int, step: Callable[[int], T]) -> list[list[T]]:
+    """``step(i)`` (time variant i once) for every variant in turn, ``repeats`` times after one warm-up each:
+    each variant's results, warm-up left out.
+
+    Why turns at every step: on a shared machine the speed drifts over seconds. Timing the very same SmolLM2
+    object twice (decode 512x1, prefill 128, 7 repeats x 3 rounds, AMD EPYC, 2 cores), back to back (every
+    repeat of one, then every repeat of the other, round by round) put it up to 8% (decode) and 16% (prefill)
+    away from itself over six trials, s.d. 0.05 and 0.08 of the ratio; taking turns at every step, at most 2.1%
+    and 2.4%, s.d. 0.011 (bench/timing_turns.py: reports/speed/turns-amd-epyc.md)."""
+    results: list[list[T]] = [[] for _ in range(count)]
+    for repeat in range(repeats + 1):
+        for index in range(count):
+            value = step(index)
+            if repeat:
+                results[index].append(value)
     return results
 
 
@@ -383,23 +395,32 @@ def measure_speed(model: Any, settings: ProfileSettings | None = None) -> dict[s
     """What a whole model costs on its device, timed as :func:`measure_profile` times it: ``weight_bytes``,
     ``prefill_seconds`` and ``decode_seconds`` per shape, and ``kv_cache_bytes_per_token``, read from the
     cache the first decode shape's context filled (so a pruned model's real cache, windows included)."""
-    return _time_shapes(model, settings or ProfileSettings(), {}, None)[0]
+    return _time_shapes([(model, nullcontext)], settings or ProfileSettings())[0][0][0]
 
 
 def measure_side_by_side(models: Sequence[Any], settings: ProfileSettings, rounds: int = 3) -> list[dict[str, Any]]:
-    """:func:`measure_speed` of each model, the models taking turns for ``rounds`` rounds (so a slow spell of a
-    shared machine does not land on one model only), each time the median over its rounds."""
-    return [_medians(measured) for measured in _turns([lambda model=model: measure_speed(model, settings)
-                                                       for model in models], rounds)]
+    """:func:`measure_speed` of each model, the models taking turns at every timed step (:func:`take_turns`) for
+    ``rounds`` rounds of ``settings.repeats`` steps, each time the median over its rounds' medians."""
+    return [_medians(measured) for measured in
+            _time_shapes([(model, nullcontext) for model in models], settings, rounds=rounds)[0]]
 
 
-def _time_shapes(model: Any, settings: ProfileSettings, modules: Mapping[str, str],
-                 progress: Any) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, float]]]]:
-    """Median times of the whole forward, and of each module in ``modules`` (name -> path) inside it, per shape."""
+def _time_shapes(variants: Sequence[tuple[Any, Callable[[], Any]]], settings: ProfileSettings,
+                 modules: Mapping[str, str] | None = None, progress: Any = None, rounds: int = 1
+                 ) -> tuple[list[list[dict[str, Any]]], dict[str, dict[str, dict[str, float]]]]:
+    """Median times of each variant's whole forward per shape and round, and of each module in ``modules``
+    (name -> path, in the first variant's model) inside it.
+
+    A variant is a model and the context it runs in (``nullcontext``, or :func:`_cut`: the same model with
+    sublayers cut). The variants take turns at every timed step (:func:`take_turns`), each round with its
+    own warm-up. Per variant: one result per round, :func:`measure_speed`'s dict. A prefill computes only the
+    last position's logits where the forward takes ``logits_to_keep``, as a serving engine's does."""
     import torch
 
     from .players import unique_parameters
 
+    modules = modules or {}
+    model = variants[0][0]
     cuda = model.device.type == "cuda"
     generator = torch.Generator().manual_seed(settings.seed)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -422,45 +443,55 @@ def _time_shapes(model: Any, settings: ProfileSettings, modules: Mapping[str, st
     for name, path in modules.items():
         module = model.get_submodule(path)
         handles += [module.register_forward_pre_hook(before(name)), module.register_forward_hook(after(name))]
+    # per variant and key, one list of times per round; per module and key, every round's times
+    totals: list[dict[str, list[list[float]]]] = [{} for _ in variants]
     inside: dict[str, dict[str, list[float]]] = {name: {} for name in modules}
-    totals: dict[str, list[float]] = {}
 
-    def timed(key: str, run: Any, prepare: Any = lambda: None) -> None:
-        for repeat in range(settings.repeats + 1):  # the first is a warm-up
-            state = prepare()  # untimed: e.g. a fresh copy of the decode cache
-            spent.clear()
-            t0 = now()
-            run(state)
-            elapsed = now() - t0
-            if repeat == 0:
-                continue
-            totals.setdefault(key, []).append(elapsed)
-            for name in modules:
-                inside[name].setdefault(key, []).append(spent.get(name, 0.0))
+    def timed(key: str, runs: Sequence[Any], prepares: Sequence[Any]) -> None:
+        def step(index: int) -> tuple[float, dict[str, float]]:
+            with variants[index][1]():
+                state = prepares[index]()  # untimed: e.g. a fresh copy of the decode cache
+                spent.clear()
+                t0 = now()
+                runs[index](state)
+                return now() - t0, dict(spent)
+
+        for _ in range(rounds):
+            for index, steps in enumerate(take_turns(len(variants), settings.repeats, step)):
+                totals[index].setdefault(key, []).append([elapsed for elapsed, _ in steps])
+                if index == 0:
+                    for name in modules:
+                        inside[name].setdefault(key, []).extend(hooked.get(name, 0.0) for _, hooked in steps)
 
     steps = len(settings.prefill_lengths) + len(shapes)
-    cache_bytes = 0.0
+    cache_bytes = [0.0] * len(variants)
     # transformers 5 renamed the forward's cache argument; older releases take past_key_values
-    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    parameters = inspect.signature(model.forward).parameters
+    cache_argument = "cache" if "cache" in parameters else "past_key_values"
+    last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     try:
         with torch.inference_mode():
             for length in settings.prefill_lengths:
                 ids = torch.randint(0, vocab, (1, length), generator=generator).to(model.device)
-                timed(f"prefill:{length}", lambda _, ids=ids: model(input_ids=ids, use_cache=False))
+                timed(f"prefill:{length}", [lambda _, m=m: m(input_ids=ids, use_cache=False, **last)
+                                            for m, _ in variants], [lambda: None] * len(variants))
                 if progress:
-                    progress(len(totals), steps, f"prefill {length}")
+                    progress(len(totals[0]), steps, f"prefill {length}")
             for index, (text, (context, batch)) in enumerate(zip(settings.decode_shapes, shapes)):
                 ids = torch.randint(0, vocab, (batch, context + 1), generator=generator).to(model.device)
-                output = model(input_ids=ids[:, :context], use_cache=True)
-                filled = output.cache if cache_argument == "cache" else output.past_key_values
-                if index == 0:
-                    cache_bytes = _tensor_bytes(filled) / (context * batch)
+                filled = []
+                for number, (m, context_of) in enumerate(variants):
+                    with context_of():
+                        output = m(input_ids=ids[:, :context], use_cache=True, **last)
+                    filled.append(output.cache if cache_argument == "cache" else output.past_key_values)
+                    if index == 0:
+                        cache_bytes[number] = _tensor_bytes(filled[-1]) / (context * batch)
                 # every timed step starts from the same CONTEXT cached tokens (a copy: a step appends to its cache)
-                timed(f"decode:{text}", lambda cache, ids=ids, context=context: model(
-                    input_ids=ids[:, context:], use_cache=True, **{cache_argument: cache}),
-                      prepare=lambda filled=filled: copy.deepcopy(filled))
+                timed(f"decode:{text}", [lambda cache, m=m: m(input_ids=ids[:, context:], use_cache=True,
+                                                              **{cache_argument: cache}, **last) for m, _ in variants],
+                      [lambda cache=cache: copy.deepcopy(cache) for cache in filled])
                 if progress:
-                    progress(len(totals), steps, f"decode {text}")
+                    progress(len(totals[0]), steps, f"decode {text}")
     finally:
         for handle in handles:
             handle.remove()
@@ -470,9 +501,10 @@ def _time_shapes(model: Any, settings: ProfileSettings, modules: Mapping[str, st
                 "decode_seconds": {s: statistics.median(runs[f"decode:{s}"]) for s in settings.decode_shapes}}
 
     element = torch.finfo(model.dtype).bits // 8
-    whole = {"weight_bytes": unique_parameters(model) * element, "kv_cache_bytes_per_token": cache_bytes,
-             **medians(totals)}
-    return whole, {name: medians(runs) for name, runs in inside.items()}
+    per_variant = [[{"weight_bytes": unique_parameters(m) * element, "kv_cache_bytes_per_token": cache_bytes[number],
+                     **medians({key: times[r] for key, times in totals[number].items()})} for r in range(rounds)]
+                   for number, (m, _) in enumerate(variants)]
+    return per_variant, {name: medians(runs) for name, runs in inside.items()}
 
 
 def _tensor_bytes(value: Any, seen: set[int] | None = None, depth: int = 4) -> int:

@@ -218,34 +218,36 @@ def scored_documents(pruned: str | Path, report: str | Path | None = None
     return None
 
 
-def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, length: int = 256, rounds: int = 3,
-                      min_seconds: float = 1.0) -> list[float]:
-    """Forward-pass throughput (prefill, no cache) of each model on the same fixed token ids.
+def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, length: int = 256,
+                      repeats: int = 9) -> list[float]:
+    """Forward-pass throughput (prefill, no cache) of each model on the same fixed token ids: ``batch x length``
+    tokens over the median time of ``repeats`` forwards.
 
-    The models take turns for ``rounds`` rounds and each keeps its best round, so a slow spell of a
-    shared machine does not land on one model only. Only the last position's logits are computed, as a
+    The models take turns at every forward (:func:`~cornerstone.costs.take_turns`), so a slow spell of a
+    shared machine lands on all of them alike. Only the last position's logits are computed, as a
     serving engine's prefill does: the logits of every position of a 262k-token vocabulary (Gemma 3) are a
     gigabyte per batch, whose writing dominated the time and swung the measured ratio of two models by
     +-15% between three runs on one idle CPU.
     """
     import inspect
+    import statistics
 
+    from .costs import take_turns
     from .exported import probe_ids
 
-    best = [0.0] * len(models)
     last = [{"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
             for model in models]
+    ids = [probe_ids(text_config(model.config).vocab_size, batch=batch, length=length).to(model.device)
+           for model in models]
+
+    def step(index: int) -> float:
+        started = time.perf_counter()
+        models[index](ids[index], use_cache=False, **last[index])
+        return time.perf_counter() - started
+
     with torch.no_grad():
-        for _ in range(rounds):
-            for index, model in enumerate(models):
-                ids = probe_ids(text_config(model.config).vocab_size, batch=batch, length=length).to(model.device)
-                model(ids, use_cache=False, **last[index])  # warm-up
-                runs, started = 0, time.perf_counter()
-                while runs < 1 or time.perf_counter() - started < min_seconds:
-                    model(ids, use_cache=False, **last[index])
-                    runs += 1
-                best[index] = max(best[index], runs * batch * length / (time.perf_counter() - started))
-    return best
+        times = take_turns(len(models), repeats, step)
+    return [batch * length / statistics.median(seconds) for seconds in times]
 
 
 def _summaries(located: Sequence[tuple[str | LoadedModel, str, bool, int]], specs: Sequence[harness.TaskSpec], *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -104,6 +105,26 @@ def test_the_time_of_a_sublayer_is_measured_inside_it(tiny_llama, monkeypatch, c
         assert costs["L1.mlp"] == pytest.approx(0.03, rel=1e-3)
         assert sum(costs.values()) - costs["L1.mlp"] < 1e-3
         assert profile.total(measure) == pytest.approx(0.03, rel=1e-3)
+
+
+def test_models_compared_side_by_side_take_turns_at_every_step(tiny_llama, monkeypatch, clock):
+    """On a machine that slows down steadily (each forward 2% of the first one's time slower than the one
+    before), the same model timed twice side by side comes out within 5% of itself: the two take turns at every
+    timed step, so the drift lands on both alike. Back to back, the second would run ten forwards later, about
+    15% slower."""
+    from cornerstone.costs import measure_side_by_side
+
+    model = tiny_llama.model
+    slow_down(model.model.embed_tokens, monkeypatch, clock)
+    handle = model.model.embed_tokens.register_forward_pre_hook(lambda *_: setattr(clock, "rate", clock.rate + 0.02))
+    try:
+        first, second = measure_side_by_side(
+            [model, model], ProfileSettings(prefill_lengths=[12], decode_shapes=["16x2"], repeats=9), rounds=1)
+    finally:
+        handle.remove()
+    for key, shape in (("prefill_seconds", "12"), ("decode_seconds", "16x2")):
+        # the first always runs just before the second, on a machine 2% slower by then: faster, but barely
+        assert 0.95 < first[key][shape] / second[key][shape] < 1.0
 
 
 def test_a_removal_saves_what_the_sublayers_own_norms_cost_too(tiny_llama, monkeypatch, clock):
@@ -440,21 +461,27 @@ def test_a_saving_lost_in_the_timing_noise_leaves_the_hooked_times_and_says_so(t
     import cornerstone.costs as costs
 
     time_shapes = costs._time_shapes
+    cut = costs._cut
 
-    def timed(model, settings, modules, progress):
+    def timed(variants, settings, modules=None, progress=None, rounds=1):
         clock.rate = busy if modules else 1.0  # only the hooked run names modules
         try:
-            return time_shapes(model, settings, modules, progress)
+            return time_shapes(variants, settings, modules, progress, rounds)
         finally:
             clock.rate = 1.0
 
-    def slower(model, players, settings):
-        whole = costs._time_shapes(model, settings, {}, None)[0]
-        return {**whole, **{key: {shape: t + 1e-3 for shape, t in whole[key].items()}
-                            for key in ("prefill_seconds", "decode_seconds")}}
+    @contextmanager
+    def slower(model, players):  # the model with the players cut, timed a millisecond slower than the whole
+        with cut(model, players):
+            head = model.lm_head.forward
+            model.lm_head.forward = lambda *args, **kwargs: (clock.sleep(1e-3), head(*args, **kwargs))[1]
+            try:
+                yield
+            finally:
+                del model.lm_head.forward
 
     monkeypatch.setattr(costs, "_time_shapes", timed)
-    monkeypatch.setattr(costs, "_cut_timing", slower)
+    monkeypatch.setattr(costs, "_cut", slower)
     slow_down(tiny_llama.model.model.embed_tokens, monkeypatch, clock)  # the whole forward outlasts its sublayers
     profile = measure_profile(tiny_llama, SMALL)
     assert sorted(profile.uncalibrated) == ["attn decode 16x2", "attn prefill 12", "mlp decode 16x2", "mlp prefill 12"]
