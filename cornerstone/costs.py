@@ -465,16 +465,17 @@ def _time_shapes(variants: Sequence[tuple[Any, Callable[[], Any]]], settings: Pr
 
     steps = len(settings.prefill_lengths) + len(shapes)
     cache_bytes = [0.0] * len(variants)
-    # transformers 5 renamed the forward's cache argument; older releases take past_key_values
-    parameters = inspect.signature(model.forward).parameters
-    cache_argument = "cache" if "cache" in parameters else "past_key_values"
-    last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    # each model's own forward (a pruned layout's modeling code may differ from the stock model's): transformers 5
+    # renamed the cache argument (older releases take past_key_values), and not every forward takes logits_to_keep
+    cache_arguments = ["cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+                       for m, _ in variants]
+    lasts = [last_logits_only(m) for m, _ in variants]
     try:
         with torch.inference_mode():
             for length in settings.prefill_lengths:
                 ids = torch.randint(0, vocab, (1, length), generator=generator).to(model.device)
-                timed(f"prefill:{length}", [lambda _, m=m: m(input_ids=ids, use_cache=False, **last)
-                                            for m, _ in variants], [lambda: None] * len(variants))
+                timed(f"prefill:{length}", [lambda _, m=m, last=last: m(input_ids=ids, use_cache=False, **last)
+                                            for (m, _), last in zip(variants, lasts)], [lambda: None] * len(variants))
                 if progress:
                     progress(len(totals[0]), steps, f"prefill {length}")
             for index, (text, (context, batch)) in enumerate(zip(settings.decode_shapes, shapes)):
@@ -482,13 +483,14 @@ def _time_shapes(variants: Sequence[tuple[Any, Callable[[], Any]]], settings: Pr
                 filled = []
                 for number, (m, context_of) in enumerate(variants):
                     with context_of():
-                        output = m(input_ids=ids[:, :context], use_cache=True, **last)
-                    filled.append(output.cache if cache_argument == "cache" else output.past_key_values)
+                        output = m(input_ids=ids[:, :context], use_cache=True, **lasts[number])
+                    filled.append(output.cache if cache_arguments[number] == "cache" else output.past_key_values)
                     if index == 0:
                         cache_bytes[number] = _tensor_bytes(filled[-1]) / (context * batch)
                 # every timed step starts from the same CONTEXT cached tokens (a copy: a step appends to its cache)
-                timed(f"decode:{text}", [lambda cache, m=m: m(input_ids=ids[:, context:], use_cache=True,
-                                                              **{cache_argument: cache}, **last) for m, _ in variants],
+                timed(f"decode:{text}", [lambda cache, m=m, argument=argument, last=last: m(
+                    input_ids=ids[:, context:], use_cache=True, **{argument: cache}, **last)
+                    for (m, _), argument, last in zip(variants, cache_arguments, lasts)],
                       [lambda cache=cache: copy.deepcopy(cache) for cache in filled])
                 if progress:
                     progress(len(totals[0]), steps, f"decode {text}")
@@ -500,11 +502,18 @@ def _time_shapes(variants: Sequence[tuple[Any, Callable[[], Any]]], settings: Pr
         return {"prefill_seconds": {str(s): statistics.median(runs[f"prefill:{s}"]) for s in settings.prefill_lengths},
                 "decode_seconds": {s: statistics.median(runs[f"decode:{s}"]) for s in settings.decode_shapes}}
 
-    element = torch.finfo(model.dtype).bits // 8
-    per_variant = [[{"weight_bytes": unique_parameters(m) * element, "kv_cache_bytes_per_token": cache_bytes[number],
+    weights = [unique_parameters(m) * (torch.finfo(m.dtype).bits // 8) for m, _ in variants]
+    per_variant = [[{"weight_bytes": weights[number], "kv_cache_bytes_per_token": cache_bytes[number],
                      **medians({key: times[r] for key, times in totals[number].items()})} for r in range(rounds)]
-                   for number, (m, _) in enumerate(variants)]
+                   for number in range(len(variants))]
     return per_variant, {name: medians(runs) for name, runs in inside.items()}
+
+
+def last_logits_only(model: Any) -> dict[str, int]:
+    """``{"logits_to_keep": 1}`` where the model's forward takes it, else nothing: a forward then computes only the
+    last position's logits, as a serving engine's prefill does (a 262k-token vocabulary's logits at every position
+    are a gigabyte per batch)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def _tensor_bytes(value: Any, seen: set[int] | None = None, depth: int = 4) -> int:

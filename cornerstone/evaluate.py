@@ -229,14 +229,12 @@ def tokens_per_second(models: Sequence[torch.nn.Module], *, batch: int = 4, leng
     gigabyte per batch, whose writing dominated the time and swung the measured ratio of two models by
     +-15% between three runs on one idle CPU.
     """
-    import inspect
     import statistics
 
-    from .costs import take_turns
+    from .costs import last_logits_only, take_turns
     from .exported import probe_ids
 
-    last = [{"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-            for model in models]
+    last = [last_logits_only(model) for model in models]
     ids = [probe_ids(text_config(model.config).vocab_size, batch=batch, length=length).to(model.device)
            for model in models]
 
