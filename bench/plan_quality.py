@@ -22,7 +22,9 @@ code with its defaults (first and last block kept, cornerstones protected):
   selection documents; ``greedy-prob`` values each document by the gold answer's probability instead of
   its accuracy); ``ablation-kl`` (single-block ablation on the selection documents, lowest) and ``greedy-kl``
   valuing each document by the divergence objective, exp(-KL) of the choice distribution from the full
-  model's (``cornerstone score --objective divergence``); ``pick-kl`` makes every ``--pick-from`` method's plan
+  model's (``cornerstone score --objective divergence``); ``greedy-text-kl``: greedy on the divergence objective
+  on the selection half of WikiText-2, exp(-KL) per token of every next-token distribution from the full
+  model's (SLEB's search and text, the full model's distributions in place of the text's next tokens); ``pick-kl`` makes every ``--pick-from`` method's plan
   (peers' too) and keeps, at each budget, the one whose masked model scores highest on the selection documents
   by the same divergence objective (plan selection on the selection data; the row names the plan it picked); with ``--repair METHODS``, those methods' plans also with linear repair (ReplaceMe)
   fitted on the selection half of WikiText-2; with ``--heal METHODS``, those methods' plans (and their repaired
@@ -96,7 +98,7 @@ REPORTS = {
     },
 }
 PEERS = ("last", "bi", "angular", "angular-span", "cosine", "avss", "sleb")
-OURS = ("ablation", "shapley", "greedy", "greedy-prob", "beam", "ablation-kl", "greedy-kl", "pick-kl")
+OURS = ("ablation", "shapley", "greedy", "greedy-prob", "beam", "ablation-kl", "greedy-kl", "greedy-text-kl", "pick-kl")
 
 
 def wikitext_halves(folder: Path, ppl_paragraphs: int, selection_paragraphs: int) -> tuple[Path, Path, Path]:
@@ -171,7 +173,7 @@ def main() -> None:
     parser.add_argument("--beam-width", type=int, default=3)
     parser.add_argument("--shortlist", type=int, default=8, help="Beam: candidates re-measured per path and step.")
     parser.add_argument("--greedy-shortlist", type=int, default=None, help="Greedy searches (greedy, greedy-prob, "
-                        "sleb): re-measure only this many candidates per step after the first (default: all).")
+                        "greedy-kl, greedy-text-kl, sleb): re-measure only this many candidates per step after the first (default: all).")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Every plan is chosen "
                         "(searches) and judged in this dtype, the base model too.")
     parser.add_argument("--repair", default="", help="Also measure these methods' plans with linear repair "
@@ -262,9 +264,10 @@ def main() -> None:
             plans[method] = {b: plans[picked[method][b]][b] for b in budgets}
             print(f"  pick-kl values: {[(b, c, round(v, 4)) for (b, c), v in values.items()]}", flush=True)
         else:  # measured searches: one run to the largest budget, cut at each
-            if method == "sleb":
-                value = ValueFunction(loaded, harness.load_tasks([f"text:{selection_text}"]), batch_size=args.batch_size,
-                                      store=args.store)
+            if method in ("sleb", "greedy-text-kl"):  # the same text, by perplexity or by every token's divergence
+                objective = "divergence" if method == "greedy-text-kl" else "accuracy"
+                value = ValueFunction(loaded, harness.load_tasks([f"text:{selection_text}"], objective=objective),
+                                      batch_size=args.batch_size, store=args.store)
                 planner = Planner(policy="greedy", drop=largest, shortlist=args.greedy_shortlist)
             elif method == "greedy":
                 value = None

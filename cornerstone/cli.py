@@ -413,7 +413,8 @@ def score(
     all_docs: Annotated[bool, typer.Option("--all-docs", help="Use every document of every task (ignores --limit).")] = False,
     objective: Annotated[str, typer.Option(help="accuracy (lm-eval's, 0/1 per document), probability (the gold "
                                            "answer's, continuous: less noise per document) or divergence (exp(-KL) of "
-                                           "the choice distribution from the full model's: no labels needed).")
+                                           "the choice distribution from the full model's; on a text:FILE task, of every next-token "
+                                           "distribution: no labels needed).")
                          ] = _default(TaskSelection, "objective"),
     until_resolved: Annotated[
         Optional[int], typer.Option("--until-resolved", min=2, metavar="MAX_DOCS",

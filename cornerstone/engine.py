@@ -20,7 +20,11 @@ forward without attention mask, the task's own ``process_results``), with three 
   same way: each document's requests are HFLM's rolling windows (:func:`cornerstone.harness.rolling_windows`),
   de-duplicated, packed and scheduled like any other pair, and the document's log-likelihood is their sum;
 * logits only where they are scored: the final hidden states are gathered at the continuation
-  positions on their way into the LM head, instead of projecting every position onto the vocabulary.
+  positions on their way into the LM head, instead of projecting every position onto the vocabulary;
+* a rolling task under the divergence objective (:func:`cornerstone.harness.token_divergence_result`) is served
+  by the same passes: the full model's pass keeps, at every scored position, its :data:`TOKEN_KL_TOP` most
+  likely next tokens' log-probabilities and the rest's (a few MB, not the vocabulary), and every masked pass
+  sums KL(q || p) over those outcomes per request, next to its log-likelihood.
 
 Packed rows change only the order of floating-point sums (an explicit mask instead of a causal
 kernel): log-likelihoods agree with lm-eval's to ~1e-6 in float32, so a document's result differs
@@ -47,6 +51,7 @@ document lies within it. The store never mixes the two loops' values (:func:`cor
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+import math
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -62,6 +67,20 @@ from .schedule import plan_cache, schedule
 # The dtype of the log-softmax over the vocabulary, whatever the model's: bf16 keeps ~3 significant
 # digits, and the metric compares log-probabilities of competing choices.
 LOGSOFTMAX_DTYPE = torch.float32
+# The divergence objective on text compares next-token distributions over the full model's TOKEN_KL_TOP most
+# likely tokens and "any other token" as one more outcome: that coarsened KL is exact for those K + 1 outcomes
+# and never above the KL over the whole vocabulary (the chain rule of KL: the whole-vocabulary KL adds the rest's
+# mass times the KL of the two models' distributions within the rest), and it keeps the reference to K + 1
+# numbers per position instead of the vocabulary (49,152 for SmolLM2, 262,144 for Gemma 3).
+TOKEN_KL_TOP = 256
+
+
+def _coarse_kl(log_q: torch.Tensor, log_q_rest: torch.Tensor, log_p: torch.Tensor, log_p_rest: torch.Tensor) -> torch.Tensor:
+    """Per row, KL(q || p) = sum_i q_i (log q_i - log p_i) + q_rest (log q_rest - log p_rest) over the outcomes
+    ``log_q``'s columns name and "the rest"; an outcome q gives probability 0 adds nothing."""
+    q, q_rest = log_q.exp(), log_q_rest.exp()
+    top = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(dim=-1)
+    return top + torch.where(q_rest > 0, q_rest * (log_q_rest - log_p_rest), torch.zeros_like(q_rest))
 
 
 class Engine:
@@ -108,6 +127,11 @@ class Engine:
         self._state_bytes = [b.inputs.numel() * config.hidden_size * element for b in self.batches]
         self._cache: dict[tuple[int, int], torch.Tensor] = {}  # (batch, block entered): full-model state
         self._full: list[tuple[float, bool]] | None = None  # the full model's responses
+        # the divergence objective on text: the full model's next-token distributions per batch (top-k token ids,
+        # their log-probabilities, the rest's log-probability), taken by the full pass
+        self._token_kl = any(spec.token_divergence for spec in self.tasks)
+        self._reference: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._uniform_kl: list[float] = [0.0] * len(self.requests)  # per request: a uniform predictor's KL sum
         self.block_passes = 0  # blocks computed over all batches and masks: the work prefix reuse saves
         # Matrix-multiply work of the forwards run, in FLOPs: what a matmul bound is computed from
         # (bench/engine_bound.py). Per token a sublayer costs 2 x its weight matrices' entries (an MoE's
@@ -128,7 +152,8 @@ class Engine:
     def numerics(self) -> dict[str, str]:
         """What sets this engine's numbers apart from another loop's on the same model: the dtype of its
         log-softmax (part of a value's key in the store, :func:`cornerstone.store.game_key`)."""
-        return {"engine": "fast", "logsoftmax": str(LOGSOFTMAX_DTYPE).removeprefix("torch.")}
+        return {"engine": "fast", "logsoftmax": str(LOGSOFTMAX_DTYPE).removeprefix("torch."),
+                **({"token_kl_top": TOKEN_KL_TOP} if self._token_kl else {})}
 
     @property
     def longest_sequence(self) -> int:
@@ -148,15 +173,34 @@ class Engine:
             return
         full: list[tuple[float, bool]] = [(0.0, False)] * len(self.requests)
         for batch_index, batch in enumerate(self.batches):
-            results, states = self._run(batch, (), capture=self._cached_blocks)
+            results, states = self._run(batch_index, (), capture=self._cached_blocks)
             for block, state in states.items():
                 self._cache[(batch_index, block)] = state
-            for request_id, loglikelihood, greedy in results:
+            for request_id, loglikelihood, greedy, _ in results:
                 full[request_id] = (loglikelihood, greedy)
         self._full = full
+        if self._token_kl:
+            self._set_token_chance()
+
+    def _set_token_chance(self) -> None:
+        """A token divergence task's chance: the value of a uniform next-token predictor, exp(-KL(q || uniform))
+        per token, token-weighted as the task's value is (:func:`cornerstone.harness.token_divergence_result`)."""
+        for spec in self.tasks:
+            if spec.token_divergence:
+                docs = self.docs[spec.name]
+                uniform = [sum(self._uniform_kl[r] for r in requests) for requests in self._request_ids[spec.name]]
+                spec.chance = harness.token_divergence_result(uniform, [doc.tokens for doc in docs]).score
 
     def loglikelihoods_many(self, masks: Sequence[Sequence[Player]]) -> Iterator[tuple[int, list[tuple[float, bool]]]]:
         """(mask index, (loglikelihood, is_greedy) of every unique request) for each mask, as each finishes.
+        See :meth:`_responses_many`."""
+        for index, responses, _ in self._responses_many(masks):
+            yield index, responses
+
+    def _responses_many(self, masks: Sequence[Sequence[Player]]
+                        ) -> Iterator[tuple[int, list[tuple[float, bool]], list[float]]]:
+        """(mask index, (loglikelihood, is_greedy) of every unique request, each request's summed next-token KL
+        from the full model, 0 unless a token divergence task asks for it) for each mask, as each finishes.
 
         Masks run in the order :func:`cornerstone.schedule.schedule` gives (a depth-first walk of the
         trie of masks), each batch starting from the deepest hidden state that serves it: one the walk
@@ -172,17 +216,18 @@ class Engine:
             for key in step.release:
                 del held["branch"][key]
             if not step.players:
-                yield step.mask, list(self._full)  # type: ignore[arg-type]
+                yield step.mask, list(self._full), [0.0] * len(self.requests)  # type: ignore[arg-type]
                 continue
             responses: list[tuple[float, bool]] = [(0.0, False)] * len(self.requests)
+            divergences = [0.0] * len(self.requests)
             for run in step.runs:
                 state = held.get(run.source, {}).get((run.batch, run.start))
-                results, captured = self._run(self.batches[run.batch], step.players, start=run.start, state=state,
-                                              capture=run.capture)
+                results, captured = self._run(run.batch, step.players, start=run.start, state=state, capture=run.capture)
                 held["branch"].update({(run.batch, block): tensor for block, tensor in captured.items()})
-                for request_id, loglikelihood, greedy in results:
+                for request_id, loglikelihood, greedy, divergence in results:
                     responses[request_id] = (loglikelihood, greedy)
-            yield step.mask, responses
+                    divergences[request_id] = divergence
+            yield step.mask, responses, divergences
 
     @contextmanager
     def _enter_at(self, block: int, state: torch.Tensor) -> Iterator[None]:
@@ -213,10 +258,11 @@ class Engine:
                 else:
                     self._layers[j].forward = original
 
-    def _run(self, batch: Batch, players: Sequence[Player], *, start: int = 0, state: torch.Tensor | None = None,
-             capture: Iterable[int] = ()) -> tuple[list[tuple[int, float, bool]], dict[int, torch.Tensor]]:
-        """Forward ``batch`` with ``players`` removed, entering block ``start`` with ``state`` (which
+    def _run(self, batch_index: int, players: Sequence[Player], *, start: int = 0, state: torch.Tensor | None = None,
+             capture: Iterable[int] = ()) -> tuple[list[tuple[int, float, bool, float]], dict[int, torch.Tensor]]:
+        """Forward batch ``batch_index`` with ``players`` removed, entering block ``start`` with ``state`` (which
         already holds the removals before it), and keep the states entering the blocks in ``capture``."""
+        batch = self.batches[batch_index]
         captured: dict[int, torch.Tensor] = {}
 
         def keeper(block: int) -> Any:
@@ -235,7 +281,7 @@ class Engine:
             for block in capture:
                 if block > start:
                     stack.callback(self._layers[block - 1].register_forward_hook(keeper(block)).remove)
-            results = self._forward(batch)
+            results = self._forward(batch_index, full=not players)
         self.block_passes += len(self._layers) - start
         self._count_work(batch, players, start)
         return results, captured
@@ -252,7 +298,12 @@ class Engine:
                 self.attention_flops += 4 * rows * length * length * self._attention_width
         self.linear_flops += batch.positions.numel() * self._head_flops
 
-    def _forward(self, batch: Batch) -> list[tuple[int, float, bool]]:
+    def _forward(self, batch_index: int, *, full: bool) -> list[tuple[int, float, bool, float]]:
+        """(request id, log-likelihood, is_greedy, summed next-token KL from the full model) per request of the
+        batch; the KL is 0 unless a token divergence task needs it, and the full model's pass (``full``) keeps
+        the reference it is measured against."""
+        batch = self.batches[batch_index]
+
         def scored_only(_head: Any, args: tuple) -> tuple:
             hidden = args[0]
             return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)[None],) + args[1:]
@@ -269,12 +320,43 @@ class Engine:
                 argmax = logprobs.argmax(dim=-1)
                 token_ll = logprobs[batch.gather_rows, batch.targets]
                 greedy = argmax[batch.gather_rows] == batch.targets
+                token_kl = self._token_divergence(batch_index, logprobs, full=full)[batch.gather_rows] \
+                    if self._token_kl else None
         finally:
             handle.remove()
         return [
-            (request_id, float(token_ll[start:end].sum()), bool(greedy[start:end].all()))
+            (request_id, float(token_ll[start:end].sum()), bool(greedy[start:end].all()),
+             float(token_kl[start:end].sum()) if token_kl is not None else 0.0)
             for request_id, start, end in batch.owners
         ]
+
+    def _token_divergence(self, batch_index: int, logprobs: torch.Tensor, *, full: bool) -> torch.Tensor:
+        """KL(q || p) at every scored position of the batch, ``q`` the full model's next-token distribution
+        coarsened to its :data:`TOKEN_KL_TOP` most likely tokens and the rest, ``p`` this pass's ``logprobs``
+        coarsened alike. The full pass keeps ``q`` (and every request's KL from a uniform predictor, for the
+        chance level) and returns zeros. ``logprobs`` is overwritten."""
+        if full:
+            top = min(TOKEN_KL_TOP, logprobs.shape[-1])
+            log_q, tokens = logprobs.topk(top, dim=-1)
+            log_q_rest = self._log_rest(logprobs, tokens)
+            self._reference[batch_index] = (tokens, log_q, log_q_rest)
+            # a uniform predictor over the vocabulary, coarsened to the same outcomes
+            vocab = logprobs.shape[-1]
+            uniform = _coarse_kl(log_q, log_q_rest, torch.full_like(log_q, -math.log(vocab)),
+                                 torch.full_like(log_q_rest, math.log((vocab - top) / vocab) if vocab > top else -math.inf))
+            batch = self.batches[batch_index]
+            per_token = uniform[batch.gather_rows]
+            for request_id, start, end in batch.owners:
+                self._uniform_kl[request_id] = float(per_token[start:end].sum())
+            return torch.zeros_like(log_q_rest)
+        tokens, log_q, log_q_rest = self._reference[batch_index]
+        return _coarse_kl(log_q, log_q_rest, logprobs.gather(1, tokens), self._log_rest(logprobs, tokens))
+
+    @staticmethod
+    def _log_rest(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log of the probability of every token but ``tokens`` per row, as a log-sum-exp over the others (exact
+        where 1 - sum(top) would cancel); overwrites ``logprobs`` at ``tokens``."""
+        return torch.logsumexp(logprobs.scatter_(1, tokens, -math.inf), dim=-1)
 
     # -- results --------------------------------------------------------------------------------------
 
@@ -291,16 +373,18 @@ class Engine:
 
     def task_results_many(self, masks: Sequence[Sequence[Player]]) -> Iterator[tuple[int, dict[str, harness.TaskResult]]]:
         """(mask index, each task's result) for each mask, as each finishes; see :meth:`loglikelihoods_many`."""
-        for index, responses in self.loglikelihoods_many(masks):
-            yield index, self._results(responses)
+        for index, responses, divergences in self._responses_many(masks):
+            yield index, self._results(responses, divergences)
 
     def task_results(self, players: Sequence[Player] = ()) -> dict[str, harness.TaskResult]:
         """Each task's metric and per-document values under the mask, as :func:`harness.run_tasks` returns them."""
-        return self._results(self.loglikelihoods(players))
+        [(_, results)] = list(self.task_results_many([players]))
+        return results
 
     def set_references(self) -> None:
         """Give the divergence objective's tasks the full model's log-likelihoods as their reference
-        (:func:`harness.set_reference`), from the full-model pass the prefix cache is filled by."""
+        (:func:`harness.set_reference`), from the full-model pass the prefix cache is filled by (which also
+        keeps a token divergence task's next-token distributions and sets its chance)."""
         self._fill_cache()
         full = self.per_document(self._full)  # type: ignore[arg-type]
         for spec in self.tasks:
@@ -308,7 +392,7 @@ class Engine:
                 harness.set_reference(spec, {doc.doc_id: [ll for ll, _ in answers]
                                              for doc, answers in zip(self.docs[spec.name], full[spec.name])})
 
-    def _results(self, responses: list[tuple[float, bool]]) -> dict[str, harness.TaskResult]:
+    def _results(self, responses: list[tuple[float, bool]], divergences: Sequence[float]) -> dict[str, harness.TaskResult]:
         if any(spec.divergence and spec.reference is None for spec in self.tasks):
             self.set_references()
         answers = self.per_document(responses)
@@ -316,6 +400,12 @@ class Engine:
         for spec in self.tasks:
             for doc, doc_answers in zip(self.docs[spec.name], answers[spec.name]):
                 harness.check_finite(spec, doc.doc_id, doc_answers)
+            if spec.token_divergence:
+                # a document's divergence is the sum over its windows' tokens, as its log-likelihood is
+                results[spec.name] = harness.token_divergence_result(
+                    [sum(divergences[r] for r in requests) for requests in self._request_ids[spec.name]],
+                    [doc.tokens for doc in self.docs[spec.name]])
+                continue
             if spec.output_type == harness.ROLLING:
                 # a document's log-likelihood is the sum over its windows, as in HFLM.loglikelihood_rolling
                 results[spec.name] = harness.rolling_result(

@@ -42,6 +42,9 @@ DIVERGENCE_METRICS = {"acc": "exp_neg_kl", "acc_norm": "exp_neg_kl_norm"}
 # The value of a rolling log-likelihood task (a text:FILE task, or lm-eval's loglikelihood_rolling tasks such as
 # wikitext): 1 / perplexity per token. See :func:`rolling_result`.
 ROLLING_METRIC = "inv_perplexity"
+# The same tasks under the divergence objective: exp(-KL) per token of the model's next-token distribution from
+# the full model's. See :func:`token_divergence_result`.
+TOKEN_DIVERGENCE_METRIC = "exp_neg_token_kl"
 ROLLING = "loglikelihood_rolling"
 # ``--tasks text:FILE``: FILE's texts are the documents of a rolling log-likelihood task
 TEXT_TASK_PREFIX = "text:"
@@ -96,6 +99,12 @@ class TaskSpec:
     def divergence(self) -> bool:
         """Whether the value is exp(-KL) from the full model's choice distribution (:func:`divergence_value`)."""
         return self.metric in DIVERGENCE_METRICS.values()
+
+    @property
+    def token_divergence(self) -> bool:
+        """Whether the value is exp(-KL) per token from the full model's next-token distributions
+        (:func:`token_divergence_result`): a rolling task under the divergence objective."""
+        return self.metric == TOKEN_DIVERGENCE_METRIC
 
     @functools.cached_property
     def content_hash(self) -> str:
@@ -215,10 +224,12 @@ def _leaf_tasks(task_dict: dict) -> Iterator[tuple[str, Any]]:
 
 
 def _choose_metric(name: str, task: Any, objective: str = "accuracy") -> str:
-    if task.config.output_type == ROLLING:
-        return ROLLING_METRIC  # computed here from the log-likelihoods, whatever the task's own metrics
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective '{objective}'", hint=f"Use one of: {', '.join(OBJECTIVES)}.")
+    if task.config.output_type == ROLLING:
+        # computed here from the model's outputs, whatever the task's own metrics; a text has no choices, so
+        # accuracy and probability both value it by its perplexity
+        return TOKEN_DIVERGENCE_METRIC if objective == "divergence" else ROLLING_METRIC
     available = set(task.aggregation())
     for metric in PREFERRED_METRICS:
         if metric in available:
@@ -229,7 +240,10 @@ def _choose_metric(name: str, task: Any, objective: str = "accuracy") -> str:
     )
 
 
-def _chance(task: Any, docs: Sequence[Any], output_type: str, vocab_size: int | None = None) -> float:
+def _chance(task: Any, docs: Sequence[Any], output_type: str, vocab_size: int | None = None,
+            metric: str | None = None) -> float:
+    if metric == TOKEN_DIVERGENCE_METRIC:
+        return 0.0  # a uniform predictor's value against the full model's distributions, known once they are
     if output_type == ROLLING:
         return 1.0 / vocab_size if vocab_size else 0.0
     if output_type != "multiple_choice" or not docs:
@@ -321,8 +335,9 @@ def load_tasks(
             indices, selection = _draw(name, len(docs), limit, seed, (exclude or {}).get(name, ()))
         for index in indices:
             check_document(name, task, docs[index], index, output_type)
-        spec = TaskSpec(name=name, task=task, metric=_choose_metric(name, task, objective), doc_indices=indices,
-                        total_docs=len(docs), chance=_chance(task, [docs[i] for i in indices], output_type, vocab_size),
+        metric = _choose_metric(name, task, objective)
+        spec = TaskSpec(name=name, task=task, metric=metric, doc_indices=indices, total_docs=len(docs),
+                        chance=_chance(task, [docs[i] for i in indices], output_type, vocab_size, metric),
                         output_type=output_type, selection=selection)
         expected = documents[name].content_sha256 if documents is not None else None
         if expected is not None and spec.content_hash != expected:
@@ -374,7 +389,7 @@ def _text_of(doc: dict) -> str:
 
 def objective_of(specs: Sequence[TaskSpec]) -> str:
     """The objective ``specs`` were loaded with (:data:`OBJECTIVES`; rolling tasks have their own value under any)."""
-    if any(spec.divergence for spec in specs):
+    if any(spec.divergence or spec.token_divergence for spec in specs):
         return "divergence"
     return "probability" if any(spec.probability for spec in specs) else "accuracy"
 
@@ -402,9 +417,10 @@ def set_reference(spec: TaskSpec, loglikelihoods: Mapping[int, Sequence[float]])
 
 def set_vocabulary(specs: Sequence[TaskSpec], vocab_size: int) -> None:
     """Set the chance level of ``specs``' rolling tasks to a uniform predictor's over ``vocab_size`` tokens
-    (a model's output size); other tasks' chance does not depend on the model."""
+    (a model's output size); other tasks' chance does not depend on the model (a token divergence task's is set
+    from the full model's distributions, :meth:`cornerstone.engine.Engine.set_references`)."""
     for spec in specs:
-        if spec.output_type == ROLLING:
+        if spec.output_type == ROLLING and not spec.token_divergence:
             spec.chance = 1.0 / vocab_size
 
 
@@ -615,6 +631,10 @@ def run_tasks(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
     Raises :class:`EvaluationError` when the model's log-likelihoods are NaN or infinite, since a
     comparison of NaNs would silently count as a wrong answer.
     """
+    token_tasks = [spec.name for spec in tasks if spec.token_divergence]
+    if token_tasks:  # lm-eval's loop returns log-likelihoods, not the distributions this objective compares
+        raise ConfigError(f"the divergence objective on text ({', '.join(token_tasks)}) is measured by the fast engine only",
+                          hint="Use --engine fast, or score the text by perplexity (--objective accuracy).")
     logged, metrics = _lm_eval_samples(lm, tasks)
     results: dict[str, TaskResult] = {}
     for spec in tasks:
@@ -663,6 +683,21 @@ def rolling_result(loglikelihoods: Sequence[float], tokens: Sequence[int]) -> Ta
     n = len(tokens)
     per_doc = [score * (1.0 + n / total * (ll - m * t)) for ll, t in zip(loglikelihoods, tokens, strict=True)]
     return TaskResult(score=score, per_doc=per_doc)
+
+
+def token_divergence_result(divergences: Sequence[float], tokens: Sequence[int]) -> TaskResult:
+    """The value of a rolling task under the divergence objective, from each document's divergence ``k_d``: the
+    sum over its ``t_d`` tokens of ``KL(q_t || p_t)``, ``q_t`` the full model's next-token distribution at the
+    token's position and ``p_t`` the model's (:class:`cornerstone.engine.Engine` computes it over the full model's
+    top tokens and the rest of the vocabulary as one outcome, :data:`cornerstone.engine.TOKEN_KL_TOP`).
+
+    ``score = exp(-sum_d k_d / sum_d t_d)``: the geometric mean over tokens of ``exp(-KL)``, 1 for the full model
+    and lower for any change of its next-token distributions. It is :func:`rolling_result` of the log-likelihoods
+    ``-k_d`` (same token weighting, same per-document linearisation): the log-likelihood of the text is
+    ``-KL(onehot_t || p_t)`` summed over tokens, so perplexity compares the model with the text's next tokens
+    and this compares it with the full model's whole distributions, what distillation fits to (Hinton et al.
+    2015; Puzzle, Minitron), on any text, no labels needed (issue 20)."""
+    return rolling_result([-divergence for divergence in divergences], tokens)
 
 
 def perplexity(score: float) -> float:

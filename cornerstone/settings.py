@@ -63,7 +63,7 @@ class TaskSelection(_Settings):
         "accuracy", description="Each document's value: lm-eval's accuracy (0 or 1), the probability the model gives "
         "the gold answer (continuous, same chance level; see harness.gold_probability), or exp(-KL) of the model's "
         "choice distribution from the full model's (continuous, 1 for the full model, no gold label needed; see "
-        "harness.divergence_value).")
+        "harness.divergence_value; on a text task, of every next-token distribution, harness.token_divergence_result).")
 
     @field_validator("include_paths", mode="before")
     @classmethod

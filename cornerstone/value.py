@@ -2,7 +2,8 @@
 
 Following Zhang, Dong & Kawaguchi (2024), v is an lm-eval accuracy: ``acc_norm`` where the task
 has it, else ``acc``; on a rolling log-likelihood task (``text:FILE``, wikitext) it is 1 / perplexity per
-token (:func:`cornerstone.harness.rolling_result`). With several tasks v is their unweighted mean (a macro average), and so is the
+token (:func:`cornerstone.harness.rolling_result`), or under the divergence objective exp(-KL) per token from the
+full model's next-token distributions (:func:`cornerstone.harness.token_divergence_result`). With several tasks v is their unweighted mean (a macro average), and so is the
 chance level. Coalitions are named by what they remove, since every estimator here works near the
 full model: ``value.evaluate([L0_mlp])`` is v(N \\ {L0.mlp}).
 """
@@ -93,7 +94,11 @@ class ValueFunction:
             self.numerics = {"engine": "lm-eval", "logsoftmax": str(softmax).removeprefix("torch.")}
         else:
             raise ConfigError(f"unknown engine '{engine}'", hint="Use 'fast' or 'lm-eval'.")
-        if any(spec.divergence and spec.reference is None for spec in self.tasks):
+        token_tasks = [spec.name for spec in self.tasks if spec.token_divergence]
+        if token_tasks and self._engine is None:  # lm-eval's loop gives log-likelihoods, not distributions
+            raise ConfigError(f"the divergence objective on text ({', '.join(token_tasks)}) is measured by the fast "
+                              "engine only", hint="Use --engine fast, or score the text by perplexity (--objective accuracy).")
+        if token_tasks or any(spec.divergence and spec.reference is None for spec in self.tasks):
             self._set_references()
         self.store = ValueStore(store, self.game()) if store is not None else None
         self._memo: dict[frozenset[str], Evaluation] = {}
