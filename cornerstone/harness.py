@@ -388,7 +388,8 @@ def _text_of(doc: dict) -> str:
 
 
 def objective_of(specs: Sequence[TaskSpec]) -> str:
-    """The objective ``specs`` were loaded with (:data:`OBJECTIVES`; rolling tasks have their own value under any)."""
+    """The objective ``specs`` were loaded with (:data:`OBJECTIVES`; a rolling task is valued by its perplexity
+    under accuracy and probability alike, and by its token divergence under divergence)."""
     if any(spec.divergence or spec.token_divergence for spec in specs):
         return "divergence"
     return "probability" if any(spec.probability for spec in specs) else "accuracy"

@@ -128,3 +128,22 @@ def test_value_function_serves_it_and_the_lm_eval_loop_refuses_it(texts, tiny_ll
         ValueFunction(loaded, text_specs(texts), batch_size=4, engine="lm-eval")
     with pytest.raises(ConfigError, match="fast engine only"):
         harness.run_tasks(harness.make_lm(loaded.model, loaded.tokenizer), text_specs(texts))
+
+
+def test_a_report_scored_on_text_divergence_plans_greedy_on_the_same_objective(texts, tiny_llama_dir):  # noqa: F811
+    """score -> plan --policy greedy: the plan re-measures the report's own game (text, objective, documents),
+    so its first greedy step's measured score is the report's value of removing that block alone."""
+    from cornerstone.estimators import Ablation
+    from cornerstone.planner import Planner, make_plan
+    from cornerstone.scores import score
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    report = score(loaded, text_specs(texts), estimator=Ablation(granularity="block"), store=False, batch_size=4)
+    assert report.settings["objective"] == "divergence" and report.base_score == 1.0 and 0 < report.chance < 1
+    plan = make_plan(report, Planner(policy="greedy", drop=1, keep_first=0, keep_last=0, protect_cornerstones=False),
+                     loaded=loaded)
+    [step] = plan.search
+    assert step.score_after == pytest.approx(report.base_score - report.players[step.name].importance, abs=1e-9)
+    # the block whose removal moved the distributions least
+    assert report.players[step.name].importance == min(p.importance for p in report.players.values())
+
