@@ -50,8 +50,8 @@ document lies within it. The store never mixes the two loops' values (:func:`cor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
