@@ -626,16 +626,22 @@ def lm_eval_loglikelihoods(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, dict
                         for position, sample in enumerate(samples[spec.name])} for spec in tasks}
 
 
+def check_lm_eval_loop(tasks: Sequence[TaskSpec]) -> None:
+    """Refuse what lm-eval's own loop cannot measure: it returns log-likelihoods, not the next-token
+    distributions the divergence objective on text compares (:func:`token_divergence_result`)."""
+    token_tasks = [spec.name for spec in tasks if spec.token_divergence]
+    if token_tasks:
+        raise ConfigError(f"the divergence objective on text ({', '.join(token_tasks)}) is measured by the fast engine only",
+                          hint="Use --engine fast, or score the text by perplexity (--objective accuracy).")
+
+
 def run_tasks(lm: Any, tasks: Sequence[TaskSpec]) -> dict[str, TaskResult]:
     """Run lm-eval's own evaluation loop on the fixed documents of ``tasks``.
 
     Raises :class:`EvaluationError` when the model's log-likelihoods are NaN or infinite, since a
     comparison of NaNs would silently count as a wrong answer.
     """
-    token_tasks = [spec.name for spec in tasks if spec.token_divergence]
-    if token_tasks:  # lm-eval's loop returns log-likelihoods, not the distributions this objective compares
-        raise ConfigError(f"the divergence objective on text ({', '.join(token_tasks)}) is measured by the fast engine only",
-                          hint="Use --engine fast, or score the text by perplexity (--objective accuracy).")
+    check_lm_eval_loop(tasks)
     logged, metrics = _lm_eval_samples(lm, tasks)
     results: dict[str, TaskResult] = {}
     for spec in tasks:

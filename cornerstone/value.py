@@ -88,17 +88,14 @@ class ValueFunction:
                                                  cache_bytes=cache_bytes)
             self.numerics = self._engine.numerics
         elif engine == "lm-eval":
+            harness.check_lm_eval_loop(self.tasks)  # before the loop runs the full model for a reference
             self._engine = None
             # HFLM takes its log-softmax in ``softmax_dtype`` when set, else in the logits' (the model's) dtype
             softmax = getattr(self._lm, "softmax_dtype", None) or loaded.model.dtype
             self.numerics = {"engine": "lm-eval", "logsoftmax": str(softmax).removeprefix("torch.")}
         else:
             raise ConfigError(f"unknown engine '{engine}'", hint="Use 'fast' or 'lm-eval'.")
-        token_tasks = [spec.name for spec in self.tasks if spec.token_divergence]
-        if token_tasks and self._engine is None:  # lm-eval's loop gives log-likelihoods, not distributions
-            raise ConfigError(f"the divergence objective on text ({', '.join(token_tasks)}) is measured by the fast "
-                              "engine only", hint="Use --engine fast, or score the text by perplexity (--objective accuracy).")
-        if token_tasks or any(spec.divergence and spec.reference is None for spec in self.tasks):
+        if any(spec.token_divergence or (spec.divergence and spec.reference is None) for spec in self.tasks):
             self._set_references()
         self.store = ValueStore(store, self.game()) if store is not None else None
         self._memo: dict[frozenset[str], Evaluation] = {}
