@@ -31,6 +31,11 @@ For each target (default ``decode:1.3x`` and ``kv:50%``):
    paired bootstrap standard error (plan_quality's ``kept``).
 
 Writes ``reports/fit/NAME.{json,md}`` and ``NAME-profile.json`` (NAME: ``--name``, default the model).
+
+``--rejudge EARLIER.json`` judges an earlier run's plans again on other held-out documents (step 6 only,
+``--eval-limit`` and ``--eval-seed`` of this run), with no profiling, planning or timing: its plans, measured
+costs and A/A control are carried over as they were measured. At 40 documents a task a plan's kept share has a
+standard error of about 14 points, wider than most differences between plans; 200 a task halve it and more.
 """
 
 from __future__ import annotations
@@ -121,12 +126,17 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--out", default="reports/fit")
     parser.add_argument("--store", default=None, help="Value store folder (cornerstone.store) of the greedy plans' "
-                        "evaluations: a re-run replays them instead of measuring again.")
+                        "and the held-out evaluations: a re-run replays them instead of measuring again.")
     parser.add_argument("--name", default=None, help="Output file names (default: the model's; the profile is NAME-profile.json).")
+    parser.add_argument("--rejudge", default=None, help="An earlier run's JSON: judge its plans again on this run's "
+                        "held-out documents (--eval-limit, --eval-seed), its measured costs carried over.")
     args = parser.parse_args()
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.rejudge:
+        rejudge(args, started)
+        return
 
     loaded = load_model(args.model, dtype=args.dtype, device="cpu")
     settings = ProfileSettings(prefill_lengths=[args.prefill], decode_shapes=[args.decode], repeats=args.repeats,
@@ -195,38 +205,89 @@ def main() -> None:
                / speed["control"]["prefill_seconds"][str(args.prefill)]}
     print(f"  measured speed: {time.perf_counter() - started:.0f} s", flush=True)
 
-    # --- held-out quality: documents and tasks the report never saw
-    used = {name: sorted(record.doc_indices) for name, record in report.documents().items()}
-    unseen = harness.load_tasks(UNSEEN_TASKS, limit=args.eval_limit, seed=args.eval_seed, exclude=used)
-    value = ValueFunction(loaded, unseen, batch_size=32)
-    evaluations = value.evaluate_many([[]] + [parse_players(loaded.model, plan["players"]) for plan in plans.values()])
-    chance = {spec.name: spec.chance for spec in unseen}
-    base_eval = evaluations[0]
-    rows = []
-    per_doc = {key: evaluation.per_doc for key, evaluation in zip(plans, evaluations[1:])}
-    for (key, plan), evaluation in zip(plans.items(), evaluations[1:]):
-        point, error = kept(base_eval.per_doc, evaluation.per_doc, chance, args.bootstrap, seed=0)
-        blocks = f"blocks {plan['target']}"
-        # the done-means of issue 23: more than whole blocks at the same cost, with the paired s.e. of the difference
-        difference, difference_se = (margin(base_eval.per_doc, evaluation.per_doc, per_doc[blocks], chance,
-                                            args.bootstrap, seed=0) if key != blocks else (None, None))
-        s, b = speed[key], speed["base"]
-        rows.append({**plan, "key": key, "kept": point, "kept_se": error, "score": evaluation.score,
-                     "vs_blocks": {"peer": "blocks", "margin": difference, "se": difference_se} if difference is not None else None,
-                     "check": parse_target(plan["target"]).check(b, s),
-                     "decode_speedup": b["decode_seconds"][args.decode] / s["decode_seconds"][args.decode],
-                     "prefill_speedup": b["prefill_seconds"][str(args.prefill)] / s["prefill_seconds"][str(args.prefill)],
-                     "kv_kept": s["kv_cache_bytes_per_token"] / b["kv_cache_bytes_per_token"],
-                     "weights_kept": s["weight_bytes"] / b["weight_bytes"], "measured": s})
+    for key, plan in plans.items():
+        plan.update(key=key, check=parse_target(plan["target"]).check(speed["base"], speed[key]),
+                    decode_speedup=speed["base"]["decode_seconds"][args.decode] / speed[key]["decode_seconds"][args.decode],
+                    prefill_speedup=speed["base"]["prefill_seconds"][str(args.prefill)]
+                    / speed[key]["prefill_seconds"][str(args.prefill)],
+                    kv_kept=speed[key]["kv_cache_bytes_per_token"] / speed["base"]["kv_cache_bytes_per_token"],
+                    weights_kept=speed[key]["weight_bytes"] / speed["base"]["weight_bytes"], measured=speed[key])
+    base_eval, rows, unseen = held_out(loaded, report, list(plans.values()), args)
     document = {"model": args.model, "dtype": args.dtype, "report": report_path, "granularity": granularity,
                 "profile": str(profile_path), "shapes": {"prefill": args.prefill, "decode": args.decode},
                 "base": {**speed["base"], "score": base_eval.score,
                          "predicted": {m: profile.total(m) for m in MEASURES}}, "control": control, "rows": rows,
                 "evaluation": {s.name: len(s.doc_indices) for s in unseen}, "machine": machine(),
                 "seconds": time.perf_counter() - started, "args": vars(args)}
-    atomic_write(out / f"{args.name or args.model}.json", (json.dumps(document, indent=2) + "\n").encode())
-    atomic_write(out / f"{args.name or args.model}.md", markdown(document).encode())
+    write(document, out, args.name or args.model)
+
+
+def held_out(loaded: Any, report: ScoreReport, plans: list[dict[str, Any]], args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], list[Any]]:
+    """Step 6: the base model's evaluation, each plan's row with its kept share and its margin over the same
+    target's block plan (the done-means of issue 23, with the paired s.e. of the difference), and the tasks."""
+    used = {name: sorted(record.doc_indices) for name, record in report.documents().items()}
+    unseen = harness.load_tasks(UNSEEN_TASKS, limit=args.eval_limit, seed=args.eval_seed, exclude=used)
+    value = ValueFunction(loaded, unseen, batch_size=32, store=args.store)
+    evaluations = value.evaluate_many([[]] + [parse_players(loaded.model, plan["players"]) for plan in plans])
+    chance = {spec.name: spec.chance for spec in unseen}
+    base_eval = evaluations[0]
+    per_doc = {plan["key"]: evaluation.per_doc for plan, evaluation in zip(plans, evaluations[1:])}
+    rows = []
+    for plan, evaluation in zip(plans, evaluations[1:]):
+        point, error = kept(base_eval.per_doc, evaluation.per_doc, chance, args.bootstrap, seed=0)
+        blocks = f"blocks {plan['target']}"
+        difference, difference_se = (margin(base_eval.per_doc, evaluation.per_doc, per_doc[blocks], chance,
+                                            args.bootstrap, seed=0) if plan["key"] != blocks else (None, None))
+        rows.append({**plan, "kept": point, "kept_se": error, "score": evaluation.score,
+                     "vs_blocks": {"peer": "blocks", "margin": difference, "se": difference_se}
+                     if difference is not None else None})
+    return base_eval, rows, unseen
+
+
+def write(document: dict[str, Any], out: Path, name: str) -> None:
+    atomic_write(out / f"{name}.json", (json.dumps(document, indent=2) + "\n").encode())
+    atomic_write(out / f"{name}.md", markdown(document).encode())
     print(markdown(document))
+
+
+# what a row of an earlier run must hold to be judged again; the rest of it is carried as it was
+_ROW_KEYS = {"key": str, "target": str, "method": str, "players": list, "predicted": dict, "check": dict,
+             "decode_speedup": float, "prefill_speedup": float, "kv_kept": float, "weights_kept": float, "measured": dict}
+_JUDGED = ("kept", "kept_se", "score", "vs_blocks")
+
+
+def rejudge(args: argparse.Namespace, started: float) -> None:
+    """``--rejudge``: an earlier run's plans judged again on this run's held-out documents; nothing else re-measured."""
+    from cornerstone.files import parse_json
+
+    source = Path(args.rejudge)
+    try:
+        earlier = parse_json(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SystemExit(f"--rejudge: cannot read {source}: {exc}") from None
+    if not isinstance(earlier, dict) or earlier.get("model") != args.model:
+        raise SystemExit(f"--rejudge: {source} is not a run of this script on {args.model} (hint: pass its --model)")
+    rows = earlier.get("rows")
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(row, dict) and all(isinstance(row.get(k), t if t is not float else (int, float))
+                                          for k, t in _ROW_KEYS.items()) for row in rows):
+        raise SystemExit(f"--rejudge: {source} holds no plan rows of this script (each needs {', '.join(_ROW_KEYS)})")
+    keys = [row["key"] for row in rows]
+    missing = {f"blocks {row['target']}" for row in rows} - set(keys)
+    if len(set(keys)) != len(keys) or missing:
+        raise SystemExit(f"--rejudge: {source}'s rows repeat a plan or lack a block plan ({', '.join(sorted(missing))})")
+    report_path = earlier.get("report")
+    if report_path != REPORTS[args.model][0]:
+        raise SystemExit(f"--rejudge: {source} was planned from {report_path}, not {REPORTS[args.model][0]}")
+    loaded = load_model(args.model, dtype=earlier.get("dtype", args.dtype), device="cpu")
+    report = ScoreReport.load(report_path)
+    plans = [{k: v for k, v in row.items() if k not in _JUDGED} for row in rows]
+    base_eval, judged, unseen = held_out(loaded, report, plans, args)
+    document = {**earlier, "rows": judged, "base": {**earlier["base"], "score": base_eval.score},
+                "evaluation": {s.name: len(s.doc_indices) for s in unseen},
+                "rejudged": {"from": str(source), "machine": machine(), "seconds": time.perf_counter() - started,
+                             "args": vars(args)}}
+    write(document, Path(args.out), args.name or f"{source.stem}-rejudged")
 
 
 def markdown(document: dict) -> str:
@@ -242,7 +303,10 @@ def markdown(document: dict) -> str:
              f"({sum(document['evaluation'].values())} documents)."
              + (f" A/A control (the unpruned model timed again in the same turns): decode "
                 f"{document['control']['decode_ratio']:.2f}x, prefill {document['control']['prefill_ratio']:.2f}x."
-                if document.get("control") else ""),
+                if document.get("control") else "")
+             + (f" Plans and costs: `{document['rejudged']['from']}` (as measured there); judged again here on "
+                f"{sum(document['evaluation'].values())} held-out documents ({document['rejudged']['machine'].get('cpu')})."
+                if document.get("rejudged") else ""),
              "",
              "| target | plan | removed | met | decode speed-up (predicted) | KV kept | weights kept | prefill speed-up "
              "(predicted) | kept (± se) | vs blocks |",
