@@ -432,8 +432,9 @@ def main() -> None:
                     row.pop(key, None)
         rows += carried
         merged_from = {"file": args.merge, "methods": sorted({r["method"] for r in carried}), "groups_checked": shared}
-    # each of ours against the budget's best peer, on the same resampled documents (none when that peer was
-    # measured in an earlier run: its documents' values are not in the JSON)
+    # every plan against the budget's best peer, the other peers too (is the best one distinguishable from them?),
+    # on the same resampled documents (none when that peer was measured in an earlier run: its documents' values
+    # are not in the JSON)
     for budget in budgets:
         peers = [r for r in rows if r["budget"] == budget and r["kind"] == "peer" and r.get("unseen_kept") is not None
                  and " + " not in r["method"]]
@@ -442,7 +443,7 @@ def main() -> None:
         best = max(peers, key=lambda r: r["unseen_kept"])
         if id(best) not in unseen_docs:
             continue
-        for row in [r for r in rows if r["budget"] == budget and r["kind"] == "ours" and id(r) in unseen_docs]:
+        for row in [r for r in rows if r["budget"] == budget and r is not best and id(r) in unseen_docs]:
             point, error = margin(results["unseen"]["base"].per_doc, unseen_docs[id(row)], unseen_docs[id(best)],
                                   chance["unseen"], args.bootstrap, seed=0)
             row["unseen_vs_best_peer"] = {"peer": best["method"], "margin": point, "se": error}
@@ -486,7 +487,8 @@ def markdown(document: dict) -> str:
     base = document["base"]
     lines = [f"# Plan quality: {document['model']} ({document['blocks']} blocks)", "",
              f"Chosen on {', '.join(document['selection']['tasks'])} (the reports' documents) and the first half of "
-             f"WikiText-2; judged on {', '.join(document['evaluation']['unseen'])} (**unseen**), the four selection tasks "
+             f"WikiText-2; judged on {', '.join(document['evaluation']['unseen'])} (**unseen**, "
+             f"{sum(document['evaluation']['unseen'].values())} documents), the four selection tasks "
              "on other documents (**family**) and perplexity on the second half of WikiText-2 (**ppl**). "
              "kept = share of the base model's above-chance score kept (macro over the group's tasks), ± bootstrap s.e.; "
              "vs best peer = points of unseen kept above the budget's best peer, ± the paired bootstrap s.e. of that "
