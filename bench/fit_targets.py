@@ -279,6 +279,9 @@ def rejudge(args: argparse.Namespace, started: float) -> None:
     report_path = earlier.get("report")
     if report_path != REPORTS[args.model][0]:
         raise SystemExit(f"--rejudge: {source} was planned from {report_path}, not {REPORTS[args.model][0]}")
+    name = args.name or f"{source.stem}-rejudged"
+    if (Path(args.out) / f"{name}.json").resolve() == source.resolve():
+        raise SystemExit(f"--rejudge: the output would replace {source} itself (hint: pass another --name)")
     loaded = load_model(args.model, dtype=earlier.get("dtype", args.dtype), device="cpu")
     report = ScoreReport.load(report_path)
     plans = [{k: v for k, v in row.items() if k not in _JUDGED} for row in rows]
@@ -287,7 +290,7 @@ def rejudge(args: argparse.Namespace, started: float) -> None:
                 "evaluation": {s.name: len(s.doc_indices) for s in unseen},
                 "rejudged": {"from": str(source), "machine": machine(), "seconds": time.perf_counter() - started,
                              "args": vars(args)}}
-    write(document, Path(args.out), args.name or f"{source.stem}-rejudged")
+    write(document, Path(args.out), name)
 
 
 def markdown(document: dict) -> str:
