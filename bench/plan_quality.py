@@ -479,6 +479,8 @@ def _versus(versus: dict | None) -> str:
     if not versus or versus["margin"] is None:
         return ""
     points, error = 100 * versus["margin"], 100 * (versus["se"] or 0)
+    if versus["margin"] == 0 and not versus["se"]:  # equal on every document: the peer's own plan
+        return f"same as {versus['peer']}"
     word = "tie" if abs(points) <= error else "ahead" if points > 0 else "behind"
     return f"{points:+.0f} ± {error:.0f} {word} ({versus['peer']})"
 
@@ -524,19 +526,23 @@ def plot(document: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    # one panel per group the run measured: a run with --groups unseen draws no empty family panel
+    panels = [(key, title) for key, title in (("unseen_kept", "unseen tasks"), ("family_kept", "selection tasks, other documents"))
+              if any(row.get(key) is not None for row in document["rows"])] or [("unseen_kept", "unseen tasks")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    axes = list(axes[0])
     for method in sorted({row["method"] for row in document["rows"]}):
         rows = sorted((r for r in document["rows"] if r["method"] == method), key=lambda r: r["budget"])
         style = "-" if rows[0]["kind"] == "ours" else "--"
-        for axis, key in zip(axes, ("unseen_kept", "family_kept")):
+        for axis, (key, _) in zip(axes, panels):
             axis.errorbar([r["budget"] for r in rows], [r[key] if r.get(key) is not None else np.nan for r in rows],
                           yerr=[r.get(f"{key}_se") or 0 for r in rows], label=method, linestyle=style, marker="o", capsize=2)
-    for axis, title in zip(axes, ("unseen tasks", "selection tasks, other documents")):
+    for axis, (_, title) in zip(axes, panels):
         axis.set_xlabel("blocks removed (%)")
         axis.set_ylabel("above-chance score kept")
         axis.set_title(f"{document['model']}: {title}")
         axis.axhline(0, color="grey", linewidth=0.5)
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[-1].legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
