@@ -479,8 +479,8 @@ def _versus(versus: dict | None) -> str:
     if not versus or versus["margin"] is None:
         return ""
     points, error = 100 * versus["margin"], 100 * (versus["se"] or 0)
-    if versus["margin"] == 0 and not versus["se"]:  # equal on every document: the peer's own plan
-        return f"same as {versus['peer']}"
+    if versus["margin"] == 0 and not versus["se"]:  # no resample separates them: identical per-document values
+        return f"equal on every document ({versus['peer']})"
     word = "tie" if abs(points) <= error else "ahead" if points > 0 else "behind"
     return f"{points:+.0f} ± {error:.0f} {word} ({versus['peer']})"
 
