@@ -702,7 +702,7 @@ def plan(
         made = make_plan(report, planner, progress=progress, store=default_store_root())
     path = made.save(out or report.with_name(report.stem + "-plan.yaml"))
     if as_json:
-        _print_json({**made.model_dump(mode="json"), "path": str(path)})
+        _print_json({**made.model_dump(mode="json"), "path": str(path), "notes": made.notes})
         return
     from rich.table import Table
 
@@ -726,6 +726,8 @@ def plan(
     if made.predicted_score is not None:
         what = "measured score" if made.predicted_measured else "estimated score (not measured)"
         typer.echo(f"{what} {made.predicted_score:.4f} (full model {made.report['base_score']:.4f}): {made.predicted_by}")
+    for note in made.notes:
+        typer.echo(f"note: {note}")
     typer.echo(f"plan: {path}")
 
 

@@ -65,6 +65,21 @@ from .players import _PLAYER_ID, forward_order, removed_blocks
 from .scores import ScoreReport, as_checked_mapping, first_non_finite, player_name_problem
 
 PLAN_SCHEMA_VERSION = 1
+
+# Report methods whose one-shot block plans (lowest, contiguous, fit) bench/plan_quality.py judged weak on tasks and
+# documents they were not chosen on (AMD EPYC, float32; docs/planning.md), with what it measured. Data, not logic:
+# a later benchmark edits this table.
+ONE_SHOT_CAVEATS: dict[str, str] = {
+    "ablation": ("single-removal ablation misses how removals interact: the lowest blocks of accuracy-ablation reports "
+                 "kept 34% of the above-chance score on held-out tasks on average (16% in the worst cell) in "
+                 "bench/plan_quality, against 44-46% for block influence, cosine, angular distance and greedy on "
+                 "divergence (docs/planning.md#judged-on-1300-documents); plan from `cornerstone score --method bi` "
+                 "too and compare the exports with `cornerstone eval` before shipping one"),
+    "avss": ("AVSS's plans kept the least of every way bench/plan_quality judged: 20% (SmolLM2-135M) and 14% "
+             "(Gemma 3 270M) of the above-chance score on held-out tasks, averaged over four budgets, against 54% and "
+             "47% for block influence (docs/planning.md#which-way-of-choosing-keeps-the-most); plan from "
+             "`cornerstone score --method bi` instead"),
+}
 _DROP = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 
@@ -370,6 +385,15 @@ class Plan(BaseModel):
     @property
     def player_names(self) -> list[str]:
         return [removal.name for removal in self.removed]
+
+    @property
+    def notes(self) -> list[str]:
+        """What the plan-quality benchmark measured about plans made this way, where it found them weak
+        (:data:`ONE_SHOT_CAVEATS`): printed by ``plan`` and the recipes, so a user cutting from such a
+        report learns it before shipping the export."""
+        one_shot = self.planner.policy in ("lowest", "contiguous", "fit") and self.granularity == "block"
+        caveat = ONE_SHOT_CAVEATS.get(self.report["method"]) if one_shot else None
+        return [caveat] if caveat else []
 
     @property
     def what(self) -> str:

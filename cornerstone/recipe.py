@@ -185,6 +185,8 @@ def run_recipe(recipe: Recipe, *, log: Callable[[str], None] = print,
     plan.report["path"] = str(report_path)
     plan_path = plan.save(reports / f"{recipe.name}-plan.yaml")
     log(f"plan: drop {', '.join(plan.player_names)} ({plan.parameters.removed_fraction:.1%} of parameters) -> {plan_path}")
+    for note in plan.notes:
+        log(f"plan: note: {note}")
     exported = export(loaded, plan, settings=recipe.export, recipe=recipe.model_dump(mode="json"))
     log(f"export: {exported.format} checkpoint, {exported.parameters:,} parameters, max logit difference "
         f"{exported.max_abs_logit_diff} -> {exported.path}")

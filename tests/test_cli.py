@@ -124,6 +124,8 @@ def test_plan_export_eval_from_the_cli(scored, tiny_llama_dir, toy_folder, tmp_p
     shown = runner.invoke(app, ["plan", str(out), "--drop", "1", "--keep-first", "0", "--keep-last", "0",
                                 "--out", str(tmp_path / "again.yaml")])
     assert plan["removed"][0]["name"] in shown.stdout and "estimated score (not measured)" in shown.stdout
+    # a one-shot block cut from an ablation report carries the benchmark's caveat, in JSON and as a note line
+    assert len(plan["notes"]) == 1 and "--method bi" in plan["notes"][0] and f"note: {plan['notes'][0]}" in shown.stdout
     assert plan["report"]["documents"]["toy_cli"]["doc_indices"] == json.loads(out.read_text())["tasks"][0]["doc_indices"]
 
     exported = runner.invoke(app, ["export", str(tiny_llama_dir), str(plan_path), "--out", str(tmp_path / "slim"), "--json"])

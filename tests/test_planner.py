@@ -51,6 +51,22 @@ def test_lowest_drops_the_least_important_and_explains_each():
     assert {p.name: p.reason for p in plan.protected} == {"L0": "keep_first 1", "L7": "keep_last 1"}
 
 
+def test_a_one_shot_block_cut_from_a_report_the_benchmark_found_weak_carries_its_caveat():
+    from cornerstone.planner import ONE_SHOT_CAVEATS
+
+    ablation = report_with(EIGHT)
+    assert make_plan(ablation, Planner(drop=3)).notes == [ONE_SHOT_CAVEATS["ablation"]]
+    assert make_plan(ablation, Planner(drop=3, policy="contiguous")).notes == [ONE_SHOT_CAVEATS["ablation"]]
+    avss = ablation.model_copy(update={"method": "avss"})
+    assert make_plan(avss, Planner(drop=3)).notes == [ONE_SHOT_CAVEATS["avss"]]
+    # block influence was among the best: no note; nor at sublayer granularity, which the benchmark did not judge
+    assert make_plan(ablation.model_copy(update={"method": "bi"}), Planner(drop=3)).notes == []
+    sublayers = report_with({f"L{i}.{k}": v / 2 for i, v in enumerate(EIGHT.values()) for k in ("attn", "mlp")},
+                            granularity="sublayer")
+    assert make_plan(sublayers, Planner(drop=3, granularity="sublayer")).notes == []
+    assert make_plan(sublayers, Planner(drop=3)).notes == [ONE_SHOT_CAVEATS["ablation"]]
+
+
 def test_cornerstones_are_protected_unless_the_user_lets_them_go():
     report = report_with({**EIGHT, "L3": -0.5}, cornerstones=["L3"])
     assert "L3" not in make_plan(report, Planner(drop=2)).player_names
