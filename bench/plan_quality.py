@@ -32,6 +32,8 @@ code with its defaults (first and last block kept, cornerstones protected):
   (distillation from the full model, early stopping, the final check that keeps the pruned weights when
   healing scores lower) on the first half of WikiText-2. The heal's final check reads the selection tasks'
   other documents, so a healed row's **family** column is left blank: it is judged on unseen and ppl only.
+  ``--heal-keep always`` keeps the healed weights whatever the check says, so the row judges weights the default
+  would have discarded (the JSON's ``default_keeps`` says which model the default hands back).
 
 A greedy or beam search runs once, to the largest budget, and is cut at each budget (``search_until``).
 Pruned models are measured as masks of the one loaded model with the fast engine, whose per-document
@@ -181,6 +183,10 @@ def main() -> None:
     parser.add_argument("--heal", default="", help="Also measure these methods' plans exported and healed "
                         "(comma-separated, or 'all'); with --repair, their repaired plans healed too.")
     parser.add_argument("--heal-steps", type=int, default=None, help="Heal steps (default: cornerstone heal's).")
+    parser.add_argument("--heal-keep", choices=("better", "always"), default=None,
+                        help="always: keep the healed weights even where the heal's final check scores them lower, so "
+                        "the table judges them on the unseen tasks too (the row's check says what the default, better, "
+                        "hands back; the as-cut row is that model when it keeps the pruned weights).")
     parser.add_argument("--heal-check-limit", type=int, default=None, help="Documents per task of the heal's final "
                         "check (default: cornerstone heal's).")
     parser.add_argument("--groups", default="unseen,family,ppl", help="Evaluation groups to measure (comma-separated "
@@ -363,15 +369,17 @@ def main() -> None:
                                                        keep_first=0, keep_last=0, protect_cornerstones=False),
                              loaded=loaded)
             assert sorted(plan.player_names) == sorted(names), (plan.player_names, names)
-            folder = folders / f"{method}-{budget:g}{'-repair' if with_repair else ''}"
+            keep = args.heal_keep or "better"
+            folder = folders / f"{method}-{budget:g}{'-repair' if with_repair else ''}{'-always' if keep == 'always' else ''}"
             manifest = folder / "healed" / HEAL_MANIFEST
             if manifest.is_file() and (folder / "pruned" / "cornerstone-plan.yaml").is_file() \
-                    and sorted(Plan.load(folder / "pruned" / "cornerstone-plan.yaml").player_names) == sorted(names):
+                    and sorted(Plan.load(folder / "pruned" / "cornerstone-plan.yaml").player_names) == sorted(names) \
+                    and json.loads(manifest.read_text()).get("settings", {}).get("keep", "better") == keep:
                 result = HealResult.model_validate({k: v for k, v in json.loads(manifest.read_text()).items()
                                                     if k in HealResult.model_fields})
             else:
                 export(loaded, plan, folder / "pruned", overwrite=True, repair=fitted if with_repair else None)
-                options = {"steps": args.heal_steps, "check_limit": args.heal_check_limit}
+                options = {"steps": args.heal_steps, "check_limit": args.heal_check_limit, "keep": args.heal_keep}
                 result = heal(folder / "pruned", folder / "healed", data=str(heal_text), overwrite=True,
                               evaluation_tasks=UNSEEN_TASKS, **{k: v for k, v in options.items() if v is not None})
             healed_model = load_model(str(folder / "healed"), dtype=args.dtype, device="cpu")
@@ -393,7 +401,8 @@ def main() -> None:
     for method, budget, with_repair, with_heal in [(*v, False) for v in variants] + [(m, b, r, True) for m, b, r in healed]:
         measured = (healed[(method, budget, with_repair)] if with_heal else repaired[(method, budget)] if with_repair
                     else {g: results[g][(method, budget)] for g in groups})
-        row: dict[str, Any] = {"method": method + (" + repair" if with_repair else "") + (" + heal" if with_heal else ""),
+        heal_label = " + heal" + (" (kept always)" if args.heal_keep == "always" else "")
+        row: dict[str, Any] = {"method": method + (" + repair" if with_repair else "") + (heal_label if with_heal else ""),
                                "kind": "peer" if method in PEERS else "ours", "budget": budget,
                                "blocks": plans[method][budget], "parameters": parameters[budgets[budget]],
                                "speed_ratio": speed_ratio[budgets[budget]], "plan_seconds": seconds[method]}
@@ -402,7 +411,10 @@ def main() -> None:
         if with_heal:
             result = measured["result"]
             row["heal"] = {"kept": result.kept, "seconds": result.seconds, "steps": result.steps,
-                           "best_step": result.best_step, "check": result.check.model_dump() if result.check else None}
+                           "best_step": result.best_step, "check": result.check.model_dump() if result.check else None,
+                           "keep": args.heal_keep or "better",
+                           # what heal's default (keep better) hands back: the as-cut (or repaired) row's model when "pruned"
+                           "default_keeps": "pruned" if result.check and result.check.difference <= 0 else "healed"}
         for group in [g for g in ("unseen", "family") if g in groups and g in measured]:
             point, error = kept(results[group]["base"].per_doc, measured[group].per_doc, chance[group],
                                 args.bootstrap, seed=0)
@@ -514,6 +526,10 @@ def markdown(document: dict) -> str:
         lines += ["`+ heal`: exported and healed with `cornerstone heal`'s defaults on the first half of WikiText-2; its "
                   "final check reads the selection tasks' other documents, so family is not measured for these rows. "
                   "`kept pruned` in the JSON means the check kept the pruned weights.", ""]
+    if any(r.get("heal", {}).get("keep") == "always" for r in document["rows"]):
+        lines += ["`(kept always)`: healed with `--keep always`, so the healed weights are judged even where the final "
+                  "check scored them lower; `default_keeps` in the JSON says what the default (`keep: better`) hands back, "
+                  "and when that is `pruned` the row without `+ heal` is the model the default returns.", ""]
     if document.get("merged"):
         lines += [f"\\* measured in an earlier run of this script ({document['merged']['file']}), whose base model scored "
                   f"exactly this run's on {', '.join(document['merged']['groups_checked'])}: the same documents and numerics.", ""]
