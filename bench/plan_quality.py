@@ -354,10 +354,12 @@ def main() -> None:
                                           for group, specs in groups.items()}
             print(f"  repaired {method} {budget}%", flush=True)
     healed_methods = methods if args.heal == "all" else [m for m in args.heal.split(",") if m]
+    heal_keep = args.heal_keep or "better"
+    heal_label = " + heal" + (" (kept always)" if heal_keep == "always" else "")
     healed: dict[tuple[str, float, bool], dict[str, Any]] = {}
     if healed_methods:
         from cornerstone.export import export
-        from cornerstone.heal import HEAL_MANIFEST, HealResult, heal
+        from cornerstone.heal import HEAL_MANIFEST, HealResult, heal, kept_weights
 
         folders = Path(args.store) / "heal" if args.store else Path(tempfile.mkdtemp(prefix="plan-quality-heal-"))
         for method, budget, with_repair in [(m, b, r) for m in healed_methods for b in budgets
@@ -369,17 +371,16 @@ def main() -> None:
                                                        keep_first=0, keep_last=0, protect_cornerstones=False),
                              loaded=loaded)
             assert sorted(plan.player_names) == sorted(names), (plan.player_names, names)
-            keep = args.heal_keep or "better"
-            folder = folders / f"{method}-{budget:g}{'-repair' if with_repair else ''}{'-always' if keep == 'always' else ''}"
+            folder = folders / f"{method}-{budget:g}{'-repair' if with_repair else ''}{'-always' if heal_keep == 'always' else ''}"
             manifest = folder / "healed" / HEAL_MANIFEST
-            if manifest.is_file() and (folder / "pruned" / "cornerstone-plan.yaml").is_file() \
+            finished = json.loads(manifest.read_text()) if manifest.is_file() else None
+            if finished is not None and (folder / "pruned" / "cornerstone-plan.yaml").is_file() \
                     and sorted(Plan.load(folder / "pruned" / "cornerstone-plan.yaml").player_names) == sorted(names) \
-                    and json.loads(manifest.read_text()).get("settings", {}).get("keep", "better") == keep:
-                result = HealResult.model_validate({k: v for k, v in json.loads(manifest.read_text()).items()
-                                                    if k in HealResult.model_fields})
+                    and finished.get("settings", {}).get("keep", "better") == heal_keep:
+                result = HealResult.model_validate({k: v for k, v in finished.items() if k in HealResult.model_fields})
             else:
                 export(loaded, plan, folder / "pruned", overwrite=True, repair=fitted if with_repair else None)
-                options = {"steps": args.heal_steps, "check_limit": args.heal_check_limit, "keep": args.heal_keep}
+                options = {"steps": args.heal_steps, "check_limit": args.heal_check_limit, "keep": heal_keep}
                 result = heal(folder / "pruned", folder / "healed", data=str(heal_text), overwrite=True,
                               evaluation_tasks=UNSEEN_TASKS, **{k: v for k, v in options.items() if v is not None})
             healed_model = load_model(str(folder / "healed"), dtype=args.dtype, device="cpu")
@@ -401,7 +402,6 @@ def main() -> None:
     for method, budget, with_repair, with_heal in [(*v, False) for v in variants] + [(m, b, r, True) for m, b, r in healed]:
         measured = (healed[(method, budget, with_repair)] if with_heal else repaired[(method, budget)] if with_repair
                     else {g: results[g][(method, budget)] for g in groups})
-        heal_label = " + heal" + (" (kept always)" if args.heal_keep == "always" else "")
         row: dict[str, Any] = {"method": method + (" + repair" if with_repair else "") + (heal_label if with_heal else ""),
                                "kind": "peer" if method in PEERS else "ours", "budget": budget,
                                "blocks": plans[method][budget], "parameters": parameters[budgets[budget]],
@@ -412,9 +412,9 @@ def main() -> None:
             result = measured["result"]
             row["heal"] = {"kept": result.kept, "seconds": result.seconds, "steps": result.steps,
                            "best_step": result.best_step, "check": result.check.model_dump() if result.check else None,
-                           "keep": args.heal_keep or "better",
+                           "keep": heal_keep,
                            # what heal's default (keep better) hands back: the as-cut (or repaired) row's model when "pruned"
-                           "default_keeps": "pruned" if result.check and result.check.difference <= 0 else "healed"}
+                           "default_keeps": kept_weights(result.check, "better")}
         for group in [g for g in ("unseen", "family") if g in groups and g in measured]:
             point, error = kept(results[group]["base"].per_doc, measured[group].per_doc, chance[group],
                                 args.bootstrap, seed=0)

@@ -150,6 +150,12 @@ class HealResult(BaseModel):
     kept: Literal["healed", "pruned"] = "healed"
 
 
+def kept_weights(check: HealCheck | None, keep: str) -> Literal["healed", "pruned"]:
+    """Which weights ``heal`` writes: the pruned ones when the final check found no gain (difference <= 0)
+    and ``keep`` is ``better``; the healed ones otherwise (no check, a gain, or ``keep="always"``)."""
+    return "pruned" if check is not None and keep == "better" and check.difference <= 0 else "healed"
+
+
 def training_tasks(data: str) -> list[str]:
     """The task names ``data`` names (empty when it is a file)."""
     if Path(data).suffix in (".txt", ".jsonl", ".json") or Path(data).exists():
@@ -442,7 +448,7 @@ def heal(
     if before is not None:
         after = _check_score(model, tokenizer, source, check_specs, device)
         check = _verdict(before, after, check_specs, healing.keep)
-    kept = "pruned" if check is not None and healing.keep == "better" and check.difference <= 0 else "healed"
+    kept = kept_weights(check, healing.keep)
     model = model.to(dtype=saved_dtype)
     parameters = unique_parameters(model)
     result = HealResult(
