@@ -28,7 +28,7 @@ code with its defaults (first and last block kept, cornerstones protected):
   (peers' too) and keeps, at each budget, the one whose masked model scores highest on the selection documents
   by the same divergence objective (plan selection on the selection data; the row names the plan it picked); with ``--repair METHODS``, those methods' plans also with linear repair (ReplaceMe)
   fitted on the selection half of WikiText-2; with ``--heal METHODS``, those methods' plans (and their repaired
-  plans, for methods also in ``--repair``) exported and healed with ``cornerstone heal``'s defaults
+  plans, for methods also in ``--repair``; only those with ``--heal-variants repaired``) exported and healed with ``cornerstone heal``'s defaults
   (distillation from the full model, early stopping, the final check that keeps the pruned weights when
   healing scores lower) on the first half of WikiText-2. The heal's final check reads the selection tasks'
   other documents, so a healed row's **family** column is left blank: it is judged on unseen and ppl only.
@@ -182,6 +182,9 @@ def main() -> None:
                         "(comma-separated, or 'all').")
     parser.add_argument("--heal", default="", help="Also measure these methods' plans exported and healed "
                         "(comma-separated, or 'all'); with --repair, their repaired plans healed too.")
+    parser.add_argument("--heal-variants", choices=("both", "repaired"), default="both",
+                        help="repaired: heal only the --repair plans, not the plain ones (a budget whose plain heal "
+                        "is already reported, e.g. in an earlier run's table).")
     parser.add_argument("--heal-steps", type=int, default=None, help="Heal steps (default: cornerstone heal's).")
     parser.add_argument("--heal-keep", choices=("better", "always"), default=None,
                         help="always: keep the healed weights even where the heal's final check scores them lower, so "
@@ -209,6 +212,9 @@ def main() -> None:
                         "greedy-kl", help="pick-kl's candidates: methods whose plans it measures on the selection "
                         "documents (divergence objective), keeping the best at each budget.")
     args = parser.parse_args()
+    if args.heal_variants == "repaired" and (args.repair != "all" and not set(args.heal.split(",")) <= set(args.repair.split(","))
+                                             or not args.heal):
+        parser.error("--heal-variants repaired heals --repair plans only: name every --heal method in --repair too")
     started = time.perf_counter()
 
     loaded = load_model(args.model, dtype=args.dtype, device="cpu")
@@ -363,7 +369,8 @@ def main() -> None:
 
         folders = Path(args.store) / "heal" if args.store else Path(tempfile.mkdtemp(prefix="plan-quality-heal-"))
         for method, budget, with_repair in [(m, b, r) for m in healed_methods for b in budgets
-                                            for r in ((False, True) if m in repaired_methods else (False,))]:
+                                            for r in ((False, True) if m in repaired_methods else (False,))
+                                            if r or args.heal_variants == "both"]:
             names = plans[method][budget]
             # the plan as `cornerstone plan` writes it (the report's document record, which the heal's check avoids)
             plan = make_plan(selection_report, Planner(drop=len(names), keep=[f"L{i}" for i in range(blocks)

@@ -249,29 +249,72 @@ def _save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.opti
     shutil.rmtree(retired, ignore_errors=True)
 
 
+class _CheckpointState(BaseModel):
+    """``state.json`` of a heal checkpoint: where training stood, checked before it is trusted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: str
+    step: int = Field(ge=0)
+    history: list[dict[str, float]]
+    best: float | None
+    best_step: int | None = Field(None, ge=1)
+    bad: int = Field(ge=0)
+    stopped: bool
+
+
+def _damaged(folder: Path, problem: str) -> HealError:
+    return HealError(f"the heal checkpoint in '{folder}' is damaged: {problem}",
+                     hint="Delete that folder to start the heal over (its trained steps are lost).")
+
+
 def _best_weights(folder: Path) -> dict[str, torch.Tensor] | None:
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "best.safetensors")) if (folder / "best.safetensors").is_file() else None
+    path = folder / "best.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for a cut or edited file
+        raise _damaged(folder, f"best.safetensors cannot be read ({type(exc).__name__})") from None
 
 
-def _load_checkpoint(folder: Path, key: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+def _load_checkpoint(folder: Path, key: str, steps: int, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The state of a resumable run from its checkpoint ``folder``, with the model and optimizer restored;
+    None when there is none. A checkpoint of other settings, or one that is cut, edited or of another
+    model, is refused (:class:`HealError`) rather than half-loaded: the run would silently train on."""
+    from pydantic import ValidationError
     from safetensors.torch import load_file
 
     state_file = folder / "state.json"
     if not state_file.exists():
         return None
-    state = json.loads(state_file.read_text())
-    if state.get("key") != key:
+    try:
+        state = _CheckpointState.model_validate_json(state_file.read_bytes())
+    except (OSError, ValidationError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else exc.errors()[0]["msg"]
+        raise _damaged(folder, f"state.json: {problem}") from None
+    if state.key != key:
         raise HealError(f"'{folder}' holds a checkpoint of a healing run with other settings",
                         hint="Start it again with the same settings, or delete that folder to start over.")
-    weights = load_file(str(folder / "trainable.safetensors"))
-    missing = model.load_state_dict(weights, strict=False)
-    if missing.unexpected_keys:
+    if state.step > steps or len(state.history) != state.step:
+        raise _damaged(folder, f"state.json says step {state.step} with {len(state.history)} logged, of {steps}")
+    try:
+        weights = load_file(str(folder / "trainable.safetensors"))
+    except Exception as exc:  # a missing, cut or edited file: safetensors' own error type, or OSError
+        raise _damaged(folder, f"trainable.safetensors cannot be read ({type(exc).__name__})") from None
+    expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(expected) or any(weights[n].shape != p.shape for n, p in expected.items()):
         raise HealError(f"the checkpoint in '{folder}' does not fit this model", hint="Delete that folder to start over.")
-    # our own file, read back with the safe unpickler (tensors and plain containers only)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    return state
+    model.load_state_dict(weights, strict=False)
+    try:
+        # our own file, read back with the safe unpickler (tensors and plain containers only)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    except Exception as exc:  # cut (RuntimeError), refused by the safe unpickler (UnpicklingError), or of other shapes
+        raise _damaged(folder, f"optimizer.pt cannot be read ({type(exc).__name__})") from None
+    return state.model_dump()
 
 
 def _loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
@@ -385,7 +428,7 @@ def heal(
 
     key = _settings_key(healing, fingerprint_folder(source))
     checkpoint = checkpoint_dir(out)
-    state = (_load_checkpoint(checkpoint, key, model, optimizer)
+    state = (_load_checkpoint(checkpoint, key, healing.steps, model, optimizer)
              or {"key": key, "step": 0, "history": [], "best": None, "best_step": None, "bad": 0, "stopped": False})
     resumed_from = state["step"]
     history: list[dict[str, float]] = state["history"]

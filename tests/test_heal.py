@@ -104,6 +104,37 @@ def test_a_killed_healing_run_resumes_to_the_same_weights(pruned, tmp_path):
         heal(slim, tmp_path / "other", healing.model_copy(update={"seed": 1}))
 
 
+DAMAGES = {
+    "state.json cut short": ("state.json", lambda raw: raw[: len(raw) // 2]),
+    "state.json edited past the last step": ("state.json", lambda raw: raw.replace(b'"step": 5', b'"step": 50')),
+    "state.json with a step that is not a number": ("state.json", lambda raw: raw.replace(b'"step": 5', b'"step": "5"')),
+    "trainable weights cut short": ("trainable.safetensors", lambda raw: raw[: len(raw) // 2]),
+    "optimizer state cut short": ("optimizer.pt", lambda raw: raw[: len(raw) // 2]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_kept(pruned, tmp_path, damage):
+    """A checkpoint cut by a full disk or edited by hand is refused before a step trains on it: the run would
+    otherwise resume from half-loaded weights, or at a step it never reached, and write a model without a word."""
+    base, slim = pruned
+    healing = settings(slim.parent / "corpus.txt", steps=12)
+
+    def kill_at_step_6(done: int, total: int, what: str) -> None:
+        if done == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(slim, tmp_path / "healed", healing, progress=kill_at_step_6)
+    name, edit = DAMAGES[damage]
+    target = checkpoint_dir(tmp_path / "healed") / name
+    target.write_bytes(damaged := edit(target.read_bytes()))
+    with pytest.raises(HealError, match="damaged") as caught:
+        heal(slim, tmp_path / "healed", healing)
+    assert "\n" not in str(caught.value) and "Delete that folder" in caught.value.hint
+    assert target.read_bytes() == damaged and not (tmp_path / "healed").exists()  # nothing deleted, nothing written
+
+
 def test_full_fine_tuning_trains_every_weight(pruned, tmp_path):
     _, slim = pruned
     result = heal(slim, tmp_path / "full", settings(slim.parent / "corpus.txt", method="full", steps=6, learning_rate=1e-3))
