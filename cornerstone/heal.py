@@ -268,16 +268,18 @@ def _damaged(folder: Path, problem: str) -> HealError:
                      hint="Delete that folder to start the heal over (its trained steps are lost).")
 
 
-def _best_weights(folder: Path) -> dict[str, torch.Tensor] | None:
+def _read_weights(folder: Path, name: str, expected: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors ``name``, which must be exactly ``expected``'s names and shapes."""
     from safetensors.torch import load_file
 
-    path = folder / "best.safetensors"
-    if not path.is_file():
-        return None
     try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error type for a cut or edited file
-        raise _damaged(folder, f"best.safetensors cannot be read ({type(exc).__name__})") from None
+        weights = load_file(str(folder / name))
+    except Exception as exc:  # a missing, cut or edited file: safetensors' own error type, or OSError
+        raise _damaged(folder, f"{name} cannot be read ({type(exc).__name__})") from None
+    if set(weights) != set(expected) or any(weights[n].shape != p.shape for n, p in expected.items()):
+        raise HealError(f"the checkpoint in '{folder}' does not fit this model ({name})",
+                        hint="Delete that folder to start over.")
+    return weights
 
 
 def _load_checkpoint(folder: Path, key: str, steps: int, model: torch.nn.Module,
@@ -286,35 +288,34 @@ def _load_checkpoint(folder: Path, key: str, steps: int, model: torch.nn.Module,
     None when there is none. A checkpoint of other settings, or one that is cut, edited or of another
     model, is refused (:class:`HealError`) rather than half-loaded: the run would silently train on."""
     from pydantic import ValidationError
-    from safetensors.torch import load_file
 
     state_file = folder / "state.json"
     if not state_file.exists():
         return None
     try:
         state = _CheckpointState.model_validate_json(state_file.read_bytes())
-    except (OSError, ValidationError) as exc:
-        problem = exc.strerror if isinstance(exc, OSError) else exc.errors()[0]["msg"]
-        raise _damaged(folder, f"state.json: {problem}") from None
+    except OSError as exc:
+        raise _damaged(folder, f"state.json: {exc.strerror}") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise _damaged(folder, f"state.json{' ' + where if where else ''}: {error['msg']}") from None
     if state.key != key:
         raise HealError(f"'{folder}' holds a checkpoint of a healing run with other settings",
                         hint="Start it again with the same settings, or delete that folder to start over.")
     if state.step > steps or len(state.history) != state.step:
         raise _damaged(folder, f"state.json says step {state.step} with {len(state.history)} logged, of {steps}")
-    try:
-        weights = load_file(str(folder / "trainable.safetensors"))
-    except Exception as exc:  # a missing, cut or edited file: safetensors' own error type, or OSError
-        raise _damaged(folder, f"trainable.safetensors cannot be read ({type(exc).__name__})") from None
     expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != set(expected) or any(weights[n].shape != p.shape for n, p in expected.items()):
-        raise HealError(f"the checkpoint in '{folder}' does not fit this model", hint="Delete that folder to start over.")
+    weights = _read_weights(folder, "trainable.safetensors", expected)
+    # the best weights so far on the held-out windows, which the run writes at its end unless it improves on them
+    best = _read_weights(folder, "best.safetensors", expected) if state.best_step is not None else None
     model.load_state_dict(weights, strict=False)
     try:
         # our own file, read back with the safe unpickler (tensors and plain containers only)
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     except Exception as exc:  # cut (RuntimeError), refused by the safe unpickler (UnpicklingError), or of other shapes
         raise _damaged(folder, f"optimizer.pt cannot be read ({type(exc).__name__})") from None
-    return state.model_dump()
+    return {**state.model_dump(), "best_weights": best}
 
 
 def _loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
@@ -432,7 +433,7 @@ def heal(
              or {"key": key, "step": 0, "history": [], "best": None, "best_step": None, "bad": 0, "stopped": False})
     resumed_from = state["step"]
     history: list[dict[str, float]] = state["history"]
-    best_weights = _best_weights(checkpoint) if state.get("best_step") else None
+    best_weights = state.pop("best_weights", None)  # tensors: not part of what state.json holds
     model.train()
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                               enabled=healing.compute_dtype == "bfloat16")

@@ -110,6 +110,7 @@ DAMAGES = {
     "state.json with a step that is not a number": ("state.json", lambda raw: raw.replace(b'"step": 5', b'"step": "5"')),
     "trainable weights cut short": ("trainable.safetensors", lambda raw: raw[: len(raw) // 2]),
     "optimizer state cut short": ("optimizer.pt", lambda raw: raw[: len(raw) // 2]),
+    "best weights cut short": ("best.safetensors", lambda raw: raw[: len(raw) // 2]),
 }
 
 
@@ -118,7 +119,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_and_kept(pruned, tmp_path, 
     """A checkpoint cut by a full disk or edited by hand is refused before a step trains on it: the run would
     otherwise resume from half-loaded weights, or at a step it never reached, and write a model without a word."""
     base, slim = pruned
-    healing = settings(slim.parent / "corpus.txt", steps=12)
+    healing = settings(slim.parent / "corpus.txt", steps=12, eval_every=2)  # best weights by the checkpoint
 
     def kill_at_step_6(done: int, total: int, what: str) -> None:
         if done == 6:
