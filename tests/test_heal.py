@@ -111,6 +111,7 @@ DAMAGES = {
     "trainable weights cut short": ("trainable.safetensors", lambda raw: raw[: len(raw) // 2]),
     "optimizer state cut short": ("optimizer.pt", lambda raw: raw[: len(raw) // 2]),
     "best weights cut short": ("best.safetensors", lambda raw: raw[: len(raw) // 2]),
+    "best weights deleted": ("best.safetensors", lambda raw: None),
 }
 
 
@@ -129,11 +130,16 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_and_kept(pruned, tmp_path, 
         heal(slim, tmp_path / "healed", healing, progress=kill_at_step_6)
     name, edit = DAMAGES[damage]
     target = checkpoint_dir(tmp_path / "healed") / name
-    target.write_bytes(damaged := edit(target.read_bytes()))
+    damaged = edit(target.read_bytes())
+    if damaged is None:
+        target.unlink()
+    else:
+        target.write_bytes(damaged)
     with pytest.raises(HealError, match="damaged") as caught:
         heal(slim, tmp_path / "healed", healing)
     assert "\n" not in str(caught.value) and "Delete that folder" in caught.value.hint
-    assert target.read_bytes() == damaged and not (tmp_path / "healed").exists()  # nothing deleted, nothing written
+    assert (target.read_bytes() if target.exists() else None) == damaged  # left as it was
+    assert not (tmp_path / "healed").exists()  # nothing written
 
 
 def test_full_fine_tuning_trains_every_weight(pruned, tmp_path):
