@@ -212,8 +212,10 @@ def main() -> None:
                         "greedy-kl", help="pick-kl's candidates: methods whose plans it measures on the selection "
                         "documents (divergence objective), keeping the best at each budget.")
     args = parser.parse_args()
-    if args.heal_variants == "repaired" and (args.repair != "all" and not set(args.heal.split(",")) <= set(args.repair.split(","))
-                                             or not args.heal):
+    methods = [m for m in args.methods.split(",") if m]
+    repaired_methods = methods if args.repair == "all" else [m for m in args.repair.split(",") if m]
+    healed_methods = methods if args.heal == "all" else [m for m in args.heal.split(",") if m]
+    if args.heal_variants == "repaired" and not (healed_methods and set(healed_methods) <= set(repaired_methods)):
         parser.error("--heal-variants repaired heals --repair plans only: name every --heal method in --repair too")
     started = time.perf_counter()
 
@@ -222,7 +224,6 @@ def main() -> None:
     # halves up, not Python's round-half-to-even: 25% of 18 blocks is 4.5, and 4 would repeat the 20% budget
     budgets = {float(b): max(1, math.floor(float(b) / 100 * blocks + 0.5)) for b in args.budgets.split(",")}
     largest = max(budgets.values())
-    methods = [m for m in args.methods.split(",") if m]
     # the text tasks are named by their path, which keys their values in the store: a stable folder with one
     work = (Path(args.texts) if args.texts else Path(args.store) / "texts" if args.store
             else Path(tempfile.mkdtemp(prefix="plan-quality-")))
@@ -322,7 +323,6 @@ def main() -> None:
     groups = {name: specs for name, specs in (("unseen", unseen), ("family", family), ("ppl", perplexity)) if name in wanted}
 
     variants = [(method, budget, False) for method in methods for budget in budgets]
-    repaired_methods = methods if args.repair == "all" else [m for m in args.repair.split(",") if m]
     variants += [(method, budget, True) for method in repaired_methods for budget in budgets]
     masks = {(m, b): plans[m][b] for m, b, _ in variants}
 
@@ -359,7 +359,6 @@ def main() -> None:
             repaired[(method, budget)] = {group: measure(copy_loaded, [(method, budget)], specs, base=False)[(method, budget)]
                                           for group, specs in groups.items()}
             print(f"  repaired {method} {budget}%", flush=True)
-    healed_methods = methods if args.heal == "all" else [m for m in args.heal.split(",") if m]
     heal_keep = args.heal_keep or "better"
     heal_label = " + heal" + (" (kept always)" if heal_keep == "always" else "")
     healed: dict[tuple[str, float, bool], dict[str, Any]] = {}
