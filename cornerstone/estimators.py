@@ -11,7 +11,7 @@ model. Each estimator, the one-pass proxies of :mod:`cornerstone.proxies` includ
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -108,8 +108,14 @@ class Ablation(BaseModel):
 def differences(first: Evaluation, second: Evaluation, weight: float = 1.0) -> list[list[float]]:
     """Per task, each document's ``first - weight * second``: the paired differences of two coalitions
     measured on the same documents."""
-    return [[a - weight * b for a, b in zip(first.per_doc[task], second.per_doc[task], strict=True)]
-            for task in first.per_doc]
+    return paired_differences(first.per_doc, second.per_doc, weight)
+
+
+def paired_differences(first: Mapping[str, Sequence[float]], second: Mapping[str, Sequence[float]],
+                       weight: float = 1.0) -> list[list[float]]:
+    """Per task of ``first``, each document's ``first - weight * second`` (per-document values of two models or
+    coalitions on the same documents, in the same order)."""
+    return [[a - weight * b for a, b in zip(first[task], second[task], strict=True)] for task in first]
 
 
 def paired_stderr(per_task: Sequence[Sequence[float]]) -> float | None:

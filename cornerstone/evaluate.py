@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from . import harness
 from .errors import TaskError
-from .estimators import macro_stderr
+from .estimators import macro_stderr, paired_differences, paired_stderr
 from .files import write_with_markdown
 from .loading import LoadedModel, check_weights_format, dequantised_folder, remote_code_trusted, resolve
 from .players import text_config, unique_parameters
@@ -40,6 +40,8 @@ class ModelSummary(BaseModel):
     stderr: dict[str, float | None]
     mean_score: float
     mean_stderr: float | None = None  # of the unweighted task mean, tasks independent
+    per_doc: dict[str, list[float] | None] = Field({}, description="Each task's per-document values of its metric "
+                                                   "(document-index order; None where the score is not their mean).")
 
 
 class Retention(BaseModel):
@@ -49,17 +51,21 @@ class Retention(BaseModel):
     mean_retention: float
     above_chance_kept: dict[str, float | None]
     mean_above_chance_kept: float | None
+    above_chance_kept_stderr: dict[str, float | None] = {}
+    mean_above_chance_kept_stderr: float | None = None
 
     @classmethod
     def of(cls, base: ModelSummary, other: ModelSummary, chance: dict[str, float]) -> "Retention":
         mean_chance = sum(chance.values()) / len(chance)
+        kept = {name: above_chance_kept(base.scores[name], other.scores[name], chance[name], base.stderr.get(name))
+                for name in chance}
+        mean_kept = above_chance_kept(base.mean_score, other.mean_score, mean_chance, base.mean_stderr)
         return cls(retention={name: other.scores[name] / base.scores[name] if base.scores[name] else 0.0 for name in chance},
                    mean_retention=other.mean_score / base.mean_score if base.mean_score else 0.0,
-                   above_chance_kept={name: above_chance_kept(base.scores[name], other.scores[name], chance[name],
-                                                              base.stderr.get(name))
-                                      for name in chance},
-                   mean_above_chance_kept=above_chance_kept(base.mean_score, other.mean_score, mean_chance,
-                                                            base.mean_stderr))
+                   above_chance_kept=kept, mean_above_chance_kept=mean_kept,
+                   above_chance_kept_stderr={name: above_chance_kept_stderr(base, other, {name: chance[name]}, kept[name])
+                                             for name in chance},
+                   mean_above_chance_kept_stderr=above_chance_kept_stderr(base, other, chance, mean_kept))
 
 
 class Comparison(BaseModel):
@@ -77,6 +83,8 @@ class Comparison(BaseModel):
     mean_retention: float
     above_chance_kept: dict[str, float | None]
     mean_above_chance_kept: float | None
+    above_chance_kept_stderr: dict[str, float | None] = {}
+    mean_above_chance_kept_stderr: float | None = None
     speedup: float
     versions: dict[str, str]
     healed: ModelSummary | None = None
@@ -93,16 +101,16 @@ class Comparison(BaseModel):
             name = task["name"]
             row = (f"| {name} | {task['metric']} | {task['num_docs']} | {task['chance']:.3f} | "
                    f"{_with_error(self.base, name)} | {_with_error(self.pruned, name)} | {self.retention[name]:.1%} | "
-                   f"{_share(self.above_chance_kept[name])} |")
+                   f"{_share(self.above_chance_kept[name], self.above_chance_kept_stderr.get(name))} |")
             if healed:
                 row += (f" {_with_error(self.healed, name)} | {self.healed_retention.retention[name]:.1%} | "
-                        f"{_share(self.healed_retention.above_chance_kept[name])} |")
+                        f"{_share(self.healed_retention.above_chance_kept[name], self.healed_retention.above_chance_kept_stderr.get(name))} |")
             rows.append(row)
         mean = (f"| **mean** | | | | {_mean_with_error(self.base)} | {_mean_with_error(self.pruned)} | "
-                f"**{self.mean_retention:.1%}** | **{_share(self.mean_above_chance_kept)}** |")
+                f"**{self.mean_retention:.1%}** | **{_share(self.mean_above_chance_kept, self.mean_above_chance_kept_stderr)}** |")
         if healed:
             mean += (f" {_mean_with_error(self.healed)} | **{self.healed_retention.mean_retention:.1%}** | "
-                     f"**{_share(self.healed_retention.mean_above_chance_kept)}** |")
+                     f"**{_share(self.healed_retention.mean_above_chance_kept, self.healed_retention.mean_above_chance_kept_stderr)}** |")
         rows.append(mean)
         size = ["", "| | base | pruned | ratio |", "|---|---|---|---|",
                 f"| parameters | {self.base.parameters:,} | {self.pruned.parameters:,} | "
@@ -129,8 +137,10 @@ class Comparison(BaseModel):
         return "\n".join(head + rows + size) + "\n"
 
 
-def _share(value: float | None) -> str:
-    return "n/a (base within 2 s.e. of chance)" if value is None else f"{value:.1%}"
+def _share(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return "n/a (base within 2 s.e. of chance)"
+    return f"{value:.1%}" + (f" ± {stderr:.1%}" if stderr is not None else "")
 
 
 def above_chance_kept(base: float, pruned: float, chance: float, base_stderr: float | None = None) -> float | None:
@@ -142,6 +152,27 @@ def above_chance_kept(base: float, pruned: float, chance: float, base_stderr: fl
     if margin <= 0 or (base_stderr is not None and margin <= 2 * base_stderr):
         return None
     return (pruned - chance) / margin
+
+
+def above_chance_kept_stderr(base: ModelSummary, other: ModelSummary, chance: Mapping[str, float],
+                             kept: float | None) -> float | None:
+    """Paired standard error of ``kept = (P - C) / (B - C)`` over the tasks in ``chance`` (P, B: the two models'
+    macro-mean scores on the same documents, C: the mean chance level), by the delta method:
+
+        kept_hat - kept ~ ((P_hat - P) - kept (B_hat - B)) / (B - C)
+        SE(kept) ~ SE( (1/T) sum_t mean_d (p_td - kept b_td) ) / (B - C)
+
+    with the standard error of that macro mean of per-document values taken as :func:`paired_stderr` does.
+    Pairing matters: a document both models answer alike adds nothing, so the error is of the pruning, not of
+    the task's sample (unpaired errors, which add the two scores' variances, overstate it). None where ``kept``
+    is None or a task has no per-document values (:func:`~cornerstone.harness.evaluate_pretrained`)."""
+    tasks = list(chance)
+    if kept is None or any(base.per_doc.get(t) is None or other.per_doc.get(t) is None for t in tasks):
+        return None
+    margin = sum(base.scores[t] for t in tasks) / len(tasks) - sum(chance.values()) / len(tasks)
+    error = paired_stderr(paired_differences({t: other.per_doc[t] for t in tasks},  # type: ignore[misc]
+                                             {t: base.per_doc[t] for t in tasks}, weight=kept))  # type: ignore[misc]
+    return error / margin if error is not None and margin > 0 else None
 
 
 def _mean_with_error(summary: ModelSummary) -> str:
@@ -263,6 +294,7 @@ def _summaries(located: Sequence[tuple[str | LoadedModel, str, bool, int]], spec
     return [ModelSummary(spec=given if isinstance(given, str) else given.spec, pretrained=pretrained, parameters=unique_parameters(lm.model), bytes_on_disk=size,
                          tokens_per_second=speed, scores={k: v["score"] for k, v in scores.items()},  # type: ignore[misc]
                          stderr={k: v["stderr"] for k, v in scores.items()},
+                         per_doc={k: v["per_doc"] for k, v in scores.items()},  # type: ignore[misc]
                          mean_score=sum(v["score"] for v in scores.values()) / len(scores),  # type: ignore[misc]
                          mean_stderr=macro_stderr([v["stderr"] for v in scores.values()]))  # type: ignore[misc]
             for (given, pretrained, _, size, scores, lm), speed in zip(found, speeds)], [lm.model for *_, lm in found]
@@ -295,7 +327,9 @@ def evaluate_models(
     ``retention_t = score_pruned(t) / score_base(t)``; ``mean_retention`` is the ratio of the mean
     scores. ``above_chance_kept_t = (pruned - chance) / (base - chance)`` is the share of the base
     model's above-chance score that is left (None where the base is not above chance by 2 s.e.): a task a small
-    model answers near chance can show high retention while the pruned model knows nothing. ``speedup`` is the ratio of forward tokens/s (batch 4 x 256 tokens, prefill), the two
+    model answers near chance can show high retention while the pruned model knows nothing. Its standard error
+    (``above_chance_kept_stderr``, and of the mean) pairs the two models document by document
+    (:func:`above_chance_kept_stderr`). ``speedup`` is the ratio of forward tokens/s (batch 4 x 256 tokens, prefill), the two
     models taking turns in this run (:func:`tokens_per_second`).
 
     Documents: a plan is judged on documents it was not chosen on. Where the scored documents are

@@ -731,7 +731,9 @@ def evaluate_pretrained(lm: Any, tasks: Sequence[TaskSpec], *, include_paths: Se
     """lm-eval's standard path, ``simple_evaluate``, on a saved model loaded by :func:`load_lm`, on the
     documents of ``tasks``: what ``lm_eval --model hf --model_args pretrained=PATH`` runs.
 
-    Returns ``{task: {"score": ..., "stderr": ...}}`` in each task's :class:`TaskSpec` metric.
+    Returns ``{task: {"score": ..., "stderr": ..., "per_doc": [...]}}`` in each task's :class:`TaskSpec` metric;
+    ``per_doc`` holds each document's value of that metric in document-index order (what a paired standard error
+    of two models on the same documents needs), and is None where the score is not their mean (a perplexity).
     """
     import lm_eval
 
@@ -741,7 +743,7 @@ def evaluate_pretrained(lm: Any, tasks: Sequence[TaskSpec], *, include_paths: Se
         with _quiet(), no_tqdm(), _no_dataset_progress():
             output = lm_eval.simple_evaluate(
                 model=lm, tasks=names, samples={spec.name: spec.doc_indices for spec in tasks}, task_manager=manager,
-                bootstrap_iters=1000, log_samples=False, verbosity="ERROR",
+                bootstrap_iters=1000, log_samples=True, verbosity="ERROR",
             )
     except (OSError, ValueError, RuntimeError) as exc:
         raise EvaluationError(f"lm-eval could not evaluate '{lm.model.name_or_path}': {str(exc).splitlines()[0]}") from exc
@@ -749,9 +751,22 @@ def evaluate_pretrained(lm: Any, tasks: Sequence[TaskSpec], *, include_paths: Se
     for spec in tasks:
         row = output["results"][spec.name]
         stderr = row.get(f"{spec.metric}_stderr,none")
-        scores[spec.name] = {"score": float(row[f"{spec.metric},none"]),
-                             "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
+        score = float(row[f"{spec.metric},none"])
+        scores[spec.name] = {"score": score, "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                             "per_doc": _per_document(output.get("samples", {}).get(spec.name, []), spec.metric, score)}
     return scores
+
+
+def _per_document(samples: Sequence[dict[str, Any]], metric: str, score: float) -> list[float] | None:
+    """Each document's ``metric`` from lm-eval's logged samples (filter ``none``), in document-index order; None
+    unless they are plain numbers whose mean is the task's ``score`` (a corpus-level metric such as a word
+    perplexity is not a mean of per-document values, so no per-document pairing can stand for it)."""
+    pairs = sorted((s["doc_id"], s.get(metric)) for s in samples if s.get("filter", "none") == "none")
+    values = [v for _, v in pairs]
+    if not values or not all(isinstance(v, (int, float)) for v in values):  # a bool is an int: acc can be True
+        return None
+    values = [float(v) for v in values]
+    return values if abs(sum(values) / len(values) - score) <= 1e-9 else None
 
 
 def check_finite(spec: TaskSpec, doc_id: int, responses: Any) -> None:

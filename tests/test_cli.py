@@ -145,6 +145,12 @@ def test_plan_export_eval_from_the_cli(scored, tiny_llama_dir, toy_folder, tmp_p
     scored_on = set(plan["report"]["documents"]["toy_cli"]["doc_indices"])
     assert set(comparison["tasks"][0]["doc_indices"]) == set(range(8)) - scored_on
     assert comparison["documents"]["overlap"] == {"toy_cli": 0} and "disjoint" in comparison["documents"]["summary"]
+    # each model's per-document answers, kept for the paired error of the share kept: one per evaluated document,
+    # averaging to the score lm-eval reported
+    for side in ("base", "pruned"):
+        answers = comparison[side]["per_doc"]["toy_cli"]
+        assert len(answers) == 2 and set(answers) <= {0.0, 1.0}
+        assert sum(answers) / 2 == pytest.approx(comparison[side]["scores"]["toy_cli"])
     overlapping = runner.invoke(app, ["eval", str(tiny_llama_dir), str(tmp_path / "slim"), "--tasks", "toy_cli",
                                       "--include-path", str(toy_folder), "--out", str(tmp_path / "eval2.json"),
                                       "--allow-overlap", "--json"])

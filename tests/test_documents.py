@@ -146,3 +146,46 @@ def test_the_share_above_chance_is_given_only_where_the_base_is_measurably_above
     # ARC-Challenge on SmolLM2: 0.270 against chance 0.251 with s.e. 0.0315 would give (0.205-0.251)/0.019 = -240%
     assert above_chance_kept(0.270, 0.205, 0.251, base_stderr=0.0315) is None
     assert above_chance_kept(0.25, 0.30, 0.25) is None
+
+
+def test_the_share_kept_carries_a_paired_standard_error_that_a_bootstrap_confirms():
+    """The delta-method error of (P - C) / (B - C) against a paired bootstrap over documents (base and pruned
+    resampled together), on correlated 0/1 answers like a pruned model's: the two estimators are computed
+    differently, so agreement within 4% checks the formula (the bootstrap's own error is about 1%; pairing by
+    plain differences, p - b instead of p - kept b, is about 9% off here), and pairing must make it smaller
+    than the error that treats the two models' samples as independent."""
+    from cornerstone.evaluate import ModelSummary, Retention
+
+    rng = np.random.default_rng(7)
+    chance = {"a": 0.25, "b": 0.5}
+    base_docs, pruned_docs = {}, {}
+    for task, size, p_base in (("a", 800, 0.7), ("b", 600, 0.8)):
+        base = rng.random(size) < p_base
+        # the pruned model mostly keeps the base's answers, loses some and guesses on a few
+        pruned = np.where(rng.random(size) < 0.4, base, rng.random(size) < chance[task])
+        base_docs[task], pruned_docs[task] = base.astype(float).tolist(), pruned.astype(float).tolist()
+
+    def summary(per_doc):
+        scores = {t: float(np.mean(v)) for t, v in per_doc.items()}
+        return ModelSummary(spec="m", pretrained="m", parameters=1, bytes_on_disk=1, tokens_per_second=1.0,
+                            scores=scores, stderr={t: float(np.std(v, ddof=1) / np.sqrt(len(v))) for t, v in per_doc.items()},
+                            mean_score=float(np.mean(list(scores.values()))), per_doc=per_doc)
+
+    retention = Retention.of(summary(base_docs), summary(pruned_docs), chance)
+    replicates = []
+    for _ in range(4000):
+        picks = {t: rng.integers(0, len(v), len(v)) for t, v in base_docs.items()}
+        b = np.mean([np.mean(np.asarray(base_docs[t])[i]) - chance[t] for t, i in picks.items()])
+        p = np.mean([np.mean(np.asarray(pruned_docs[t])[i]) - chance[t] for t, i in picks.items()])
+        replicates.append(p / b)
+    bootstrap = float(np.std(replicates, ddof=1))
+    assert retention.mean_above_chance_kept_stderr == pytest.approx(bootstrap, rel=0.04)
+    kept = retention.mean_above_chance_kept
+    unpaired = np.sqrt(sum((np.var(pruned_docs[t], ddof=1) + kept ** 2 * np.var(base_docs[t], ddof=1)) / len(base_docs[t])
+                           for t in chance)) / len(chance) / np.mean([np.mean(base_docs[t]) - chance[t] for t in chance])
+    assert retention.mean_above_chance_kept_stderr < unpaired
+    assert set(retention.above_chance_kept_stderr) == {"a", "b"} and all(
+        0 < e < 0.2 for e in retention.above_chance_kept_stderr.values())
+    # no per-document values (a corpus-level metric, or a comparison saved before they were kept): no error
+    assert Retention.of(summary(base_docs).model_copy(update={"per_doc": {}}), summary(pruned_docs),
+                        chance).mean_above_chance_kept_stderr is None
