@@ -10,7 +10,8 @@ sublayer of a loaded model, on the device it is loaded on:
   measure is taken at the first decode shape's context);
 * ``prefill_seconds`` at each prompt length and ``decode_seconds`` at each (context, batch): the time
   spent inside the sublayer during the model's own forward, timed by hooks around it (the device
-  synchronised on a GPU), median over repeats. Timing inside the real forward, caches and masks
+  synchronised on a GPU), median over repeats. A decode step starts from a copy of one sequence's cache
+  repeated along the batch (:func:`_filled_cache`). Timing inside the real forward, caches and masks
   included, needs no per-architecture call of a sublayer alone.
 
 The time inside a sublayer is not all that its removal changes: its own norms, the residual add and
@@ -482,9 +483,7 @@ def _time_shapes(variants: Sequence[tuple[Any, Callable[[], Any]]], settings: Pr
                 ids = torch.randint(0, vocab, (batch, context + 1), generator=generator).to(model.device)
                 filled = []
                 for number, (m, context_of) in enumerate(variants):
-                    with context_of():
-                        output = m(input_ids=ids[:, :context], use_cache=True, **lasts[number])
-                    filled.append(output.cache if cache_arguments[number] == "cache" else output.past_key_values)
+                    filled.append(_filled_cache(m, context_of, ids[:, :context], cache_arguments[number], lasts[number]))
                     if index == 0:
                         cache_bytes[number] = _tensor_bytes(filled[-1]) / (context * batch)
                 # every timed step starts from the same CONTEXT cached tokens (a copy: a step appends to its cache)
@@ -507,6 +506,23 @@ def _time_shapes(variants: Sequence[tuple[Any, Callable[[], Any]]], settings: Pr
                      **medians({key: times[r] for key, times in totals[number].items()})} for r in range(rounds)]
                    for number in range(len(variants))]
     return per_variant, {name: medians(runs) for name, runs in inside.items()}
+
+
+def _filled_cache(model: Any, context_of: Callable[[], Any], ids: Any, argument: str, last: dict[str, int]) -> Any:
+    """The cache a decode step at ``ids``' shape (batch x context) starts from. One sequence is prefilled and its
+    cache repeated along the batch where the cache can (``batch_repeat_interleave``): a decode step's work
+    depends on the cache's shape, not on what it holds, and a batch's prefill costs batch times one sequence's
+    (16 x 2048 tokens is most of a profile's time on a CPU). Otherwise the whole batch is prefilled."""
+    with context_of():
+        output = model(input_ids=ids[:1], use_cache=True, **last)
+        cache = output.cache if argument == "cache" else output.past_key_values
+        if ids.shape[0] == 1:
+            return cache
+        if callable(getattr(cache, "batch_repeat_interleave", None)):
+            cache.batch_repeat_interleave(ids.shape[0])
+            return cache
+        output = model(input_ids=ids, use_cache=True, **last)
+    return output.cache if argument == "cache" else output.past_key_values
 
 
 def last_logits_only(model: Any) -> dict[str, int]:

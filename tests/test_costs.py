@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -161,6 +161,53 @@ def test_sliding_window_layers_hold_at_most_their_window(tmp_path):
     # the model's own cache holds the full layers' tokens and at most a window of the sliding layers'
     full_only = 2 * full.kv_bytes_per_token
     assert full_only < profile.totals["kv_cache_bytes_per_token"] <= profile.total("kv")
+
+
+def _decilm():
+    from .conftest import tiny_model
+    from .test_decilm import pruned
+
+    return pruned(tiny_model("llama"), "L0.attn,L1.mlp")
+
+
+BATCH_MODELS = {
+    "llama": lambda: random_model("llama", **TINY_CONFIGS["llama"], vocab_size=300),
+    "gemma3_text": lambda: random_model("gemma3_text", **TINY_CONFIGS["gemma3_text"], vocab_size=300,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "decilm": _decilm,  # a sublayer export's own modeling code: a layer without attention holds no cache
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BATCH_MODELS))
+def test_a_batch_decode_starts_from_one_sequences_cache_repeated(kind):
+    """The decode cache of a batch is one sequence's prefill repeated along the batch (a batch of 16 x 2048 tokens
+    need not be prefilled to time a step over it): it holds what a prefill of the whole batch would, layer by layer
+    (Gemma 3's sliding layers cropped to their window), and a decode step from it gives the same logits."""
+    import inspect
+
+    from cornerstone.costs import _filled_cache
+
+    model = BATCH_MODELS[kind]()
+    argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    batch = torch.randint(0, 200, (1, 11), generator=torch.Generator().manual_seed(0)).repeat(3, 1)
+    with torch.inference_mode():
+        repeated = _filled_cache(model, nullcontext, batch[:, :10], argument, {})
+        output = model(input_ids=batch[:, :10], use_cache=True)
+        prefilled = output.cache if argument == "cache" else output.past_key_values
+        assert len(repeated.layers) == len(prefilled.layers) == 3
+        held = 0
+        for ours, theirs in zip(repeated.layers, prefilled.layers):
+            if getattr(theirs, "keys", None) is None:
+                assert getattr(ours, "keys", None) is None
+                continue
+            held += 1
+            assert ours.keys.shape == theirs.keys.shape and ours.keys.shape[0] == 3
+            torch.testing.assert_close(ours.keys, theirs.keys)
+            torch.testing.assert_close(ours.values, theirs.values)
+        assert held >= 2
+        stepped = [model(input_ids=batch[:, 10:], use_cache=True, **{argument: cache}).logits
+                   for cache in (repeated, prefilled)]
+    torch.testing.assert_close(stepped[0], stepped[1])
 
 
 def synthetic_profile(kv: dict[str, int], decode: dict[str, float], weights: dict[str, int] | None = None,
