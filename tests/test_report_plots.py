@@ -12,7 +12,7 @@ from cornerstone.scores import ScoreReport
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 # 15 tasks over SmolLM2's 60 sublayers (the sweep whose title used to run off the image), and 4 tasks
 # over 30 blocks in a narrower figure
-SWEEPS = [REPORTS / "paper" / "smollm2-135m-ablation.json", REPORTS / "quickstart" / "quickstart-scores.json"]
+SWEEPS = [REPORTS / "paper" / "smollm2-135m-ablation.json", REPORTS / "pruning" / "smollm2-135m-drop8-real-scores.json"]
 
 
 def titles_outside(figure) -> list[str]:
