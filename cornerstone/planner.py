@@ -71,8 +71,8 @@ PLAN_SCHEMA_VERSION = 1
 # a later benchmark edits this table.
 ONE_SHOT_CAVEATS: dict[str, str] = {
     "ablation": ("single-removal ablation misses how removals interact: the lowest blocks of accuracy-ablation reports "
-                 "kept 34% of the above-chance score on held-out tasks on average (16% in the worst cell) in "
-                 "bench/plan_quality, against 44-46% for block influence, cosine, angular distance and greedy on "
+                 "kept 36% of the above-chance score on held-out tasks on average over six cells (16% in the worst) "
+                 "in bench/plan_quality, against 45-49% for block influence, cosine, angular distance and greedy on "
                  "divergence (docs/planning.md#judged-on-1300-documents); plan from `cornerstone score --method bi` "
                  "too and compare the exports with `cornerstone eval` before shipping one"),
     "avss": ("AVSS's plans kept the least of every way bench/plan_quality judged: 20% (SmolLM2-135M) and 14% "
